@@ -1,0 +1,72 @@
+"""What every backend offers the methods, the trainer and the evaluation.
+
+A backend wraps one diffusion model family. Methods see only this interface, so the same SalUn,
+ESD or Forget-Me-Not code trains a Stable Diffusion UNet and a class-conditional DDPM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, Union
+
+import torch
+
+# A condition is a prompt (text backends) or a class index (class backends).
+Condition = Union[str, int]
+
+
+@dataclass
+class Batch:
+    """Clean latents and the condition each was made with."""
+
+    latents: torch.Tensor  # (B, C, h, w), already scaled for the UNet
+    conditions: list[Condition]
+
+
+class Backend(Protocol):
+    """The model-family interface that methods, trainer and evaluation rely on."""
+
+    identity: str  # hub id, folder or built-in name of the base model
+    conditioning: str  # "text" or "class"
+    unet: torch.nn.Module  # the denoiser being erased
+    noise_scheduler: object  # diffusers DDPMScheduler used for training noise
+    device: torch.device
+    latent_shape: tuple[int, int, int]  # (C, h, w) of one latent at the default resolution
+    class_names: list[str]  # class backends: names by index; text backends: []
+
+    def encode(self, conditions: Sequence[Condition]) -> torch.Tensor:
+        """Conditioning for the UNet: prompt embeddings (B, L, D) or class labels (B,)."""
+
+    def unconditional(self, batch_size: int) -> torch.Tensor:
+        """The unconditional conditioning: empty-prompt embeddings or the null class."""
+
+    def predict_noise(
+        self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        """eps prediction of `unet` (the trained one or a frozen copy) for `noisy` latents."""
+
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode images (B, 3|1, H, W) in [0, 1] to the scaled latents the UNet denoises."""
+
+    def make_sampler(self, num_steps: int) -> object:
+        """A fresh DDIM scheduler with `num_steps` timesteps set, matching the noise schedule."""
+
+    def sample(
+        self,
+        conditions: Sequence[Condition],
+        seeds: Sequence[int],
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        resolution: int | None = None,
+        unet: torch.nn.Module | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Generate one image per condition and seed: (B, 3, H, W) floats in [0, 1]."""
+
+    def save_unet(self, unet: torch.nn.Module, folder: str) -> None:
+        """Write `unet` in diffusers format (config.json + safetensors) into `folder`."""
+
+    def load_unet(self, folder: str) -> torch.nn.Module:
+        """Load a UNet saved by `save_unet` (or any diffusers UNet folder) for this backend."""

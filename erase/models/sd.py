@@ -1,0 +1,216 @@
+"""Stable Diffusion backend on diffusers' StableDiffusionPipeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from erase.errors import EraseError
+from erase.models.base import Condition
+
+# Public hub ids of the aliases `--model` accepts.
+SD_ALIASES = {
+    "sd-v1-4": "CompVis/stable-diffusion-v1-4",
+    "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd-2-1-base": "stabilityai/stable-diffusion-2-1-base",
+}
+
+
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(spec: str) -> StableDiffusionPipeline:
+    """Load a StableDiffusionPipeline from an alias, hub id, local folder or single file."""
+    source = SD_ALIASES.get(spec, spec)
+    is_file = os.path.isfile(source) and source.endswith((".safetensors", ".ckpt"))
+    if os.path.exists(source) and not is_file and not os.path.isfile(
+        os.path.join(source, "model_index.json")
+    ):
+        raise EraseError(
+            f"'{spec}' is not a diffusers Stable Diffusion folder (no model_index.json): pass "
+            "--model with a folder saved by save_pretrained or a .safetensors/.ckpt checkpoint."
+        )
+    try:
+        if is_file:
+            pipe = StableDiffusionPipeline.from_single_file(
+                source, safety_checker=None, requires_safety_checker=False
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source, safety_checker=None, requires_safety_checker=False
+            )
+    except Exception as error:  # diffusers raises OSError, ValueError, hub errors, ...
+        if os.path.exists(source):
+            raise EraseError(
+                f"Could not load Stable Diffusion from '{source}' ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no detail'}): check that the "
+                "files are complete and not corrupt."
+            ) from None
+        raise EraseError(
+            f"The weights of '{spec}' ({source}) are not available on this machine (offline or "
+            "not in the Hugging Face cache): download them where you are online and pass "
+            "--model PATH to the local diffusers folder or checkpoint, or point HF_HOME at a "
+            "cache that holds them."
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class StableDiffusionBackend:
+    """Text-conditioned latent diffusion: a frozen text encoder and VAE around a trainable UNet."""
+
+    conditioning = "text"
+    class_names: list[str] = []
+
+    def __init__(self, spec: str, device: torch.device | None = None):
+        self.pipe = load_pipeline(spec)
+        self.identity = SD_ALIASES.get(spec, spec)
+        self.device = device or default_device()
+        self.pipe.to(self.device)
+        self.unet: UNet2DConditionModel = self.pipe.unet
+        for frozen in (self.pipe.vae, self.pipe.text_encoder):
+            frozen.requires_grad_(False)
+            frozen.eval()
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.resolution = self.unet.config.sample_size * self.vae_scale
+        self.latent_shape = (
+            self.unet.config.in_channels,
+            self.unet.config.sample_size,
+            self.unet.config.sample_size,
+        )
+        self._embeds: dict[str, torch.Tensor] = {}
+
+    # -- conditioning -------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids padded to the tokenizer's length: (B, L)."""
+        tokenizer = self.pipe.tokenizer
+        return tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def token_positions(self, prompt: str, words: Sequence[str]) -> list[int]:
+        """Positions in `prompt`'s token ids of the tokens that spell any of `words`."""
+        ids = self.tokenize([prompt])[0].tolist()
+        positions = []
+        for word in words:
+            word_ids = self.pipe.tokenizer(word, add_special_tokens=False).input_ids
+            for start in range(len(ids) - len(word_ids) + 1):
+                if word_ids and ids[start : start + len(word_ids)] == word_ids:
+                    positions.extend(range(start, start + len(word_ids)))
+        return sorted(set(positions))
+
+    def end_of_text_position(self, prompt: str) -> int:
+        """Position of the end-of-text token (the pooled token) in `prompt`'s ids."""
+        ids = self.tokenize([prompt])[0].tolist()
+        return ids.index(self.pipe.tokenizer.eos_token_id)
+
+    @torch.no_grad()
+    def encode(self, conditions: Sequence[Condition]) -> torch.Tensor:
+        """Prompt embeddings from the frozen text encoder: (B, L, D), cached per prompt."""
+        missing = sorted({str(c) for c in conditions} - self._embeds.keys())
+        if missing:
+            ids = self.tokenize(missing).to(self.device)
+            embeds = self.pipe.text_encoder(ids)[0]  # (M, L, D)
+            self._embeds.update(zip(missing, embeds))
+        return torch.stack([self._embeds[str(c)] for c in conditions])
+
+    def unconditional(self, batch_size: int) -> torch.Tensor:
+        """Embeddings of the empty prompt: (B, L, D)."""
+        return self.encode([""] * batch_size)
+
+    def predict_noise(self, unet, noisy, timesteps, cond):
+        """eps prediction of `unet` under prompt embeddings `cond`."""
+        return unet(noisy, timesteps, encoder_hidden_states=cond.to(noisy.dtype)).sample
+
+    # -- images -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, 4, H/8, W/8) of images in [0, 1], scaled by the VAE's factor."""
+        vae = self.pipe.vae
+        pixels = images.to(self.device, vae.dtype) * 2 - 1
+        latents = vae.encode(pixels).latent_dist.mode()
+        return latents * vae.config.scaling_factor
+
+    def make_sampler(self, num_steps: int) -> DDIMScheduler:
+        """A DDIM scheduler on the model's noise schedule with `num_steps` steps set."""
+        sampler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        sampler.set_timesteps(num_steps, device=self.device)
+        return sampler
+
+    @torch.no_grad()
+    def sample(
+        self,
+        conditions: Sequence[Condition],
+        seeds: Sequence[int],
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        resolution: int | None = None,
+        unet: torch.nn.Module | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] from the pipeline, one seed per prompt (DDIM)."""
+        size = resolution or self.resolution
+        if size % self.vae_scale:
+            raise EraseError(f"--resolution must be a multiple of {self.vae_scale}, got {size}.")
+        original_unet, original_scheduler = self.pipe.unet, self.pipe.scheduler
+        self.pipe.unet = unet if unet is not None else original_unet
+        self.pipe.scheduler = DDIMScheduler.from_config(original_scheduler.config)
+        self.pipe.set_progress_bar_config(disable=not progress)
+        try:
+            images = self.pipe(
+                prompt=[str(c) for c in conditions],
+                generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
+                num_inference_steps=num_steps,
+                guidance_scale=guidance_scale,
+                height=size,
+                width=size,
+                output_type="pt",
+            ).images
+        finally:
+            self.pipe.unet, self.pipe.scheduler = original_unet, original_scheduler
+            self.pipe.set_progress_bar_config(disable=True)
+        return images.float().clamp(0, 1).cpu()
+
+    # -- weights ------------------------------------------------------------------------------
+    def save_unet(self, unet: torch.nn.Module, folder: str) -> None:
+        """Write the UNet in diffusers format: config.json + diffusion_pytorch_model.safetensors."""
+        unet.save_pretrained(folder, safe_serialization=True)
+
+    def load_unet(self, folder: str) -> UNet2DConditionModel:
+        """Load an erased UNet folder and check it fits this pipeline."""
+        unet = load_unet_folder(UNet2DConditionModel, folder)
+        if unet.config.cross_attention_dim != self.unet.config.cross_attention_dim:
+            raise EraseError(
+                f"The UNet in '{folder}' does not fit '{self.identity}' (cross-attention "
+                f"dimension {unet.config.cross_attention_dim} vs "
+                f"{self.unet.config.cross_attention_dim}): pass the base model it was erased from."
+            )
+        return unet.to(self.device)
+
+
+def load_unet_folder(unet_class, folder: str):
+    """Load a diffusers UNet from `folder` or its `unet/` subfolder, with a clear error."""
+    for candidate in (os.path.join(folder, "unet"), folder):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            try:
+                return unet_class.from_pretrained(candidate)
+            except Exception as error:
+                raise EraseError(
+                    f"Could not load the UNet in '{candidate}' ({type(error).__name__}): the "
+                    "files are incomplete or corrupt; erase the model again."
+                ) from None
+    raise EraseError(
+        f"No UNet found in '{folder}': pass an output folder of erase-concept (with unet/) or a "
+        "diffusers UNet folder."
+    )
