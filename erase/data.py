@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ class DataConfig:
     gen_batch_size: int = 8
     seed: int = 0
     cache_dir: str | None = None  # None: $ERASE_HOME/data
+    concept_images: str | None = None  # a folder of reference images to use as the forget set
 
 
 @dataclass
@@ -50,6 +51,17 @@ def build_concept_data(backend: Backend, concept: Concept, config: DataConfig) -
     """Forget/retain images for `concept`: the dataset's for class backends, generated for text."""
     if config.num_forget < 1 or config.num_retain < 1:
         raise EraseError("--num-forget and --num-retain must be at least 1.")
+    if config.concept_images:
+        forget_images = load_image_folder(config.concept_images, backend, config.resolution)
+        forget_conditions = [concept.forget[i % len(concept.forget)] for i in range(len(forget_images))]
+        if backend.conditioning == "class":
+            retain_images, retain_labels = backend.real_images(concept.retain, config.num_retain)
+            return ConceptData(forget_images, forget_conditions, retain_images, retain_labels, "folder")
+        folder = cache_folder(backend, concept, config)
+        retain_images, retain_prompts = generated_set(
+            backend, "retain", concept.retain, config.num_retain, config, folder
+        )
+        return ConceptData(forget_images, forget_conditions, retain_images, retain_prompts, "folder")
     if backend.conditioning == "class":
         forget_images, forget_labels = backend.real_images(concept.forget, config.num_forget)
         retain_images, retain_labels = backend.real_images(concept.retain, config.num_retain)
@@ -64,6 +76,30 @@ def build_concept_data(backend: Backend, concept: Concept, config: DataConfig) -
     return ConceptData(
         forget_images, forget_prompts, retain_images, retain_prompts, f"generated:{folder}"
     )
+
+
+def load_image_folder(folder: str, backend: Backend, resolution: int | None) -> torch.Tensor:
+    """All images of a folder, resized to the model's resolution: (N, C, H, W) in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    if not os.path.isdir(folder):
+        raise EraseError(f"--concept-images '{folder}' is not a folder of images.")
+    size = resolution or backend.resolution
+    channels = backend.latent_shape[0] if backend.conditioning == "class" else 3
+    images = []
+    for name in sorted(os.listdir(folder)):
+        if not name.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")):
+            continue
+        try:
+            with Image.open(os.path.join(folder, name)) as image:
+                image = image.convert("L" if channels == 1 else "RGB")
+                images.append(resize(pil_to_tensor(image), [size, size], antialias=True))
+        except (UnidentifiedImageError, OSError):
+            raise EraseError(f"'{os.path.join(folder, name)}' is not a readable image.") from None
+    if not images:
+        raise EraseError(f"--concept-images '{folder}' holds no .png/.jpg/.webp images.")
+    return torch.stack(images).float() / 255
 
 
 def cache_folder(backend: Backend, concept: Concept, config: DataConfig) -> str:
@@ -168,15 +204,19 @@ def encode_images(backend: Backend, images: torch.Tensor, batch_size: int = 16) 
     )
 
 
-def batches(
+def batch_at(
     latents: torch.Tensor,
     conditions: Sequence[Condition],
     batch_size: int,
-    generator: torch.Generator,
-) -> Iterator[Batch]:
-    """Endless shuffled batches, epoch after epoch (the last short batch of an epoch is kept)."""
-    while True:
-        order = torch.randperm(len(latents), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            yield Batch(latents[chosen], [conditions[i] for i in chosen])
+    step: int,
+    seed: int,
+) -> Batch:
+    """The batch of training step `step`: epochs of shuffled order, each order fixed by the seed.
+
+    A pure function of the step, so a resumed run sees exactly the batches it would have seen.
+    """
+    per_epoch = -(-len(latents) // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+    chosen = order[position * batch_size : (position + 1) * batch_size].tolist()
+    return Batch(latents[chosen], [conditions[i] for i in chosen])

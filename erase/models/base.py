@@ -34,6 +34,8 @@ class Backend(Protocol):
     device: torch.device
     latent_shape: tuple[int, int, int]  # (C, h, w) of one latent at the default resolution
     class_names: list[str]  # class backends: names by index; text backends: []
+    resolution: int  # default image size in pixels
+    guidance_scale: float  # default sampling guidance (SD 7.5, DDPM 2.0)
 
     def encode(self, conditions: Sequence[Condition]) -> torch.Tensor:
         """Conditioning for the UNet: prompt embeddings (B, L, D) or class labels (B,)."""
@@ -64,6 +66,9 @@ class Backend(Protocol):
         progress: bool = False,
     ) -> torch.Tensor:
         """Generate one image per condition and seed: (B, 3, H, W) floats in [0, 1]."""
+
+    # Class backends only: the dataset's images, the forget/retain sets of class forgetting.
+    # def real_images(self, classes: list[int], count: int) -> tuple[torch.Tensor, list[int]]
 
     def save_unet(self, unet: torch.nn.Module, folder: str) -> None:
         """Write `unet` in diffusers format (config.json + safetensors) into `folder`."""

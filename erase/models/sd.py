@@ -66,6 +66,7 @@ class StableDiffusionBackend:
 
     conditioning = "text"
     class_names: list[str] = []
+    guidance_scale = 7.5
 
     def __init__(self, spec: str, device: torch.device | None = None):
         self.pipe = load_pipeline(spec)
