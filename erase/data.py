@@ -53,15 +53,21 @@ def build_concept_data(backend: Backend, concept: Concept, config: DataConfig) -
         raise EraseError("--num-forget and --num-retain must be at least 1.")
     if config.concept_images:
         forget_images = load_image_folder(config.concept_images, backend, config.resolution)
-        forget_conditions = [concept.forget[i % len(concept.forget)] for i in range(len(forget_images))]
+        forget_conditions = [
+            concept.forget[i % len(concept.forget)] for i in range(len(forget_images))
+        ]
         if backend.conditioning == "class":
             retain_images, retain_labels = backend.real_images(concept.retain, config.num_retain)
-            return ConceptData(forget_images, forget_conditions, retain_images, retain_labels, "folder")
+            return ConceptData(
+                forget_images, forget_conditions, retain_images, retain_labels, "folder"
+            )
         folder = cache_folder(backend, concept, config)
         retain_images, retain_prompts = generated_set(
             backend, "retain", concept.retain, config.num_retain, config, folder
         )
-        return ConceptData(forget_images, forget_conditions, retain_images, retain_prompts, "folder")
+        return ConceptData(
+            forget_images, forget_conditions, retain_images, retain_prompts, "folder"
+        )
     if backend.conditioning == "class":
         forget_images, forget_labels = backend.real_images(concept.forget, config.num_forget)
         retain_images, retain_labels = backend.real_images(concept.retain, config.num_retain)
@@ -144,7 +150,9 @@ def generated_set(
     path = os.path.join(folder, f"{split}.safetensors")
     index_path = os.path.join(folder, f"{split}.json")
     wanted_prompts = [prompts[i % len(prompts)] for i in range(count)]
-    seeds = [config.seed * 1_000_003 + i + (0 if split == "forget" else 500_000) for i in range(count)]
+    seeds = [
+        config.seed * 1_000_003 + i + (0 if split == "forget" else 500_000) for i in range(count)
+    ]
     cached, cached_index = None, {"prompts": [], "seeds": []}
     if os.path.isfile(path) and os.path.isfile(index_path):
         with open(index_path) as file:
@@ -217,6 +225,8 @@ def batch_at(
     """
     per_epoch = -(-len(latents) // batch_size)
     epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+    order = torch.randperm(
+        len(latents), generator=torch.Generator().manual_seed(seed + 7919 * epoch)
+    )
     chosen = order[position * batch_size : (position + 1) * batch_size].tolist()
     return Batch(latents[chosen], [conditions[i] for i in chosen])

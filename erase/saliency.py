@@ -50,7 +50,9 @@ def forget_loss_gradients(
         timesteps = timesteps.to(backend.device)
         noisy = backend.noise_scheduler.add_noise(latents, noise, timesteps)
         eps_cond = backend.predict_noise(unet, noisy, timesteps, backend.encode(conditions))
-        eps_uncond = backend.predict_noise(unet, noisy, timesteps, backend.unconditional(len(latents)))
+        eps_uncond = backend.predict_noise(
+            unet, noisy, timesteps, backend.unconditional(len(latents))
+        )
         guided = (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
         loss = -torch.nn.functional.mse_loss(guided, noise)
         loss.backward()
@@ -122,7 +124,9 @@ def save_mask(mask: Mapping[str, torch.Tensor], path: str, **metadata) -> None:
     save_file({name: m.contiguous() for name, m in mask.items()}, path, metadata=header)
 
 
-def load_mask(path: str, unet: torch.nn.Module, identity: str | None = None) -> dict[str, torch.Tensor]:
+def load_mask(
+    path: str, unet: torch.nn.Module, identity: str | None = None
+) -> dict[str, torch.Tensor]:
     """Read a mask and check that it fits `unet` parameter for parameter."""
     if not os.path.isfile(path):
         raise EraseError(f"Mask file '{path}' does not exist: pass a mask.safetensors of a run.")
@@ -131,12 +135,15 @@ def load_mask(path: str, unet: torch.nn.Module, identity: str | None = None) -> 
             header = file.metadata() or {}
             mask = {name: file.get_tensor(name) for name in file.keys()}
     except Exception:
-        raise EraseError(f"'{path}' is not a readable safetensors mask: it is corrupt or truncated.") from None
+        raise EraseError(
+            f"'{path}' is not a readable safetensors mask: it is corrupt or truncated."
+        ) from None
     if header.get("format") != MASK_FORMAT:
         raise EraseError(f"'{path}' is not an erase saliency mask (no '{MASK_FORMAT}' header).")
     shapes = {name: tuple(p.shape) for name, p in unet.named_parameters()}
     mismatched = [
-        name for name in shapes.keys() | mask.keys()
+        name
+        for name in shapes.keys() | mask.keys()
         if name not in mask or name not in shapes or tuple(mask[name].shape) != shapes[name]
     ]
     if mismatched or any(m.dtype != torch.bool for m in mask.values()):
@@ -146,7 +153,9 @@ def load_mask(path: str, unet: torch.nn.Module, identity: str | None = None) -> 
         )
     saved_identity = json.loads(header.get("model", "null"))
     if identity and saved_identity and saved_identity != identity:
-        warnings.warn(f"mask '{path}' was computed on '{saved_identity}', not '{identity}'", stacklevel=2)
+        warnings.warn(
+            f"mask '{path}' was computed on '{saved_identity}', not '{identity}'", stacklevel=2
+        )
     return mask
 
 

@@ -69,7 +69,9 @@ def noised(backend: Backend, batch: Batch, generator: torch.Generator):
     return noise, timesteps, backend.noise_scheduler.add_noise(latents, noise, timesteps)
 
 
-def denoising_loss(backend: Backend, unet: torch.nn.Module, batch: Batch, generator) -> torch.Tensor:
+def denoising_loss(
+    backend: Backend, unet: torch.nn.Module, batch: Batch, generator
+) -> torch.Tensor:
     """The ordinary diffusion loss MSE(eps(x_t, c, t), noise) on a batch."""
     noise, timesteps, noisy = noised(backend, batch, generator)
     prediction = backend.predict_noise(unet, noisy, timesteps, backend.encode(batch.conditions))

@@ -40,14 +40,27 @@ class SalUn:
     def defaults(backend: Backend, concept: Concept, num_forget: int) -> dict:
         """Reference settings (DESIGN.md) for this backend and concept."""
         if backend.conditioning == "class":  # reference DDPM/ on CIFAR-10
-            return dict(alpha=1e-3, mask_guidance=2.0, lr=1e-4, batch_size=128, steps=500,
-                        max_grad_norm=1.0, optimizer="adam")
+            return dict(
+                alpha=1e-3,
+                mask_guidance=2.0,
+                lr=1e-4,
+                batch_size=128,
+                steps=500,
+                max_grad_norm=1.0,
+                optimizer="adam",
+            )
         class_wise = len(concept.remap) > 1  # a random other class per sample
         epochs = 5 if class_wise else 1
         batch_size = 8
-        return dict(alpha=0.5 if class_wise else 0.1, mask_guidance=7.5, lr=1e-5,
-                    batch_size=batch_size, steps=epochs * -(-num_forget // batch_size),
-                    max_grad_norm=None, optimizer="adam")
+        return dict(
+            alpha=0.5 if class_wise else 0.1,
+            mask_guidance=7.5,
+            lr=1e-5,
+            batch_size=batch_size,
+            steps=epochs * -(-num_forget // batch_size),
+            max_grad_norm=None,
+            optimizer="adam",
+        )
 
     def trainable(self, parameter_name: str) -> bool:
         """Every UNet weight is trainable; the saliency mask decides which ones move."""
@@ -60,7 +73,9 @@ class SalUn:
         remap = random_remap(self.concept, len(forget.conditions), generator)
         with torch.no_grad():
             target = backend.predict_noise(unet, noisy, timesteps, backend.encode(remap))
-        prediction = backend.predict_noise(unet, noisy, timesteps, backend.encode(forget.conditions))
+        prediction = backend.predict_noise(
+            unet, noisy, timesteps, backend.encode(forget.conditions)
+        )
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
     def loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):

@@ -44,7 +44,11 @@ class Backend(Protocol):
         """The unconditional conditioning: empty-prompt embeddings or the null class."""
 
     def predict_noise(
-        self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+        self,
+        unet: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor,
     ) -> torch.Tensor:
         """eps prediction of `unet` (the trained one or a frozen copy) for `noisy` latents."""
 

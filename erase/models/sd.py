@@ -28,8 +28,10 @@ def load_pipeline(spec: str) -> StableDiffusionPipeline:
     """Load a StableDiffusionPipeline from an alias, hub id, local folder or single file."""
     source = SD_ALIASES.get(spec, spec)
     is_file = os.path.isfile(source) and source.endswith((".safetensors", ".ckpt"))
-    if os.path.exists(source) and not is_file and not os.path.isfile(
-        os.path.join(source, "model_index.json")
+    if (
+        os.path.exists(source)
+        and not is_file
+        and not os.path.isfile(os.path.join(source, "model_index.json"))
     ):
         raise EraseError(
             f"'{spec}' is not a diffusers Stable Diffusion folder (no model_index.json): pass "

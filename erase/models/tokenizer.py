@@ -10,7 +10,6 @@ from collections.abc import Iterable
 
 from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
-from tokenizers import pre_tokenizers
 
 
 def build_word_tokenizer(words: Iterable[str], max_length: int = 16) -> CLIPTokenizer:
