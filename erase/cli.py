@@ -285,6 +285,9 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
     defaults = method_class.defaults(backend, concept, args.num_forget)
     train_config, method_config = settings_from_args(args, defaults, method_class)
     method = method_class(backend, concept, method_config)  # fails early on an unfit backend
+    mask = None
+    if method.uses_mask and args.mask:
+        mask = load_mask(args.mask, backend.unet, backend.identity)
     lap("load")
 
     data_config = DataConfig(
@@ -307,21 +310,17 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
     before = evaluate and class_evaluation(backend, concept, args)
     lap("eval_before")
 
-    mask = None
-    if method.uses_mask:
-        if args.mask:
-            mask = load_mask(args.mask, backend.unet, backend.identity)
-        else:
-            gradients = forget_loss_gradients(
-                backend,
-                forget_latents,
-                data.forget_conditions,
-                guidance_scale=method_config.mask_guidance,
-                batch_size=train_config.batch_size,
-                generator=torch.Generator().manual_seed(args.seed),
-            )
-            mask = saliency_mask(gradients, method_config.mask_ratio)
-            del gradients
+    if method.uses_mask and mask is None:
+        gradients = forget_loss_gradients(
+            backend,
+            forget_latents,
+            data.forget_conditions,
+            guidance_scale=method_config.mask_guidance,
+            batch_size=train_config.batch_size,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        mask = saliency_mask(gradients, method_config.mask_ratio)
+        del gradients
     lap("mask")
 
     base_state = {n: p.detach().clone() for n, p in backend.unet.named_parameters()}
@@ -417,7 +416,10 @@ def summary(result: ErasureResult) -> str:
 
 def erase_concept_main(argv: list[str] | None = None) -> int:
     """Console entry point of erase-concept."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
+        return int(exit_request.code or 0)
     try:
         result = run_erasure(args)
     except EraseError as error:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from erase.concepts import Concept
+from erase.errors import EraseError
 from erase.methods import denoising_loss, noised, random_remap, register
 from erase.models.base import Backend, Batch
 
@@ -34,6 +35,8 @@ class SalUn:
     uses_mask = True
 
     def __init__(self, backend: Backend, concept: Concept, config: SalUnConfig):
+        if not 0 < config.mask_ratio <= 1:
+            raise EraseError(f"--mask-ratio must be in (0, 1], got {config.mask_ratio}.")
         self.backend, self.concept, self.config = backend, concept, config
 
     @staticmethod

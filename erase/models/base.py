@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 import torch
 
 # A condition is a prompt (text backends) or a class index (class backends).
-Condition = Union[str, int]
+Condition = str | int
 
 
 @dataclass

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from erase.errors import EraseError
 from erase.models.base import Condition
@@ -37,6 +39,8 @@ def load_pipeline(spec: str) -> StableDiffusionPipeline:
             f"'{spec}' is not a diffusers Stable Diffusion folder (no model_index.json): pass "
             "--model with a folder saved by save_pretrained or a .safetensors/.ckpt checkpoint."
         )
+    diffusers_logging.disable_progress_bar()  # loading bars are noise; real work has its own
+    transformers_logging.disable_progress_bar()
     try:
         if is_file:
             pipe = StableDiffusionPipeline.from_single_file(
