@@ -8,8 +8,8 @@ from erase.models import load_backend
 from erase.saliency import (
     forget_loss_gradients,
     load_mask,
-    save_mask,
     saliency_mask,
+    save_mask,
     sort_threshold,
     top_k_threshold,
 )
