@@ -152,6 +152,21 @@ def test_unknown_model_and_missing_weights(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on a GPU")
+def test_fp16_on_cpu_is_refused(tiny_sd_args, tmp_path, capsys):
+    err = one_line_error(
+        capsys, [*tiny_sd_args, "--mixed-precision", "fp16", "--output", str(tmp_path / "o")]
+    )
+    assert "CUDA" in err and not (tmp_path / "o").exists()
+
+
+def test_corrupt_single_file_checkpoint(tmp_path, capsys):
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"truncated")
+    err = one_line_error(capsys, ["--model", str(checkpoint), "--concept", "nudity"])
+    assert "corrupt" in err
+
+
 def test_corrupt_weights(tiny_sd_dir, tmp_path, capsys):
     import shutil
 
