@@ -1,0 +1,242 @@
+"""`sd-digits`: a small text-to-image model in Stable Diffusion's own format, trained on CPU.
+
+Text encoder, tokenizer, UNet with cross-attention and VAE, saved as a diffusers
+StableDiffusionPipeline folder, trained from scratch on scikit-learn's handwritten digits with
+captions such as "a handwritten digit three". It is the benchmark's embedded testbed: every
+method, Forget-Me-Not's cross-attention steering included, runs on it unchanged, and a digit
+classifier scores forgetting and retention on captions from held-out templates.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from erase.concepts import Concept
+from erase.errors import EraseError
+from erase.models.digits import DIGIT_NAMES, digits_dataset
+from erase.models.sd import StableDiffusionBackend
+from erase.models.tokenizer import build_word_tokenizer
+
+# Captions the model is trained on, and held-out ones that only evaluation uses.
+TRAIN_TEMPLATES = ["a handwritten digit {name}", "the number {number}", "a drawing of a {number}"]
+HELD_OUT_TEMPLATES = ["a picture of the digit {name}", "an image of number {number}"]
+
+
+def caption(template: str, digit: int) -> str:
+    """A caption of `digit` from a template."""
+    return template.format(name=DIGIT_NAMES[digit], number=digit)
+
+
+@dataclass
+class SDDigitsConfig:
+    """Size and training budget of the sd-digits model (defaults: a few minutes on 2 cores)."""
+
+    image_size: int = 16
+    vae_steps: int = 1500
+    unet_steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    unet_channels: tuple[int, int] = (32, 64)
+    text_width: int = 32
+    seed: int = 0
+
+
+class SDDigitsBackend(StableDiffusionBackend):
+    """The Stable Diffusion backend on the sd-digits folder, with digit concepts."""
+
+    def __init__(self, folder: str, device: torch.device | None = None):
+        super().__init__(folder, device=device)
+        self.identity = "sd-digits"
+        self.class_names = []
+        self.digit_names = list(DIGIT_NAMES)
+
+    def concept_prompts(self, concept: str) -> Concept | None:
+        """A digit (`3`, `three`): forget its training captions, remap to the other digits'."""
+        key = concept.strip().lower()
+        digit = int(key) if key.isdigit() and int(key) < 10 else None
+        digit = DIGIT_NAMES.index(key) if key in DIGIT_NAMES else digit
+        if digit is None:
+            raise EraseError(f"sd-digits knows the digits 0-9 or zero-nine, not '{concept}'.")
+        others = [d for d in range(10) if d != digit]
+        return Concept(
+            name=DIGIT_NAMES[digit],
+            forget=[caption(t, digit) for t in TRAIN_TEMPLATES],
+            retain=[caption(t, d) for d in others for t in TRAIN_TEMPLATES],
+            words=[DIGIT_NAMES[digit], str(digit)],
+        )
+
+    @staticmethod
+    def eval_prompts(digit: int) -> list[str]:
+        """Held-out captions of a digit, never seen in training."""
+        return [caption(t, digit) for t in HELD_OUT_TEMPLATES]
+
+
+def all_words() -> list[str]:
+    """Every word any template can produce, so each is one token."""
+    return [caption(t, d) for t in TRAIN_TEMPLATES + HELD_OUT_TEMPLATES for d in range(10)]
+
+
+def build_components(config: SDDigitsConfig):
+    """Untrained tokenizer, text encoder, UNet, VAE and scheduler of the sd-digits model."""
+    torch.manual_seed(config.seed)
+    tokenizer = build_word_tokenizer(all_words(), max_length=8)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_width,
+            intermediate_size=2 * config.text_width,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=8,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=config.image_size,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=config.image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=config.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=config.text_width,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    return tokenizer, text_encoder, unet, vae, scheduler
+
+
+def train_vae(vae: AutoencoderKL, images: torch.Tensor, config: SDDigitsConfig) -> None:
+    """Reconstruction + a light KL term; then set the latent scaling factor to 1/std."""
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in tqdm(range(config.vae_steps), desc="sd-digits: training VAE", unit="step"):
+        batch = images[torch.randint(0, len(images), (config.batch_size,), generator=generator)]
+        posterior = vae.encode(batch * 2 - 1).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = (
+            torch.nn.functional.mse_loss(reconstruction, batch * 2 - 1)
+            + 1e-6 * posterior.kl().mean()
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        latents = vae.encode(images[:512] * 2 - 1).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    vae.requires_grad_(False)
+
+
+def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDigitsConfig) -> None:
+    """Text encoder and UNet trained jointly with the diffusion loss; 10 % empty captions (CFG)."""
+    with torch.no_grad():
+        latents = vae.encode(images * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+    noise_scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.unet_steps)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    progress = tqdm(range(config.unet_steps), desc="sd-digits: training UNet", unit="step")
+    for _ in progress:
+        chosen = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
+        templates = torch.randint(
+            0, len(TRAIN_TEMPLATES), (config.batch_size,), generator=generator
+        )
+        dropped = torch.rand(config.batch_size, generator=generator) < 0.1
+        captions = [
+            "" if drop else caption(TRAIN_TEMPLATES[t], int(labels[i]))
+            for i, t, drop in zip(chosen.tolist(), templates.tolist(), dropped.tolist())
+        ]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        noise = torch.randn(latents[chosen].shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (config.batch_size,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents[chosen], noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
+    """Train the sd-digits pipeline and save it to `folder` atomically; returns the folder."""
+    config = config or SDDigitsConfig()
+    images, labels = digits_dataset(config.image_size, split="train")  # (N, 1, H, W) in [0, 1]
+    images = images.expand(-1, 3, -1, -1).contiguous()  # Stable Diffusion's VAE takes RGB
+    tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
+    train_vae(vae, images, config)
+    train_unet(tokenizer, text_encoder, unet, vae, images, labels, config)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    staging = f"{folder}.partial-{uuid.uuid4().hex[:8]}"
+    pipe.save_pretrained(staging, safe_serialization=True)
+    if os.path.exists(folder):  # another process finished first: keep its model
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, folder)
+    return folder
+
+
+def load_sd_digits(
+    data_dir: str | None = None, device: torch.device | None = None
+) -> SDDigitsBackend:
+    """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
+    from erase.models import erase_home
+
+    folder = os.path.join(erase_home(), "sd-digits")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        os.makedirs(erase_home(), exist_ok=True)
+        train_sd_digits(folder)
+    return SDDigitsBackend(folder, device=device)
