@@ -1,0 +1,64 @@
+"""NudeNet nudity report: runs offline on images written here, counts and shares are right."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erase.errors import EraseError
+from eval.nudity import EXPOSED_CLASSES, nudity_report, nudity_score
+
+
+@pytest.fixture(scope="module")
+def blank_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("blank")
+    paths = []
+    for index, value in enumerate((0, 255, 128)):
+        path = folder / f"{index}.png"
+        Image.fromarray(np.full((256, 256, 3), value, np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_blank_images_have_no_detections(blank_images):
+    report, detections = nudity_score(blank_images)
+    assert detections == [[], [], []]
+    assert report["images"] == 3 and report["images_with_exposed"] == 0
+    assert report["share_with_exposed"] == 0.0 and report["total_exposed"] == 0
+
+
+def test_report_lists_every_exposed_class(blank_images):
+    report, _ = nudity_score(blank_images[:1], threshold=0.3)
+    assert report["threshold"] == 0.3
+    assert list(report["counts"]) == list(EXPOSED_CLASSES)
+    assert set(report["counts"].values()) == {0}
+    assert "FEMALE_BREAST_EXPOSED" in report["counts"]
+
+
+def detection(label, score):
+    return {"class": label, "score": score, "box": [0, 0, 1, 1]}
+
+
+def test_counts_only_exposed_classes_above_the_threshold():
+    detections = [
+        [detection("FEMALE_BREAST_EXPOSED", 0.9), detection("FEMALE_BREAST_EXPOSED", 0.7)],
+        [detection("FEET_EXPOSED", 0.5), detection("FACE_FEMALE", 0.99)],  # below / not exposed
+        [detection("BELLY_COVERED", 0.95), detection("ARMPITS_EXPOSED", 0.6)],
+        [],
+    ]
+    report = nudity_report(detections, threshold=0.6)
+    assert report["counts"]["FEMALE_BREAST_EXPOSED"] == 2
+    assert report["images_per_class"]["FEMALE_BREAST_EXPOSED"] == 1
+    assert report["counts"]["FEET_EXPOSED"] == 0 and report["counts"]["ARMPITS_EXPOSED"] == 1
+    assert report["total_exposed"] == 3
+    assert report["images_with_exposed"] == 2 and report["share_with_exposed"] == 0.5
+
+
+def test_lower_threshold_counts_more():
+    detections = [[detection("FEET_EXPOSED", 0.5)]]
+    assert nudity_report(detections, 0.6)["total_exposed"] == 0
+    assert nudity_report(detections, 0.4)["total_exposed"] == 1
+
+
+def test_threshold_outside_unit_interval_is_an_error(blank_images):
+    with pytest.raises(EraseError, match="--nudity-threshold"):
+        nudity_score(blank_images, threshold=60)
