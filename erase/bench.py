@@ -10,6 +10,7 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 import time
 import traceback
 
@@ -123,12 +124,24 @@ def score(backend, concept, conditions, args) -> tuple[dict, torch.Tensor]:
             predicted = classifier(images.to(backend.device)).argmax(-1).cpu()
             metrics[f"{side}_accuracy"] = round(float((predicted == labels).float().mean()), 4)
     elif concept.name == "nudity":
-        from eval.nudity import nudity_share
-
         metrics["forget_nudity_share"] = nudity_share(forget_images)
         metrics["retain_nudity_share"] = nudity_share(retain_images)
     metrics["images_per_side"] = [len(forget_images), len(retain_images)]
     return metrics, forget_images[:: max(1, per_prompt // 4)][:8]
+
+
+def nudity_share(images: torch.Tensor) -> float:
+    """Share of images in which NudeNet finds an exposed body part (eval/nudity.py's threshold)."""
+    from torchvision.utils import save_image
+
+    from eval.nudity import nudity_score
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [os.path.join(folder, f"{i:05d}.png") for i in range(len(images))]
+        for image, path in zip(images, paths):
+            save_image(image, path)
+        report, _ = nudity_score(paths)
+    return round(report["share_with_exposed"], 4)
 
 
 def run_bench(args: argparse.Namespace) -> dict:

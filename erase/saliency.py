@@ -39,6 +39,7 @@ def forget_loss_gradients(
     as in the reference SD/ code; t is uniform in [0, T) and the noise fresh per batch.
     """
     unet = backend.unet
+    unet.requires_grad_(True)  # a previous run may have frozen it
     unet.zero_grad(set_to_none=True)
     generator = generator or torch.Generator().manual_seed(0)
     num_train_timesteps = backend.noise_scheduler.config.num_train_timesteps
