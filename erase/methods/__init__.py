@@ -79,4 +79,4 @@ def denoising_loss(
 
 
 # Registry lines: importing a module registers its method.
-from erase.methods import salun  # noqa: E402,F401
+from erase.methods import esd, fmn, salun  # noqa: E402,F401

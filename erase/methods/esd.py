@@ -1,0 +1,165 @@
+"""ESD: erasing concepts from diffusion models (Gandikota et al., ICCV 2023; rohitgandikota/erasing).
+
+The model learns to predict, under the concept's condition c, what the frozen original predicts
+with c guided *away*: eps*(x_t, "") - eta * (eps*(x_t, c) - eps*(x_t, "")). No images are needed:
+x_t comes from partially sampling fresh noise under c with the model being trained (50-step
+DDIM, guidance 3, stopped at a random step). The three variants differ only in the weights they
+train: ESD-u everything but cross-attention (`attn2`, the paper's choice for nudity), ESD-x
+cross-attention only (objects, styles), ESD-x-strict only cross-attention's keys and values.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from erase.concepts import Concept
+from erase.errors import EraseError
+from erase.methods import register
+from erase.models.base import Backend, Batch
+
+# Reference esd_sd.py: x_t is sampled with a 50-step DDIM schedule at guidance 3.
+SAMPLING_STEPS = 50
+SAMPLING_GUIDANCE = 3.0
+
+
+@dataclass
+class ESDConfig:
+    """ESD settings (paper defaults)."""
+
+    negative_guidance: float = field(
+        default=1.0,
+        metadata={
+            "help": "ESD's eta, how far the concept's prediction is pushed away from the "
+            "unconditional one (paper: 1.0; the repository's diffusers script esd_sd.py uses 2.0)"
+        },
+    )
+
+
+class ESD:
+    """Negatively guided self-distillation from a frozen original; variants choose the weights."""
+
+    Config = ESDConfig
+    uses_mask = False
+    needs_images = False  # ESD samples its own x_t: the forget images are never looked at
+    needs_cross_attention = False
+
+    def __init__(self, backend: Backend, concept: Concept, config: ESDConfig):
+        if self.needs_cross_attention and backend.conditioning != "text":
+            raise EraseError(
+                f"{self.name} trains cross-attention, which a class-conditional model does not "
+                "have: use --method esd-u (or salun)."
+            )
+        if not any(self.trainable(name) for name, _ in backend.unet.named_parameters()):
+            raise EraseError(
+                f"{self.name} finds no cross-attention (attn2) weight in the UNet of "
+                f"{backend.identity}: use --method esd-u."
+            )
+        self.backend, self.concept, self.config = backend, concept, config
+        self.frozen_unet = frozen_copy(backend.unet, self.trainable)
+
+    @staticmethod
+    def defaults(backend: Backend, concept: Concept, num_forget: int) -> dict:
+        """Paper settings: Adam, lr 1e-5, 1000 iterations of batch 1 (the repository's diffusers
+        script: lr 5e-5, 200 iterations, eta 2.0)."""
+        return dict(lr=1e-5, batch_size=1, steps=1000, max_grad_norm=None, optimizer="adam")
+
+    def trainable(self, parameter_name: str) -> bool:
+        """Whether the parameter with this name is trained (set by each variant)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def partial_sample(self, unet, conditions, shape, generator: torch.Generator):
+        """(x_t, t): DDIM from fresh noise under `conditions` with `unet`, stopped at a random step."""
+        backend = self.backend
+        sampler = backend.make_sampler(SAMPLING_STEPS)
+        stop = int(torch.randint(0, SAMPLING_STEPS, (1,), generator=generator))
+        latents = torch.randn(shape, generator=generator).to(backend.device)  # (B, C, h, w)
+        latents = latents * sampler.init_noise_sigma
+        guided_cond = torch.cat(
+            [backend.encode(conditions), backend.unconditional(len(conditions))]
+        )
+        was_training = unet.training
+        unet.eval()  # no dropout while sampling (the class DDPM has some)
+        try:
+            for timestep in sampler.timesteps[:stop]:
+                timesteps = timestep.expand(2 * len(conditions)).to(backend.device)
+                eps = backend.predict_noise(unet, torch.cat([latents] * 2), timesteps, guided_cond)
+                eps_cond, eps_uncond = eps.float().chunk(2)
+                eps = eps_uncond + SAMPLING_GUIDANCE * (eps_cond - eps_uncond)
+                latents = sampler.step(eps.to(latents.dtype), timestep, latents).prev_sample
+        finally:
+            unet.train(was_training)
+        return latents, sampler.timesteps[stop].expand(len(conditions)).to(backend.device)
+
+    @torch.no_grad()
+    def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditions) -> torch.Tensor:
+        """The frozen original's negatively guided prediction: eps*("") - eta (eps*(c) - eps*(""))."""
+        backend = self.backend
+        cond = torch.cat([backend.encode(conditions), backend.unconditional(len(conditions))])
+        eps = backend.predict_noise(
+            self.frozen_unet, torch.cat([noisy] * 2), torch.cat([timesteps] * 2), cond
+        )
+        eps_cond, eps_uncond = eps.float().chunk(2)
+        return eps_uncond - self.config.negative_guidance * (eps_cond - eps_uncond)
+
+    def loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
+        """MSE between the trained eps(x_t, c, t) and the negatively guided target."""
+        conditions = forget.conditions  # the concept's prompts (or class), one per sample
+        # The forget latents give only the batch's shape (it follows --resolution).
+        noisy, timesteps = self.partial_sample(unet, conditions, forget.latents.shape, generator)
+        target = self.target(noisy, timesteps, conditions)
+        prediction = self.backend.predict_noise(
+            unet, noisy, timesteps, self.backend.encode(conditions)
+        )
+        loss = torch.nn.functional.mse_loss(prediction.float(), target)
+        return loss, {"esd": loss.item()}
+
+
+def frozen_copy(unet: torch.nn.Module, trainable) -> torch.nn.Module:
+    """A frozen eval copy of `unet` with its own copy of only the weights that will be trained.
+
+    The other weights never change, so the copy shares them with `unet` (ESD-x duplicates ~10 %
+    of SD's UNet instead of all of it). The copy keeps the UNet's dtype: under mixed precision
+    it runs in fp32, outside the trainer's autocast. Sharing assumes the trainer keeps the
+    parameter objects (single device or DDP; not FSDP, which flattens them).
+    """
+    shared = {id(p): p for name, p in unet.named_parameters() if not trainable(name)}
+    frozen = copy.deepcopy(unet, memo=shared)
+    for name, param in frozen.named_parameters():
+        if trainable(name):
+            param.requires_grad_(False)
+    return frozen.eval()
+
+
+@register("esd-u")
+class ESDUnconditional(ESD):
+    """ESD-u: every weight except cross-attention (the paper's setting for nudity)."""
+
+    def trainable(self, parameter_name: str) -> bool:
+        """Everything outside `attn2` (the repository's diffusers script also freezes norms)."""
+        return "attn2" not in parameter_name
+
+
+@register("esd-x")
+class ESDCrossAttention(ESD):
+    """ESD-x: cross-attention weights only (objects and artist styles)."""
+
+    needs_cross_attention = True
+
+    def trainable(self, parameter_name: str) -> bool:
+        """Only `attn2` weights."""
+        return "attn2" in parameter_name
+
+
+@register("esd-x-strict")
+class ESDCrossAttentionStrict(ESD):
+    """ESD-x-strict: only the key and value projections of cross-attention, which read the prompt."""
+
+    needs_cross_attention = True
+
+    def trainable(self, parameter_name: str) -> bool:
+        """Only `attn2.to_k` and `attn2.to_v` weights."""
+        return "attn2.to_k" in parameter_name or "attn2.to_v" in parameter_name

@@ -1,0 +1,187 @@
+"""Forget-Me-Not: attention re-steering (Zhang et al., 2023; SHI-Labs/Forget-Me-Not, attn.yaml).
+
+Over noised images of the concept seen under the concept's prompt, every cross-attention layer
+records its attention probabilities, and the loss is their norm on the concept's token positions
+(plus the end-of-text token, the reference's `use_pooler`): the UNet learns to stop looking at
+the words that name the concept.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from erase.concepts import Concept
+from erase.errors import EraseError
+from erase.methods import noised, register
+from erase.models.base import Backend, Batch
+
+
+@dataclass
+class FMNConfig:
+    """Forget-Me-Not settings (reference configs/attn.yaml)."""
+
+    fmn_cross_attention_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Forget-Me-Not: train only cross-attention (attn2) weights instead of the "
+            "whole UNet (reference: only_optimize_ca)"
+        },
+    )
+    fmn_ti_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Forget-Me-Not: steps of the textual-inversion first stage (reference: 500 "
+            "at lr 1e-3); not implemented yet, only 0 is accepted"
+        },
+    )
+
+
+class AttentionRecorder:
+    """Collects, over every cross-attention layer of one forward pass, the attention probabilities
+    that fall on the concept's token positions."""
+
+    def __init__(self, concept_positions: torch.Tensor):
+        self.concept_positions = concept_positions  # (B, L) bool
+        self.squared_sum = 0.0  # sum of squared probabilities on the concept tokens, all layers
+        self.masses: list[torch.Tensor] = []  # per layer: mean probability mass on those tokens
+
+    def record(self, attention_probs: torch.Tensor, heads: int) -> None:
+        """Add one layer's probabilities (B * heads, Q, L), batch-major as diffusers lays them out."""
+        batch = self.concept_positions.shape[0]
+        probs = attention_probs.view(batch, heads, *attention_probs.shape[1:])  # (B, H, Q, L)
+        on_concept = probs * self.concept_positions[:, None, None, :].to(probs.dtype)
+        self.squared_sum = self.squared_sum + on_concept.float().pow(2).sum()
+        self.masses.append(on_concept.detach().float().sum(-1).mean())
+
+    def loss(self) -> torch.Tensor:
+        """The reference's loss: the L2 norm of all recorded concept-token probabilities."""
+        if not self.masses:
+            raise EraseError("Forget-Me-Not found no cross-attention layer (attn2) in this UNet.")
+        return self.squared_sum.sqrt()
+
+    def mass(self) -> float:
+        """Mean attention probability mass on the concept tokens, over layers, heads and pixels."""
+        return torch.stack(self.masses).mean().item()
+
+
+class RecordingAttnProcessor:
+    """diffusers' plain AttnProcessor with the softmax probabilities handed to a recorder."""
+
+    def __init__(self, recorder: AttentionRecorder):
+        self.recorder = recorder
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None
+    ):
+        """Cross-attention of `hidden_states` over `encoder_hidden_states`, probabilities recorded."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch_size, sequence_length, _ = context.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.head_to_batch_dim(query)  # (B * heads, Q, d)
+        key = attn.head_to_batch_dim(attn.to_k(context))  # (B * heads, L, d)
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        attention_probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, Q, L)
+        self.recorder.record(attention_probs, attn.heads)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(attention_probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # projection, dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(
+                batch_size, channel, height, width
+            )
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def recording_attention(unet: torch.nn.Module, recorder: AttentionRecorder):
+    """Install recording processors on every cross-attention layer; restore the old ones after,
+    so sampling and saving see a plain diffusers UNet."""
+    layers = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    originals = [layer.processor for layer in layers]
+    try:
+        for layer in layers:
+            layer.set_processor(RecordingAttnProcessor(recorder))
+        yield recorder
+    finally:
+        for layer, original in zip(layers, originals):
+            layer.set_processor(original)
+
+
+@register("fmn")
+class ForgetMeNot:
+    """Minimise cross-attention on the concept's tokens over images of the concept."""
+
+    Config = FMNConfig
+    uses_mask = False
+    needs_images = True
+
+    def __init__(self, backend: Backend, concept: Concept, config: FMNConfig):
+        if backend.conditioning != "text":
+            raise EraseError(
+                "Forget-Me-Not re-steers attention on prompt tokens, which a class-conditional "
+                "model does not have: use --method salun or esd-u."
+            )
+        if config.fmn_ti_steps:
+            raise EraseError(
+                "--fmn-ti-steps (Forget-Me-Not's textual-inversion stage) is not implemented yet: "
+                "leave it at 0 to steer attention away from the concept's own words."
+            )
+        if not any(backend.token_positions(str(p), concept.words) for p in concept.forget):
+            raise EraseError(
+                f"None of the concept's words {concept.words} appears in its forget prompts: "
+                "give --forget-prompt texts that contain the concept's name."
+            )
+        self.backend, self.concept, self.config = backend, concept, config
+
+    @staticmethod
+    def defaults(backend: Backend, concept: Concept, num_forget: int) -> dict:
+        """Reference configs/attn.yaml: AdamW, lr 2e-6, batch 1, 35 steps, grad norm 1."""
+        return dict(lr=2e-6, batch_size=1, steps=35, max_grad_norm=1.0, optimizer="adamw")
+
+    def trainable(self, parameter_name: str) -> bool:
+        """The whole UNet, or only cross-attention with --fmn-cross-attention-only."""
+        return not self.config.fmn_cross_attention_only or "attn2" in parameter_name
+
+    def concept_positions(self, prompts, length: int) -> torch.Tensor:
+        """(B, L) bool: the concept's word tokens and the end-of-text token of each prompt."""
+        positions = torch.zeros(len(prompts), length, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            positions[row, self.backend.token_positions(str(prompt), self.concept.words)] = True
+            positions[row, self.backend.end_of_text_position(str(prompt))] = True
+        return positions.to(self.backend.device)
+
+    def attention(self, unet, forget: Batch, generator: torch.Generator) -> AttentionRecorder:
+        """One forward pass over the noised forget batch with attention recorded."""
+        _, timesteps, noisy = noised(self.backend, forget, generator)
+        cond = self.backend.encode(forget.conditions)  # (B, L, D)
+        recorder = AttentionRecorder(self.concept_positions(forget.conditions, cond.shape[1]))
+        with recording_attention(unet, recorder):
+            self.backend.predict_noise(unet, noisy, timesteps, cond)
+        return recorder
+
+    def loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
+        """Norm of the attention probabilities on the concept's tokens (retain batch unused)."""
+        recorder = self.attention(unet, forget, generator)
+        loss = recorder.loss()
+        return loss, {"fmn": loss.item(), "attention_mass": recorder.mass()}
+
+    @torch.no_grad()
+    def attention_mass(self, unet, forget: Batch, generator: torch.Generator) -> float:
+        """Mean attention mass on the concept's tokens for a batch (a measurement, no gradient)."""
+        return self.attention(unet, forget, generator).mass()
