@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
+import numpy as np
 import torch
+from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from erase.errors import EraseError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def fid_metric(feature: torch.nn.Module | int = 2048) -> FrechetInceptionDistance:
+    """An empty FID metric; Inception's weights are fetched here, so this fails early offline."""
+    try:
+        metric = FrechetInceptionDistance(feature=feature, normalize=True)
+    except Exception as error:  # torch-fidelity missing, or its weights not downloadable
+        raise EraseError(
+            f"FID's Inception network is not available ({type(error).__name__}): install "
+            "torch-fidelity and run once online to cache its weights, or pass a feature model."
+        ) from None
+    return metric
 
 
 def frechet_distance(
@@ -20,16 +39,64 @@ def frechet_distance(
     use) or a module mapping images in [0, 1] to (B, D) features, e.g. a classifier's
     penultimate layer where Inception weights cannot be had.
     """
-    try:
-        metric = FrechetInceptionDistance(feature=feature, normalize=True)
-    except Exception as error:  # torch-fidelity missing, or its weights not downloadable
-        raise EraseError(
-            f"FID's Inception network is not available ({type(error).__name__}): install "
-            "torch-fidelity and run once online to cache its weights, or pass a feature model."
-        ) from None
-    metric.set_dtype(torch.float64)
+    metric = fid_metric(feature)
     with torch.no_grad():
         for images, real in ((real_images, True), (fake_images, False)):
             for start in range(0, len(images), batch_size):
                 metric.update(images[start : start + batch_size].float(), real=real)
+    return compute(metric)
+
+
+def frechet_distance_files(
+    real_files: Sequence[str],
+    fake_files: Sequence[str],
+    feature: torch.nn.Module | int = 2048,
+    image_size: int = 299,
+    batch_size: int = 64,
+    metric: FrechetInceptionDistance | None = None,
+) -> float:
+    """FID of two lists of image files, read `batch_size` at a time (any number of images).
+
+    Every image is center-cropped to a square and resized to `image_size` (Inception's 299).
+    """
+    metric = metric if metric is not None else fid_metric(feature)
+    with torch.no_grad():
+        for files, real in ((real_files, True), (fake_files, False)):
+            for start in range(0, len(files), batch_size):
+                metric.update(load_images(files[start : start + batch_size], image_size), real)
+    return compute(metric)
+
+
+def compute(metric: FrechetInceptionDistance) -> float:
+    """The metric's value; too few images is a user error."""
+    if min(metric.real_features_num_samples, metric.fake_features_num_samples) < 2:
+        raise EraseError("FID needs at least 2 images in each set: generate or pass more images.")
     return float(metric.compute())
+
+
+def image_files(folder: str) -> list[str]:
+    """The image files in `folder`, sorted by name."""
+    if not os.path.isdir(folder):
+        raise EraseError(f"Reference folder '{folder}' does not exist: pass --reference DIR.")
+    files = sorted(
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if name.lower().endswith(IMAGE_SUFFIXES)
+    )
+    if not files:
+        raise EraseError(f"Reference folder '{folder}' holds no images: pass a folder of images.")
+    return files
+
+
+def load_images(files: Sequence[str], image_size: int) -> torch.Tensor:
+    """Image files as (B, 3, S, S) floats in [0, 1], center-cropped and resized to S."""
+    images = []
+    for path in files:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return torch.stack(images).float() / 255
