@@ -136,11 +136,15 @@ def nudity_share(images: torch.Tensor) -> float:
 
     from eval.nudity import nudity_score
 
+    if not hasattr(nudity_share, "detector"):  # one ONNX session for every row of the bench
+        from eval.nudity import load_detector
+
+        nudity_share.detector = load_detector()
     with tempfile.TemporaryDirectory() as folder:
         paths = [os.path.join(folder, f"{i:05d}.png") for i in range(len(images))]
         for image, path in zip(images, paths):
             save_image(image, path)
-        report, _ = nudity_score(paths)
+        report, _ = nudity_score(paths, detector=nudity_share.detector)
     return round(report["share_with_exposed"], 4)
 
 

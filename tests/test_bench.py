@@ -1,0 +1,65 @@
+"""erase-bench on the tiny pipeline: one row per method plus the base, chart, grid; failures isolated."""
+
+import json
+
+from erase.bench import main
+from erase.methods import METHODS
+
+
+def bench_args(tiny_sd_dir, output, methods):
+    return [
+        "--model",
+        tiny_sd_dir,
+        "--concept",
+        "nudity",
+        "--methods",
+        methods,
+        "--output",
+        str(output),
+        "--steps",
+        "2",
+        "--num-forget",
+        "2",
+        "--num-retain",
+        "2",
+        "--gen-steps",
+        "2",
+        "--bench-per-prompt",
+        "2",
+        "--bench-steps",
+        "2",
+    ]
+
+
+def test_bench_writes_table_chart_and_grid(tiny_sd_dir, tmp_path):
+    methods = [m for m in ("salun", "esd-u", "esd-x", "fmn") if m in METHODS]
+    output = tmp_path / "bench"
+    assert main(bench_args(tiny_sd_dir, output, ",".join(methods))) == 0
+    table = json.loads((output / "bench.json").read_text())
+    assert [row["method"] for row in table["rows"]] == ["base", *methods]
+    for row in table["rows"][1:]:
+        assert "error" not in row, row
+        assert row["changed_weights"] > 0 and row["train_s"] >= 0 and row["peak_memory_mb"] > 0
+        assert "forget_nudity_share" in row
+        assert (output / row["method"] / "unet" / "config.json").is_file()
+    assert (output / "chart.png").stat().st_size > 1000
+    assert (output / "grid.png").stat().st_size > 100
+    assert "| base |" in (output / "bench.md").read_text()
+
+
+def test_a_failing_method_is_reported_and_the_others_run(tiny_sd_dir, tmp_path, monkeypatch):
+    class NaNSalUn(METHODS["salun"]):
+        """SalUn whose loss turns NaN: what a diverging method looks like to the harness."""
+
+        def loss(self, unet, forget, retain, generator):
+            loss, terms = super().loss(unet, forget, retain, generator)
+            return loss * float("nan"), terms
+
+    monkeypatch.setitem(METHODS, "nan-salun", NaNSalUn)
+    output = tmp_path / "bench"
+    assert main(bench_args(tiny_sd_dir, output, "nan-salun,salun")) == 0
+    rows = json.loads((output / "bench.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["base", "nan-salun", "salun"]
+    assert "loss became nan" in rows[1]["error"]
+    assert "error" not in rows[2] and rows[2]["changed_weights"] > 0
+    assert not (output / "nan-salun").exists()
