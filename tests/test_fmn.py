@@ -1,0 +1,123 @@
+"""Forget-Me-Not through the real code path: attention on the concept's tokens goes down."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from erase.cli import build_parser, erase_concept_main, run_erasure
+from erase.concepts import resolve_concept
+from erase.errors import EraseError
+from erase.methods import get_method
+from erase.methods.fmn import AttentionRecorder, FMNConfig, recording_attention
+from erase.models import load_backend
+from erase.models.base import Batch
+
+PROMPT = "a photo of a nude person"
+
+
+def erase(args, folder):
+    """Run erase-concept in process; returns the ErasureResult."""
+    return run_erasure(build_parser().parse_args([*args, "--output", str(folder)]))
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_sd_dir):
+    return load_backend(tiny_sd_dir)
+
+
+@pytest.fixture(scope="module")
+def fmn(backend):
+    return get_method("fmn")(backend, resolve_concept("nudity", conditioning="text"), FMNConfig())
+
+
+@pytest.fixture(scope="module")
+def forget_batch(backend):
+    latents = torch.randn(4, *backend.latent_shape, generator=torch.Generator().manual_seed(1))
+    return Batch(latents, [PROMPT] * 4)
+
+
+def test_fmn_lowers_attention_on_concept_tokens(backend, fmn, forget_batch, tiny_sd_args, tmp_path):
+    before = fmn.attention_mass(backend.unet, forget_batch, torch.Generator().manual_seed(0))
+    args = [*tiny_sd_args, "--method", "fmn", "--lr", "1e-2", "--steps", "10"]
+    erased_unet = erase(args, tmp_path / "out").backend.unet
+    after = fmn.attention_mass(erased_unet, forget_batch, torch.Generator().manual_seed(0))
+    assert after < 0.5 * before
+
+
+def test_fmn_writes_a_plain_loadable_unet(tiny_sd_dir, tiny_sd_args, tmp_path):
+    result = erase([*tiny_sd_args, "--method", "fmn"], tmp_path / "out")
+    processors = {type(p).__name__ for p in result.backend.unet.attn_processors.values()}
+    assert "RecordingAttnProcessor" not in processors
+    loaded = load_backend(tiny_sd_dir).load_unet(str(tmp_path / "out"))
+    for name, param in result.backend.unet.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], param), name
+
+
+def test_fmn_cross_attention_only_changes_only_attn2(tiny_sd_dir, tiny_sd_args, tmp_path):
+    base = load_backend(tiny_sd_dir).unet.state_dict()
+    args = [*tiny_sd_args, "--method", "fmn", "--fmn-cross-attention-only", "--lr", "1e-3"]
+    result = erase(args, tmp_path / "out")
+    changed = {n for n, p in result.backend.unet.named_parameters() if not torch.equal(p, base[n])}
+    assert changed
+    assert all("attn2" in name for name in changed), changed
+    assert result.metadata["method_config"]["fmn_cross_attention_only"] is True
+
+
+def test_recording_processor_computes_the_same_attention(backend, fmn, forget_batch):
+    noisy, timesteps = forget_batch.latents, torch.full((4,), 500)
+    cond = backend.encode(forget_batch.conditions)
+    with torch.no_grad():
+        plain = backend.predict_noise(backend.unet, noisy, timesteps, cond)
+        recorder = AttentionRecorder(fmn.concept_positions(forget_batch.conditions, cond.shape[1]))
+        with recording_attention(backend.unet, recorder):
+            recorded = backend.predict_noise(backend.unet, noisy, timesteps, cond)
+    assert len(recorder.masses) == sum(n.endswith("attn2") for n, _ in backend.unet.named_modules())
+    torch.testing.assert_close(recorded, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_call_restores_the_attention_processors(backend, fmn, forget_batch):
+    before = {name: type(p) for name, p in backend.unet.attn_processors.items()}
+    fmn.loss(backend.unet, forget_batch, forget_batch, torch.Generator().manual_seed(0))
+    assert {name: type(p) for name, p in backend.unet.attn_processors.items()} == before
+
+
+def test_concept_positions_are_the_word_and_end_of_text(backend, fmn):
+    positions = fmn.concept_positions([PROMPT], 16)[0]
+    expected = set(backend.token_positions(PROMPT, ["nude"]))
+    expected.add(backend.end_of_text_position(PROMPT))
+    assert set(positions.nonzero().flatten().tolist()) == expected
+    assert len(expected) == 2
+
+
+def test_recorder_reads_each_sample_at_its_own_positions():
+    # Two samples, two heads, one query, three tokens; sample 0 marks token 0, sample 1 token 2.
+    positions = torch.tensor([[True, False, False], [False, False, True]])
+    recorder = AttentionRecorder(positions)
+    probs = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    recorder.record(probs[:, None, :], heads=2)  # (B * heads, Q, L), batch-major
+    assert recorder.mass() == pytest.approx(0.75)
+    assert recorder.loss().item() == pytest.approx((2 * 0.25 + 2 * 1.0) ** 0.5)
+
+
+def test_fmn_on_a_class_backend_is_an_error():
+    backend = SimpleNamespace(conditioning="class")
+    concept = resolve_concept("1", conditioning="class", class_names=["zero", "one"])
+    with pytest.raises(EraseError, match="class-conditional"):
+        get_method("fmn")(backend, concept, FMNConfig())
+
+
+def test_fmn_ti_steps_is_a_one_line_error(tiny_sd_args, tmp_path, capsys):
+    args = [*tiny_sd_args, "--method", "fmn", "--fmn-ti-steps", "5"]
+    assert erase_concept_main([*args, "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--fmn-ti-steps" in error and "\n" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_fmn_needs_the_concept_word_in_its_prompts(backend):
+    concept = resolve_concept(
+        "cat", conditioning="text", forget_prompts=["a photo of a dog"], retain_prompts=["a photo"]
+    )
+    with pytest.raises(EraseError, match="forget-prompt"):
+        get_method("fmn")(backend, concept, FMNConfig())
