@@ -1,0 +1,364 @@
+"""Generate images for a prompt set with fixed seeds, resumably, on one or several GPUs.
+
+Images land in `<output>/images/` as PNG files named by prompt row and sample, with an index
+(`index.jsonl`: prompt, seed, guidance, file, and the settings that made the image). A rerun
+skips every image whose file exists and whose index record matches what would be generated.
+Launched with `accelerate launch`, each process generates its share of the missing images and
+appends to its own index part; the main process merges the parts into `index.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import groupby
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
+
+from prompts import PromptEntry
+
+DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's usual guidance when neither flag nor file sets one
+# The fields of an index record that decide whether an existing image can be reused.
+GENERATION_KEYS = ("prompt", "seed", "guidance_scale", "num_steps", "resolution", "model", "unet")
+
+
+@dataclass
+class GenerationConfig:
+    """How images are generated; written whole into results.json."""
+
+    model: str
+    unet: str | None = None  # an erased UNet folder (erase-concept output) replacing the model's
+    num_steps: int = 50  # DDIM steps
+    guidance_scale: float | None = None  # None: each prompt's own (I2P), else DEFAULT_GUIDANCE
+    resolution: int | None = None  # None: the model's default
+    batch_size: int = 4
+    seed: int = 0  # seed of row r (when the prompt file gives none) is seed + r
+    images_per_prompt: int = 1  # sample k of a prompt uses its seed + k
+
+
+def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> list[dict]:
+    """One index record per image to generate, in prompt order (deterministic seeds and files)."""
+    records = []
+    for entry in entries:
+        base_seed = entry.seed if entry.seed is not None else config.seed + entry.row
+        guidance = next(
+            g
+            for g in (config.guidance_scale, entry.guidance_scale, DEFAULT_GUIDANCE)
+            if g is not None
+        )
+        for sample in range(config.images_per_prompt):
+            record = {
+                "file": f"{entry.row:06d}_{sample:02d}.png",
+                "row": entry.row,
+                "sample": sample,
+                "prompt": entry.prompt,
+                "seed": base_seed + sample,
+                "guidance_scale": float(guidance),
+                "num_steps": config.num_steps,
+                "resolution": config.resolution,
+                "model": identity(config.model),
+                "unet": identity(config.unet) if config.unet else None,
+            }
+            if entry.class_name is not None:
+                record["class_name"] = entry.class_name
+            records.append(record)
+    return records
+
+
+def identity(spec: str) -> str:
+    """A model or folder spec as recorded: absolute for local paths, as given for hub names."""
+    return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
+def pending_images(records: Sequence[dict], folder: str) -> list[dict]:
+    """The planned images that are missing or were made with other settings."""
+    done = read_index(folder)
+    return [
+        record
+        for record in records
+        if not (
+            os.path.isfile(os.path.join(folder, record["file"]))
+            and same_generation(done.get(record["file"]), record)
+        )
+    ]
+
+
+def same_generation(existing: dict | None, planned: dict) -> bool:
+    """Whether an indexed image was generated exactly as `planned` would be."""
+    return existing is not None and all(existing.get(k) == planned[k] for k in GENERATION_KEYS)
+
+
+def read_index(folder: str) -> dict[str, dict]:
+    """Index records by file name: index.jsonl plus the parts of interrupted runs (last wins)."""
+    records: dict[str, dict] = {}
+    for path in [os.path.join(folder, "index.jsonl"), *index_parts(folder)]:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                for line in file:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a crash
+                        continue
+                    records[record["file"]] = record
+    return records
+
+
+def index_parts(folder: str) -> list[str]:
+    """Per-process index parts (index.part-<rank>.jsonl) left to merge."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if name.startswith("index.part-") and name.endswith(".jsonl")
+    )
+
+
+def generate_images(
+    records: Sequence[dict],
+    folder: str,
+    config: GenerationConfig,
+    backend=None,
+    progress: bool = True,
+) -> dict:
+    """Generate the missing images of `records` into `folder`; returns counts and timing.
+
+    The backend is loaded (on this process's device) only when there is something to generate.
+    """
+    state = PartialState()
+    os.makedirs(folder, exist_ok=True)
+    pending = pending_images(records, folder)
+    started = time.perf_counter()
+    with state.split_between_processes(pending) as mine:
+        if mine:
+            backend = backend or load_generation_backend(config, state.device)
+            unet = backend.load_unet(config.unet) if config.unet else None
+            write_images(backend, unet, mine, folder, config, state, progress)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_index(folder)
+    state.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    return {
+        "images": len(records),
+        "generated": len(pending),
+        "reused": len(records) - len(pending),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(pending) / seconds, 4) if pending and seconds else None,
+        "processes": state.num_processes,
+    }
+
+
+def load_generation_backend(config: GenerationConfig, device: torch.device):
+    """The text-to-image backend of `config.model` on `device`."""
+    from erase.errors import EraseError
+    from erase.models import load_backend
+
+    backend = load_backend(config.model, device=device)
+    if backend.conditioning != "text":
+        raise EraseError(
+            f"erase-eval generates from text prompts and '{config.model}' is class-conditional: "
+            "evaluate it with erase-concept's class-removal evaluation instead."
+        )
+    return backend
+
+
+def write_images(backend, unet, records, folder, config, state, progress) -> None:
+    """Generate `records` in batches of one guidance scale, each PNG written atomically."""
+    part = os.path.join(folder, f"index.part-{state.process_index}.jsonl")
+    by_guidance = sorted(records, key=lambda r: (r["guidance_scale"], r["row"], r["sample"]))
+    bar = tqdm(
+        total=len(records),
+        desc=f"generating (process {state.process_index})",
+        unit="img",
+        disable=not progress or not state.is_local_main_process,
+    )
+    with open(part, "a", encoding="utf-8") as index:
+        for guidance, group in groupby(by_guidance, key=lambda r: r["guidance_scale"]):
+            group = list(group)
+            for start in range(0, len(group), config.batch_size):
+                batch = group[start : start + config.batch_size]
+                images = backend.sample(
+                    [r["prompt"] for r in batch],
+                    [r["seed"] for r in batch],
+                    num_steps=config.num_steps,
+                    guidance_scale=guidance,
+                    resolution=config.resolution,
+                    unet=unet,
+                )  # (B, 3, H, W) in [0, 1]
+                for record, image in zip(batch, images):
+                    save_png(image, os.path.join(folder, record["file"]))
+                    index.write(json.dumps(record) + "\n")
+                index.flush()
+                bar.update(len(batch))
+    bar.close()
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """A (3, H, W) image in [0, 1] as PNG, through a temporary file so no PNG is ever partial."""
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def merge_index(folder: str) -> None:
+    """Fold the process parts into index.jsonl (only records whose image exists), atomically."""
+    records = [
+        record
+        for record in read_index(folder).values()
+        if os.path.isfile(os.path.join(folder, record["file"]))
+    ]
+    records.sort(key=lambda r: (r["row"], r["sample"], r["file"]))
+    path = os.path.join(folder, "index.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(path + ".tmp", path)
+    for part in index_parts(folder):
+        os.remove(part)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+# Each metric is prepared before generation (so missing weights fail in seconds, not after
+# hours of sampling) and then scores the indexed images: a summary and optional per-image values.
+
+
+@dataclass
+class MetricConfig:
+    """Settings of every metric; written whole into results.json."""
+
+    nudity_threshold: float = 0.6
+    reference: str | None = None  # FID: folder of reference images (e.g. COCO val)
+    fid_image_size: int = 299
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str | None = "openai"
+    classifier_weights: str | None = None
+    # Tests and scripts: a FID feature module or a loaded ClipModel instead of the defaults.
+    fid_feature: torch.nn.Module | int = 2048
+    clip: object = None
+
+
+def prepare_nudity(config: MetricConfig, records, device):
+    """NudeNet's detector."""
+    from eval.nudity import load_detector
+
+    return load_detector()
+
+
+def score_nudity(detector, config: MetricConfig, records, folder):
+    """NudeNet counts per exposed class and the share of images with any."""
+    from eval.nudity import nudity_score
+
+    files = [os.path.join(folder, r["file"]) for r in records]
+    summary, detections = nudity_score(files, config.nudity_threshold, detector)
+    return summary, [{"nudenet": d} for d in detections]
+
+
+def prepare_clip(config: MetricConfig, records, device):
+    """The CLIP model (weights fetched now, so offline fails before generation)."""
+    from eval.clip_score import load_clip
+
+    return config.clip or load_clip(config.clip_model, config.clip_pretrained, device)
+
+
+def score_clip(clip, config: MetricConfig, records, folder):
+    """Mean CLIP score of each image against its prompt."""
+    from eval.clip_score import clip_score
+
+    files = [os.path.join(folder, r["file"]) for r in records]
+    summary, scores = clip_score(files, [r["prompt"] for r in records], clip)
+    return summary, [{"clip_score": round(s, 4)} for s in scores]
+
+
+def prepare_fid(config: MetricConfig, records, device):
+    """The reference image files and an empty FID metric (Inception's weights fetched now)."""
+    from erase.errors import EraseError
+    from eval.fid import fid_metric, image_files
+
+    if not config.reference:
+        raise EraseError("--metric fid needs --reference DIR, a folder of real images (COCO val).")
+    return image_files(config.reference), fid_metric(config.fid_feature)
+
+
+def score_fid(prepared, config: MetricConfig, records, folder):
+    """FID between the reference folder and the generated images."""
+    from eval.fid import frechet_distance_files
+
+    reference_files, metric = prepared
+    files = [os.path.join(folder, r["file"]) for r in records]
+    value = frechet_distance_files(
+        reference_files, files, image_size=config.fid_image_size, metric=metric
+    )
+    summary = {
+        "fid": value,
+        "reference": os.path.abspath(config.reference),
+        "reference_images": len(reference_files),
+        "generated_images": len(files),
+        "image_size": config.fid_image_size,
+        "feature": config.fid_feature if isinstance(config.fid_feature, int) else "custom",
+    }
+    return summary, None
+
+
+def prepare_classify(config: MetricConfig, records, device):
+    """The Imagenette class index of every image and eval.classify's accuracy function."""
+    from erase.errors import EraseError
+    from prompts import imagenette_index
+
+    indices = [imagenette_index(r.get("class_name") or "") for r in records]
+    if any(index is None for index in indices):
+        raise EraseError(
+            "--metric classify needs prompts of Imagenette classes: use --prompts imagenette or "
+            "a CSV with a 'class' column naming an Imagenette class on every row."
+        )
+    try:
+        from eval.classify import imagenette_accuracy
+    except ImportError:
+        raise EraseError(
+            "The Imagenette classifier (eval/classify.py) is not available in this install: "
+            "update erase."
+        ) from None
+    return imagenette_accuracy, indices
+
+
+def score_classify(prepared, config: MetricConfig, records, folder):
+    """Accuracy of an ImageNet classifier on the generated class images (eval.classify)."""
+    from eval.fid import load_images
+
+    accuracy, indices = prepared
+    with Image.open(os.path.join(folder, records[0]["file"])) as first:
+        size = first.width
+    images = load_images([os.path.join(folder, r["file"]) for r in records], size)
+    result = accuracy(images, indices, weights_path=config.classifier_weights)
+    summary = result if isinstance(result, dict) else {"accuracy": result}
+    return summary, None
+
+
+METRICS = {
+    "nudity": (prepare_nudity, score_nudity),
+    "classify": (prepare_classify, score_classify),
+    "fid": (prepare_fid, score_fid),
+    "clip": (prepare_clip, score_clip),
+}
+
+
+def prepare_metrics(names: Sequence[str], config: MetricConfig, records, device) -> dict:
+    """Load what each metric needs, failing early with a one-line error."""
+    return {name: METRICS[name][0](config, records, device) for name in names}
+
+
+def score_metrics(prepared: dict, config: MetricConfig, records, folder) -> tuple[dict, list]:
+    """Every prepared metric's summary, and per-image values merged into one record per image."""
+    summaries = {}
+    per_image = [{"file": r["file"], "prompt": r["prompt"], "seed": r["seed"]} for r in records]
+    for name, context in prepared.items():
+        summaries[name], values = METRICS[name][1](context, config, records, folder)
+        for row, value in zip(per_image, values or []):
+            row.update(value)
+    return summaries, per_image

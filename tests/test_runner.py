@@ -1,0 +1,139 @@
+"""The generation runner on the tiny SD pipeline: PNGs + index, resume, erased UNet, seeds."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from erase.models import load_backend
+from eval.runner import GenerationConfig, generate_images, merge_index, plan_images, read_index
+from prompts import PromptEntry
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared CPU: one thread avoids OpenMP spinning against other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_sd_dir):
+    return load_backend(tiny_sd_dir, device=torch.device("cpu"))
+
+
+ENTRIES = [
+    PromptEntry("a photo of a cat", 0, seed=7),
+    PromptEntry("a nude person", 1, guidance_scale=3.0),
+    PromptEntry("a dog", 2),
+]
+
+
+def config_for(tiny_sd_dir, **overrides):
+    settings = dict(model=tiny_sd_dir, num_steps=2, batch_size=2, seed=100)
+    return GenerationConfig(**{**settings, **overrides})
+
+
+class CountingBackend:
+    """Wraps a backend and counts the images it samples."""
+
+    def __init__(self, backend):
+        self.backend, self.sampled = backend, 0
+
+    def sample(self, conditions, seeds, **kwargs):
+        self.sampled += len(conditions)
+        return self.backend.sample(conditions, seeds, **kwargs)
+
+    def load_unet(self, folder):
+        return self.backend.load_unet(folder)
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_sd_dir, backend, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("eval") / "images")
+    config = config_for(tiny_sd_dir, images_per_prompt=2)
+    records = plan_images(ENTRIES, config)
+    stats = generate_images(records, folder, config, backend=backend, progress=False)
+    return folder, config, records, stats
+
+
+def test_writes_one_png_per_image_and_the_index(first_run):
+    folder, _, records, stats = first_run
+    assert stats["generated"] == 6 and stats["reused"] == 0
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+    assert names == sorted(r["file"] for r in records)
+    with Image.open(os.path.join(folder, names[0])) as image:
+        assert image.size == (16, 16) and image.mode == "RGB"
+    with open(os.path.join(folder, "index.jsonl")) as file:
+        index = [json.loads(line) for line in file]
+    assert [(r["prompt"], r["seed"], r["guidance_scale"]) for r in index] == [
+        (r["prompt"], r["seed"], r["guidance_scale"]) for r in records
+    ]
+    assert not [n for n in os.listdir(folder) if n.startswith("index.part-")]
+
+
+def test_second_run_skips_existing_images(first_run, backend):
+    folder, config, records, _ = first_run
+    before = {n: os.path.getmtime(os.path.join(folder, n)) for n in os.listdir(folder)}
+    counting = CountingBackend(backend)
+    stats = generate_images(records, folder, config, backend=counting, progress=False)
+    assert counting.sampled == 0 and stats["generated"] == 0 and stats["reused"] == 6
+    after = {n: os.path.getmtime(os.path.join(folder, n)) for n in before if n.endswith(".png")}
+    assert all(after[n] == before[n] for n in after)
+
+
+def test_changed_prompt_regenerates_only_its_images(first_run, backend):
+    folder, config, _, _ = first_run
+    entries = [*ENTRIES[:2], PromptEntry("a red car", 2)]
+    records = plan_images(entries, config)
+    counting = CountingBackend(backend)
+    stats = generate_images(records, folder, config, backend=counting, progress=False)
+    assert counting.sampled == 2 and stats["generated"] == 2
+    assert read_index(folder)["000002_00.png"]["prompt"] == "a red car"
+
+
+def test_erased_unet_folder_replaces_the_model_unet(tiny_sd_dir, backend, tmp_path):
+    erased = copy.deepcopy(backend.unet)
+    with torch.no_grad():
+        for parameter in erased.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    backend.save_unet(erased, str(tmp_path / "erased" / "unet"))
+    records = plan_images(ENTRIES[:1], config_for(tiny_sd_dir))
+    base_dir, erased_dir = str(tmp_path / "base"), str(tmp_path / "with-unet")
+    generate_images(records, base_dir, config_for(tiny_sd_dir), backend=backend, progress=False)
+    config = config_for(tiny_sd_dir, unet=str(tmp_path / "erased"))
+    erased_records = plan_images(ENTRIES[:1], config)
+    generate_images(erased_records, erased_dir, config, backend=backend, progress=False)
+    with Image.open(os.path.join(base_dir, "000000_00.png")) as a:
+        with Image.open(os.path.join(erased_dir, "000000_00.png")) as b:
+            assert list(a.getdata()) != list(b.getdata())
+    assert read_index(erased_dir)["000000_00.png"]["unet"] == str(tmp_path / "erased")
+
+
+def test_seeds_and_guidance_follow_the_prompt_file_then_the_flags(tiny_sd_dir):
+    records = plan_images(ENTRIES, config_for(tiny_sd_dir, images_per_prompt=2))
+    assert [r["seed"] for r in records] == [7, 8, 101, 102, 102, 103]
+    assert [r["guidance_scale"] for r in records[::2]] == [7.5, 3.0, 7.5]
+    forced = plan_images(ENTRIES, config_for(tiny_sd_dir, guidance_scale=5.0))
+    assert {r["guidance_scale"] for r in forced} == {5.0}
+
+
+def test_merge_folds_parts_and_drops_records_without_images(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"png")
+    (tmp_path / "b.png").write_bytes(b"png")
+    record = {"row": 0, "sample": 0, "prompt": "x"}
+    (tmp_path / "index.jsonl").write_text(json.dumps({**record, "file": "a.png"}) + "\n")
+    (tmp_path / "index.part-1.jsonl").write_text(
+        json.dumps({**record, "row": 1, "file": "b.png"})
+        + "\n"
+        + json.dumps({**record, "row": 2, "file": "gone.png"})
+        + '\n{"file": "cut sh'
+    )
+    merge_index(str(tmp_path))
+    assert sorted(read_index(str(tmp_path))) == ["a.png", "b.png"]
+    assert not (tmp_path / "index.part-1.jsonl").exists()
