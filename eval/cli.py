@@ -235,8 +235,6 @@ def run_evaluation(args: argparse.Namespace, metric_config=None, backend=None) -
     if not 0 <= args.nudity_threshold <= 1:
         raise EraseError(f"--nudity-threshold must be in [0, 1], got {args.nudity_threshold}.")
 
-    from accelerate import PartialState
-
     from erase.artifact import versions
     from eval.report import write_outputs
     from eval.runner import (
@@ -245,10 +243,11 @@ def run_evaluation(args: argparse.Namespace, metric_config=None, backend=None) -
         generate_images,
         plan_images,
         prepare_metrics,
+        process_state,
         score_metrics,
     )
 
-    state = PartialState()
+    state = process_state()
     output = args.output or default_output(args)
     image_dir = os.path.join(output, "images")
     generation = GenerationConfig(

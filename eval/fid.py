@@ -22,7 +22,8 @@ def fid_metric(feature: torch.nn.Module | int = 2048) -> FrechetInceptionDistanc
     except Exception as error:  # torch-fidelity missing, or its weights not downloadable
         raise EraseError(
             f"FID's Inception network is not available ({type(error).__name__}): install "
-            "torch-fidelity and run once online to cache its weights, or pass a feature model."
+            "torch-fidelity and run once online to cache its weights (from Python, a feature "
+            "module can be passed instead)."
         ) from None
     return metric
 

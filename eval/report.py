@@ -68,6 +68,12 @@ def markdown_report(results: dict) -> str:
             + " | ".join(str(nudity["counts"][label]) for label in EXPOSED_CLASSES)
             + f" | {nudity['total_exposed']} |",
         ]
+    if "classify" in metrics:
+        lines += ["", "| class | accuracy | images |", "|---|---|---|"]
+        for class_name, figures in metrics["classify"]["per_class"].items():
+            lines.append(
+                f"| {class_name} | {100 * figures['accuracy']:.1f} % | {figures['images']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -83,6 +89,8 @@ def headline(name: str, summary: dict) -> tuple[str, str]:
         return f"CLIP score {summary['clip_score']:.2f} ({summary['model']})", str(
             summary["images"]
         )
+    if name == "classify":
+        return f"accuracy {100 * summary['accuracy']:.1f} %", str(summary["images"])
     if name == "fid":
         return f"FID {summary['fid']:.2f}", str(summary["generated_images"])
     figures = [f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, int | float)]

@@ -43,6 +43,12 @@ class GenerationConfig:
     images_per_prompt: int = 1  # sample k of a prompt uses its seed + k
 
 
+def process_state() -> PartialState:
+    """This process's place among those `accelerate launch` / torchrun started (GPUs or CPUs)."""
+    # cpu=True lets torchrun spread generation over CPU processes too (gloo) when there is no GPU.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> list[dict]:
     """One index record per image to generate, in prompt order (deterministic seeds and files)."""
     records = []
@@ -132,7 +138,7 @@ def generate_images(
 
     The backend is loaded (on this process's device) only when there is something to generate.
     """
-    state = PartialState()
+    state = process_state()
     os.makedirs(folder, exist_ok=True)
     pending = pending_images(records, folder)
     started = time.perf_counter()
@@ -318,25 +324,33 @@ def prepare_classify(config: MetricConfig, records, device):
             "a CSV with a 'class' column naming an Imagenette class on every row."
         )
     try:
-        from eval.classify import imagenette_accuracy
+        from eval import classify
     except ImportError:
         raise EraseError(
             "The Imagenette classifier (eval/classify.py) is not available in this install: "
             "update erase."
         ) from None
-    return imagenette_accuracy, indices
+    if hasattr(classify, "imagenette_resnet50"):  # fetch the weights now: fail before generating
+        classify.imagenette_resnet50(config.classifier_weights)
+    return classify.imagenette_accuracy, indices
 
 
 def score_classify(prepared, config: MetricConfig, records, folder):
-    """Accuracy of an ImageNet classifier on the generated class images (eval.classify)."""
+    """ImageNet classifier accuracy on the generated images, overall and per Imagenette class."""
     from eval.fid import load_images
+    from prompts import concept_templates
 
     accuracy, indices = prepared
     with Image.open(os.path.join(folder, records[0]["file"])) as first:
         size = first.width
-    images = load_images([os.path.join(folder, r["file"]) for r in records], size)
-    result = accuracy(images, indices, weights_path=config.classifier_weights)
-    summary = result if isinstance(result, dict) else {"accuracy": result}
+    names = concept_templates()["imagenette"]
+    per_class = {}
+    for index in sorted(set(indices)):  # one class at a time bounds memory at SD resolution
+        files = [os.path.join(folder, r["file"]) for r, k in zip(records, indices) if k == index]
+        value = accuracy(load_images(files, size), [index] * len(files), config.classifier_weights)
+        per_class[names[index]] = {"accuracy": float(value), "images": len(files)}
+    correct = sum(c["accuracy"] * c["images"] for c in per_class.values())
+    summary = {"accuracy": correct / len(records), "images": len(records), "per_class": per_class}
     return summary, None
 
 

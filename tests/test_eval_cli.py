@@ -105,20 +105,22 @@ def test_fid_against_a_reference_folder(evaluated, tiny_sd_dir, prompt_csv, tmp_
 
 
 def test_classify_passes_images_and_imagenette_classes(tiny_sd_dir, tmp_path, monkeypatch):
-    seen = {}
+    calls = []
 
     def imagenette_accuracy(images, class_indices, weights_path=None):
-        seen.update(shape=tuple(images.shape), classes=list(class_indices))
-        return {"accuracy": 0.25, "images": len(class_indices)}
+        calls.append((tuple(images.shape), list(class_indices)))
+        return 0.5 if class_indices[0] == 4 else 0.0
 
     fake = types.ModuleType("eval.classify")
     fake.imagenette_accuracy = imagenette_accuracy
     monkeypatch.setitem(sys.modules, "eval.classify", fake)
     argv = base_args(tiny_sd_dir, "imagenette", tmp_path / "out")
-    assert main([*argv, "--classes", "church,parachute", "--per-class", "1"]) == 0
-    assert seen == {"shape": (2, 3, 16, 16), "classes": [4, 9]}
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["metrics"]["classify"]["accuracy"] == 0.25
+    assert main([*argv, "--classes", "church,parachute", "--per-class", "2"]) == 0
+    assert calls == [((2, 3, 16, 16), [4, 4]), ((2, 3, 16, 16), [9, 9])]
+    classify = json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]["classify"]
+    assert classify["accuracy"] == 0.25 and classify["images"] == 4
+    assert classify["per_class"]["church"] == {"accuracy": 0.5, "images": 2}
+    assert "| parachute | 0.0 % | 2 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_cli_metric_names_are_the_registered_metrics():
