@@ -1,5 +1,6 @@
 """Forget-Me-Not through the real code path: attention on the concept's tokens goes down."""
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -8,8 +9,14 @@ import torch
 from erase.cli import build_parser, erase_concept_main, run_erasure
 from erase.concepts import resolve_concept
 from erase.errors import EraseError
-from erase.methods import get_method
-from erase.methods.fmn import AttentionRecorder, FMNConfig, recording_attention
+from erase.methods import get_method, noised
+from erase.methods.fmn import (
+    PLACEHOLDER,
+    AttentionRecorder,
+    FMNConfig,
+    learn_concept_token,
+    recording_attention,
+)
 from erase.models import load_backend
 from erase.models.base import Batch
 
@@ -107,12 +114,58 @@ def test_fmn_on_a_class_backend_is_an_error():
         get_method("fmn")(backend, concept, FMNConfig())
 
 
-def test_fmn_ti_steps_is_a_one_line_error(tiny_sd_args, tmp_path, capsys):
-    args = [*tiny_sd_args, "--method", "fmn", "--fmn-ti-steps", "5"]
-    assert erase_concept_main([*args, "--output", str(tmp_path / "out")]) == 2
-    error = capsys.readouterr().err.strip()
-    assert "--fmn-ti-steps" in error and "\n" not in error
-    assert not (tmp_path / "out").exists()
+def denoising_loss_with(backend, latents, token) -> float:
+    """Denoising loss of the concept images under a prompt holding `token`, at fixed noise."""
+    prompts = [f"a photo of a {token} person"] * len(latents)
+    noise, timesteps, noisy = noised(
+        backend, Batch(latents, prompts), torch.Generator().manual_seed(5)
+    )
+    with torch.no_grad():
+        prediction = backend.predict_noise(backend.unet, noisy, timesteps, backend.encode(prompts))
+    return torch.nn.functional.mse_loss(prediction, noise).item()
+
+
+def test_textual_inversion_lowers_the_denoising_loss(tiny_sd_dir):
+    backend = load_backend(tiny_sd_dir)
+    latents = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    prompts = [f"a photo of a {PLACEHOLDER} person"] * 2
+    initial = learn_concept_token(backend, latents, prompts, ["nude"], 0, torch.Generator())
+    learned = learn_concept_token(backend, latents, prompts, ["nude"], 30, torch.Generator())
+    repeated = latents.repeat(8, 1, 1, 1)
+    assert denoising_loss_with(backend, repeated, learned) < denoising_loss_with(
+        backend, repeated, initial
+    )
+
+
+def test_ti_stage_steers_attention_from_the_learned_token(tiny_sd_dir, forget_batch):
+    backend = load_backend(tiny_sd_dir)
+    concept = resolve_concept("nudity", conditioning="text")
+    method = get_method("fmn")(backend, concept, FMNConfig(fmn_ti_steps=2))
+    method.prepare(forget_batch.latents, forget_batch.conditions, torch.Generator())
+    prompts, words = method.steered([PROMPT])
+    assert prompts == [f"a photo of a {method.concept_token} person"] and "nude" not in prompts[0]
+    positions = method.concept_positions(prompts, 16, words)[0].nonzero().flatten().tolist()
+    token_id = backend.pipe.tokenizer.convert_tokens_to_ids(method.concept_token)
+    token_position = backend.tokenize(prompts)[0].tolist().index(token_id)
+    assert token_position == backend.token_positions(PROMPT, ["nude"])[0]  # where "nude" was
+    assert positions == [token_position, backend.end_of_text_position(prompts[0])]
+
+
+def test_ti_steps_without_prepare_is_an_error(backend, forget_batch):
+    concept = resolve_concept("nudity", conditioning="text")
+    method = get_method("fmn")(backend, concept, FMNConfig(fmn_ti_steps=2))
+    with pytest.raises(EraseError, match="--fmn-ti-steps"):
+        method.loss(backend.unet, forget_batch, forget_batch, torch.Generator())
+
+
+@pytest.mark.xfail(
+    "prepare(" not in inspect.getsource(run_erasure),
+    reason="erase.cli.run_erasure does not call method.prepare(...) before training yet",
+    strict=True,
+)
+def test_fmn_with_ti_stage_through_the_cli(tiny_sd_args, tmp_path):
+    args = [*tiny_sd_args, "--method", "fmn", "--fmn-ti-steps", "3"]
+    assert erase_concept_main([*args, "--output", str(tmp_path / "out")]) == 0
 
 
 def test_fmn_needs_the_concept_word_in_its_prompts(backend):

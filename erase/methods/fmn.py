@@ -3,11 +3,13 @@
 Over noised images of the concept seen under the concept's prompt, every cross-attention layer
 records its attention probabilities, and the loss is their norm on the concept's token positions
 (plus the end-of-text token, the reference's `use_pooler`): the UNet learns to stop looking at
-the words that name the concept.
+the words that name the concept. With --fmn-ti-steps, a first stage learns a new token for the
+concept from its images (textual inversion) and the attention is steered away from that token.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -33,8 +35,9 @@ class FMNConfig:
     fmn_ti_steps: int = field(
         default=0,
         metadata={
-            "help": "Forget-Me-Not: steps of the textual-inversion first stage (reference: 500 "
-            "at lr 1e-3); not implemented yet, only 0 is accepted"
+            "help": "Forget-Me-Not: steps of the optional textual-inversion first stage, which "
+            "learns a token for the concept from its images and then steers attention away from "
+            "that token (reference: 500, at lr 1e-3; 0 skips it)"
         },
     )
 
@@ -137,10 +140,12 @@ class ForgetMeNot:
                 "Forget-Me-Not re-steers attention on prompt tokens, which a class-conditional "
                 "model does not have: use --method salun or esd-u."
             )
-        if config.fmn_ti_steps:
+        if config.fmn_ti_steps < 0:
+            raise EraseError(f"--fmn-ti-steps must be 0 or more, got {config.fmn_ti_steps}.")
+        if config.fmn_ti_steps and not hasattr(backend, "pipe"):
             raise EraseError(
-                "--fmn-ti-steps (Forget-Me-Not's textual-inversion stage) is not implemented yet: "
-                "leave it at 0 to steer attention away from the concept's own words."
+                "--fmn-ti-steps needs a Stable Diffusion text encoder to learn a token in: "
+                "leave it at 0 for this model."
             )
         if not any(backend.token_positions(str(p), concept.words) for p in concept.forget):
             raise EraseError(
@@ -148,6 +153,37 @@ class ForgetMeNot:
                 "give --forget-prompt texts that contain the concept's name."
             )
         self.backend, self.concept, self.config = backend, concept, config
+        self.concept_token: str | None = None  # the learned token, after textual inversion
+
+    def prepare(self, forget_latents: torch.Tensor, forget_conditions, generator) -> None:
+        """Before training, with the whole forget set: the optional textual-inversion stage."""
+        if self.config.fmn_ti_steps:
+            self.concept_token = learn_concept_token(
+                self.backend,
+                forget_latents,
+                [self.with_token(str(p), PLACEHOLDER) for p in forget_conditions],
+                self.concept.words,
+                self.config.fmn_ti_steps,
+                generator,
+            )
+
+    def with_token(self, prompt: str, token: str | None) -> str:
+        """`prompt` with the concept's words replaced by one `token` (unchanged for None)."""
+        if token is None:
+            return prompt
+        words = "|".join(re.escape(word) for word in self.concept.words)
+        return re.sub(rf"\b(?:{words})\b(?:\s+\b(?:{words})\b)*", token, prompt, flags=re.I)
+
+    def steered(self, prompts) -> tuple[list[str], list[str]]:
+        """The prompts the attention is measured on, and the words whose tokens are steered."""
+        if self.config.fmn_ti_steps and self.concept_token is None:
+            raise EraseError(
+                "This erase-concept did not run Forget-Me-Not's textual-inversion stage (the "
+                "method's prepare step): leave --fmn-ti-steps at 0."
+            )
+        if self.concept_token is None:
+            return [str(p) for p in prompts], self.concept.words
+        return [self.with_token(str(p), self.concept_token) for p in prompts], [self.concept_token]
 
     @staticmethod
     def defaults(backend: Backend, concept: Concept, num_forget: int) -> dict:
@@ -158,19 +194,21 @@ class ForgetMeNot:
         """The whole UNet, or only cross-attention with --fmn-cross-attention-only."""
         return not self.config.fmn_cross_attention_only or "attn2" in parameter_name
 
-    def concept_positions(self, prompts, length: int) -> torch.Tensor:
+    def concept_positions(self, prompts, length: int, words=None) -> torch.Tensor:
         """(B, L) bool: the concept's word tokens and the end-of-text token of each prompt."""
+        words = self.concept.words if words is None else words
         positions = torch.zeros(len(prompts), length, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
-            positions[row, self.backend.token_positions(str(prompt), self.concept.words)] = True
+            positions[row, self.backend.token_positions(str(prompt), words)] = True
             positions[row, self.backend.end_of_text_position(str(prompt))] = True
         return positions.to(self.backend.device)
 
     def attention(self, unet, forget: Batch, generator: torch.Generator) -> AttentionRecorder:
         """One forward pass over the noised forget batch with attention recorded."""
         _, timesteps, noisy = noised(self.backend, forget, generator)
-        cond = self.backend.encode(forget.conditions)  # (B, L, D)
-        recorder = AttentionRecorder(self.concept_positions(forget.conditions, cond.shape[1]))
+        prompts, words = self.steered(forget.conditions)
+        cond = self.backend.encode(prompts)  # (B, L, D)
+        recorder = AttentionRecorder(self.concept_positions(prompts, cond.shape[1], words))
         with recording_attention(unet, recorder):
             self.backend.predict_noise(unet, noisy, timesteps, cond)
         return recorder
@@ -185,3 +223,46 @@ class ForgetMeNot:
     def attention_mass(self, unet, forget: Batch, generator: torch.Generator) -> float:
         """Mean attention mass on the concept's tokens for a batch (a measurement, no gradient)."""
         return self.attention(unet, forget, generator).mass()
+
+
+# Textual inversion (reference configs/ti.yaml: lr 1e-3, batch 1, initialised from the concept's
+# words). The reference learns up to four tokens with lora_pti; one token is learned here.
+PLACEHOLDER = "<fmn-placeholder>"
+TI_LR = 1e-3
+
+
+def learn_concept_token(backend, latents, prompts, init_words, steps: int, generator) -> str:
+    """Add a token to the SD backend's tokenizer and learn its embedding from `latents` (the
+    concept's images) under `prompts` (holding PLACEHOLDER) by the denoising loss; returns it."""
+    tokenizer, text_encoder = backend.pipe.tokenizer, backend.pipe.text_encoder
+    token = f"<fmn-concept-{len(tokenizer)}>"  # new on every call: no stale cached embeddings
+    tokenizer.add_tokens([token])
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    embedding = text_encoder.get_input_embeddings().requires_grad_(False)
+    init_ids = tokenizer(" ".join(init_words), add_special_tokens=False).input_ids
+    vector = torch.nn.Parameter(embedding.weight[init_ids].detach().mean(0).clone())  # (D,)
+
+    def insert_vector(module, inputs, output):  # (B, L, D): the learned vector at the token
+        return torch.where((inputs[0] == token_id)[..., None], vector.to(output.dtype), output)
+
+    prompts = [prompt.replace(PLACEHOLDER, token) for prompt in prompts]
+    optimizer = torch.optim.Adam([vector], lr=TI_LR)
+    order = torch.randperm(len(latents), generator=generator).tolist()
+    hook = embedding.register_forward_hook(insert_vector)
+    try:
+        for step in range(steps):
+            index = order[step % len(order)]
+            batch = Batch(latents[index : index + 1], [prompts[index]])
+            noise, timesteps, noisy = noised(backend, batch, generator)
+            cond = text_encoder(backend.tokenize(batch.conditions).to(backend.device))[0]
+            prediction = backend.predict_noise(backend.unet, noisy, timesteps, cond)
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+            (gradient,) = torch.autograd.grad(loss, [vector])  # the UNet gets no gradient
+            vector.grad = gradient
+            optimizer.step()
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        embedding.weight[token_id] = vector.to(embedding.weight.dtype)
+    return token
