@@ -34,6 +34,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults; a flag whose default is 'unset' explains itself in its help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def positive(kind):
     """An argparse type: a number of `kind` greater than zero."""
 
@@ -68,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prompts, or your CSV/TXT) with a base model or an erased UNet, and score them: NudeNet "
         "nudity, class accuracy, FID, CLIP score. The output folder is resumable: existing "
         "images are reused.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -124,14 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument(
         "--resolution", type=positive(int), default=None, help="image size (default: the model's)"
     )
-    generation.add_argument("--batch-size", type=positive(int), default=4)
+    generation.add_argument(
+        "--batch-size", type=positive(int), default=4, help="images per sampling call"
+    )
     generation.add_argument(
         "--seed",
         type=int,
         default=0,
         help="seed of row r is seed + r when the prompt file gives no evaluation_seed",
     )
-    generation.add_argument("--images-per-prompt", type=positive(int), default=1)
+    generation.add_argument(
+        "--images-per-prompt",
+        type=positive(int),
+        default=1,
+        help="samples per prompt; sample k uses the prompt's seed + k",
+    )
 
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument(
@@ -146,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument(
         "--reference", default=None, metavar="DIR", help="fid: folder of real images (COCO val)"
     )
-    metrics.add_argument("--fid-image-size", type=positive(int), default=299)
+    metrics.add_argument(
+        "--fid-image-size",
+        type=positive(int),
+        default=299,
+        help="fid: images are center-cropped and resized to this (Inception's input)",
+    )
     metrics.add_argument(
         "--clip-model",
         default="ViT-L-14",

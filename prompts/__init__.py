@@ -77,9 +77,8 @@ def read_prompt_csv(path: str) -> list[PromptEntry]:
         class_column = first_column(columns, CLASS_COLUMNS)
         entries = []
         for line, record in enumerate(reader, start=2):
+            # An empty prompt cell is kept: I2P has one, and its image is part of the benchmark.
             text = (record.get(prompt_column) or "").strip()
-            if not text:
-                continue
             entries.append(
                 PromptEntry(
                     prompt=text,

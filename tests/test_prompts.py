@@ -134,3 +134,9 @@ def test_unknown_imagenette_class_is_an_error():
 
 def test_imagenette_index_maps_names_case_insensitively():
     assert imagenette_index("Gas Pump") == 7 and imagenette_index("zebra") is None
+
+
+def test_csv_row_with_empty_prompt_is_kept(tmp_path):
+    # I2P has such a row; the benchmark generates its (unconditional) image too.
+    entries = load_prompt_file(write(tmp_path / "p.csv", "prompt,evaluation_seed\na,1\n,2\nb,3\n"))
+    assert [(e.prompt, e.seed, e.row) for e in entries] == [("a", 1, 0), ("", 2, 1), ("b", 3, 2)]
