@@ -323,6 +323,12 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
         del gradients
     lap("mask")
 
+    if hasattr(method, "prepare"):  # a method's stage before training (FMN's textual inversion)
+        method.prepare(
+            forget_latents, data.forget_conditions, torch.Generator().manual_seed(args.seed)
+        )
+    lap("prepare")
+
     base_state = {n: p.detach().clone() for n, p in backend.unet.named_parameters()}
     with staged_output(output, keep_on_error=bool(args.checkpoint_every)) as staging:
         result = train(
