@@ -7,6 +7,7 @@ their real images. For Stable Diffusion: a ResNet-50 ImageNet classifier over Im
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -244,25 +245,38 @@ def save_class_grid(
     save_image(grid, path, nrow=2 * shown + 1, padding=2, pad_value=1.0)
 
 
+@torch.no_grad()
 def imagenette_accuracy(
     images: torch.Tensor, class_indices: Sequence[int], weights_path: str | None = None
 ) -> float:
     """Top-1 ImageNet accuracy of a ResNet-50 on images (N, 3, H, W) in [0, 1] of Imagenette
     classes (indices into the 10 Imagenette classes, prompts/ order)."""
     model = imagenette_resnet50(weights_path)
+    device = next(model.parameters()).device
     targets = torch.tensor([IMAGENETTE_TO_IMAGENET[int(k)] for k in class_indices])
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    pixels = torch.nn.functional.interpolate(
-        images.float(), size=(224, 224), mode="bilinear", antialias=True
-    )
-    predicted = classify(model, (pixels - mean) / std, batch_size=32)
-    return float((predicted == targets).float().mean())
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    predicted = []
+    for start in range(0, len(images), 32):  # resized batch by batch: bounded memory at 512 px
+        pixels = torch.nn.functional.interpolate(
+            images[start : start + 32].to(device, torch.float32),
+            size=(224, 224),
+            mode="bilinear",
+            antialias=True,
+        )
+        predicted.append(model((pixels - mean) / std).argmax(-1).cpu())
+    return float((torch.cat(predicted) == targets).float().mean())
 
 
+@functools.lru_cache(maxsize=2)
 def imagenette_resnet50(weights_path: str | None = None) -> torch.nn.Module:
-    """torchvision's ResNet-50 with ImageNet weights: from `weights_path` or the torch hub cache."""
+    """torchvision's ResNet-50 with ImageNet weights: from `weights_path` or the torch hub cache.
+
+    Loaded once per weights file (callers score class by class).
+    """
     from torchvision.models import ResNet50_Weights, resnet50
+
+    from erase.models.sd import default_device
 
     if weights_path:
         model = resnet50()
@@ -273,9 +287,9 @@ def imagenette_resnet50(weights_path: str | None = None) -> torch.nn.Module:
                 f"'{weights_path}' is not a ResNet-50 state dict ({type(error).__name__}): pass "
                 "the file torchvision's ResNet50_Weights.IMAGENET1K_V2 downloads."
             ) from None
-        return model.eval()
+        return model.eval().to(default_device())
     try:
-        return resnet50(weights=ResNet50_Weights.IMAGENET1K_V2).eval()
+        return resnet50(weights=ResNet50_Weights.IMAGENET1K_V2).eval().to(default_device())
     except Exception:
         raise EraseError(
             "The ResNet-50 ImageNet weights are not available offline: run once online to cache "
