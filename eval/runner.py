@@ -141,6 +141,7 @@ def generate_images(
     state = process_state()
     os.makedirs(folder, exist_ok=True)
     pending = pending_images(records, folder)
+    state.wait_for_everyone()  # every process splits the same list before any image is written
     started = time.perf_counter()
     with state.split_between_processes(pending) as mine:
         if mine:
