@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from erase.cli import build_parser, run_erasure
 from erase.concepts import resolve_concept
@@ -13,7 +12,8 @@ from erase.errors import EraseError
 from erase.methods import get_method
 from erase.methods.esd import ESDConfig
 from erase.models import load_backend
-from erase.models.base import Batch
+from erase.models.ddpm import ClassDDPMBackend, DDPMConfig, build_class_unet
+from erase.train import TrainConfig, make_accelerator, train
 
 
 def erase(args, folder):
@@ -112,43 +112,14 @@ def test_esd_moves_prediction_toward_negatively_guided_target(tiny_sd_dir, tiny_
     assert after < 0.7 * before
 
 
-class TinyClassBackend:
-    """Just enough of a class-conditional backend: a UNet2DModel with a null class."""
-
-    conditioning = "class"
-    device = torch.device("cpu")
-    identity = "tiny-class"
-    latent_shape = (1, 8, 8)
-    null_class = 3
-
-    def __init__(self):
-        torch.manual_seed(0)
-        self.unet = UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=4,
-            num_class_embeds=4,
-        )
-        self.noise_scheduler = DDPMScheduler()
-
-    def encode(self, conditions):
-        return torch.tensor([int(c) for c in conditions])
-
-    def unconditional(self, batch_size):
-        return torch.full((batch_size,), self.null_class)
-
-    def predict_noise(self, unet, noisy, timesteps, cond):
-        return unet(noisy, timesteps, class_labels=cond).sample
-
-    def make_sampler(self, num_steps):
-        sampler = DDIMScheduler.from_config(self.noise_scheduler.config)
-        sampler.set_timesteps(num_steps)
-        return sampler
+def tiny_class_backend():
+    """A class-conditional DDPM backend with a random tiny UNet (three classes + null)."""
+    torch.manual_seed(0)
+    config = DDPMConfig(image_size=8, block_out_channels=(8, 16), norm_num_groups=4, dropout=0.1)
+    unet = build_class_unet(3, config)
+    return ClassDDPMBackend(
+        unet, ["zero", "one", "two"], identity="tiny-ddpm", device=torch.device("cpu")
+    )
 
 
 def class_concept():
@@ -156,13 +127,18 @@ def class_concept():
 
 
 def test_esd_u_trains_a_class_conditional_unet():
-    backend = TinyClassBackend()
+    backend = tiny_class_backend()
+    base = {n: p.detach().clone() for n, p in backend.unet.named_parameters()}
     method = get_method("esd-u")(backend, class_concept(), ESDConfig())
-    forget = Batch(torch.zeros(2, *backend.latent_shape), [1, 1])
-    loss, terms = method.loss(backend.unet, forget, forget, torch.Generator().manual_seed(0))
-    loss.backward()
-    assert terms["esd"] > 0
-    assert backend.unet.class_embedding.weight.grad[1].abs().sum() > 0
+    latents = torch.zeros(2, *backend.latent_shape)  # only their shape is used
+    config = TrainConfig(lr=1e-3, steps=2, batch_size=2, optimizer="adam")
+    result = train(
+        make_accelerator(config), backend, method, (latents, [1, 1]), (latents, [0, 2]), config
+    )
+    assert result.last_terms["esd"] > 0
+    changed = {n for n, p in backend.unet.named_parameters() if not torch.equal(p, base[n])}
+    assert "class_embedding.weight" in changed
+    assert len(changed) == len(base)  # no cross-attention here: esd-u trains everything
 
 
 @pytest.mark.parametrize("name", ["esd-x", "esd-x-strict"])

@@ -1,6 +1,6 @@
 """Forget-Me-Not through the real code path: attention on the concept's tokens goes down."""
 
-import inspect
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -158,14 +158,11 @@ def test_ti_steps_without_prepare_is_an_error(backend, forget_batch):
         method.loss(backend.unet, forget_batch, forget_batch, torch.Generator())
 
 
-@pytest.mark.xfail(
-    "prepare(" not in inspect.getsource(run_erasure),
-    reason="erase.cli.run_erasure does not call method.prepare(...) before training yet",
-    strict=True,
-)
 def test_fmn_with_ti_stage_through_the_cli(tiny_sd_args, tmp_path):
     args = [*tiny_sd_args, "--method", "fmn", "--fmn-ti-steps", "3"]
     assert erase_concept_main([*args, "--output", str(tmp_path / "out")]) == 0
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert metadata["method_config"]["fmn_ti_steps"] == 3
 
 
 def test_fmn_needs_the_concept_word_in_its_prompts(backend):

@@ -178,8 +178,8 @@ class ForgetMeNot:
         """The prompts the attention is measured on, and the words whose tokens are steered."""
         if self.config.fmn_ti_steps and self.concept_token is None:
             raise EraseError(
-                "This erase-concept did not run Forget-Me-Not's textual-inversion stage (the "
-                "method's prepare step): leave --fmn-ti-steps at 0."
+                "Forget-Me-Not's textual-inversion stage has not run: call the method's "
+                "prepare() with the forget set before training, or leave --fmn-ti-steps at 0."
             )
         if self.concept_token is None:
             return [str(p) for p in prompts], self.concept.words
