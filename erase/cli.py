@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from erase.artifact import check_output, staged_output, versions, write_json
+from erase.cliargs import OneLineParser, positive
 from erase.concepts import Concept, resolve_concept, slug
 from erase.data import DataConfig, build_concept_data, encode_images
 from erase.errors import EraseError
@@ -32,28 +33,6 @@ def method_fields() -> dict[str, dataclasses.Field]:
         for config_field in dataclasses.fields(method_class.Config):
             fields.setdefault(config_field.name, config_field)
     return fields
-
-
-def positive(kind):
-    """An argparse type: a number of `kind` greater than zero."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{text}'") from None
-        if not value > 0 or value != value:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-
-    return parse
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (exit code 2), like every other error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

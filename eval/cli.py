@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 
+from erase.cliargs import OneLineParser, positive
 from erase.errors import EraseError
 from prompts import (
     PromptEntry,
@@ -27,13 +28,6 @@ METRIC_NAMES = ("nudity", "classify", "fid", "clip")  # eval.runner.METRICS, in 
 PROMPT_SETS = ("i2p", "i2p-nudity", "coco", "imagenette")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (exit code 2), like erase-concept's."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows real defaults; a flag whose default is 'unset' explains itself in its help."""
 
@@ -41,21 +35,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or action.default == []:
             return action.help
         return super()._get_help_string(action)
-
-
-def positive(kind):
-    """An argparse type: a number of `kind` greater than zero."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{text}'") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-
-    return parse
 
 
 def metric_list(text: str) -> list[str]:

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from erase.testing import save_tiny_sd  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="session")
