@@ -105,7 +105,7 @@ def test_esd_moves_prediction_toward_negatively_guided_target(tiny_sd_dir, tiny_
     )
     target = method.target(noisy, timesteps, prompts)
     before = esd_distance(backend, backend.unet, noisy, timesteps, target)
-    args = [*tiny_sd_args, "--method", "esd-x", "--lr", "3e-3", "--steps", "15"]
+    args = [*tiny_sd_args, "--method", "esd-x", "--lr", "3e-3", "--steps", "8"]
     after = esd_distance(
         backend, erase(args, tmp_path / "out").backend.unet, noisy, timesteps, target
     )
