@@ -191,7 +191,7 @@ def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
-    for name in ("lr", "batch_size", "max_grad_norm", "optimizer"):
+    for name in ("lr", "batch_size", "max_grad_norm", "optimizer", "weight_decay"):
         if getattr(train_config, name) is None:
             setattr(train_config, name, defaults.get(name))
     if train_config.steps is None:

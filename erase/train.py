@@ -30,6 +30,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     max_grad_norm: float | None = None
     optimizer: str | None = None  # adam | adamw
+    weight_decay: float | None = (
+        None  # AdamW only; SalUn's Adam has none, so masked weights stay put
+    )
     seed: int = 0
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps (0: never)
 
@@ -79,12 +82,14 @@ def select_parameters(unet, method, mask) -> list[torch.nn.Parameter]:
     return chosen
 
 
-def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
-    """Adam (SalUn, ESD) or AdamW (Forget-Me-Not), without weight decay so masked weights stay put."""
+def make_optimizer(
+    name: str, parameters, lr: float, weight_decay: float | None
+) -> torch.optim.Optimizer:
+    """Adam (SalUn, ESD: no weight decay, so masked weights stay put) or AdamW (Forget-Me-Not)."""
     if name == "adam":
         return torch.optim.Adam(parameters, lr=lr)
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay or 0.0)
     raise EraseError(f"Unknown optimizer '{name}': use adam or adamw.")
 
 
@@ -107,7 +112,7 @@ def train(
         if mask
         else []
     )
-    optimizer = make_optimizer(config.optimizer, parameters, config.lr)
+    optimizer = make_optimizer(config.optimizer, parameters, config.lr, config.weight_decay)
     wrapped_unet, optimizer = accelerator.prepare(unet, optimizer)
 
     start = resume(accelerator, checkpoint_dir)

@@ -187,8 +187,11 @@ class ForgetMeNot:
 
     @staticmethod
     def defaults(backend: Backend, concept: Concept, num_forget: int) -> dict:
-        """Reference configs/attn.yaml: AdamW, lr 2e-6, batch 1, 35 steps, grad norm 1."""
-        return dict(lr=2e-6, batch_size=1, steps=35, max_grad_norm=1.0, optimizer="adamw")
+        """Reference configs/attn.yaml: AdamW (weight decay 0.01), lr 2e-6, batch 1, 35 steps,
+        grad norm 1."""
+        return dict(
+            lr=2e-6, batch_size=1, steps=35, max_grad_norm=1.0, optimizer="adamw", weight_decay=0.01
+        )
 
     def trainable(self, parameter_name: str) -> bool:
         """The whole UNet, or only cross-attention with --fmn-cross-attention-only."""
