@@ -47,14 +47,14 @@ def digits_dataset(image_size: int = 16, split: str = "all") -> tuple[torch.Tens
 
 @dataclass
 class ClassifierConfig:
-    """The digit classifier's size and training budget (about 20 s on 2 CPU cores)."""
+    """The digit classifier's size and training budget (about 30 s on 2 CPU cores)."""
 
     image_size: int = 16
     width: int = 32  # channels of the first conv; the second has twice as many
     feature_dim: int = 128  # penultimate features (FID space)
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 2e-3
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
     seed: int = 0
 
 
@@ -137,10 +137,6 @@ def train_digit_classifier(config: ClassifierConfig | None = None) -> DigitClass
     model = DigitClassifier(config.image_size, config.width, config.feature_dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = -(-len(images) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
-    )
     model.train()
     for _ in tqdm(range(config.epochs), desc="digit classifier: training", unit="epoch"):
         order = torch.randperm(len(images), generator=generator)
@@ -151,7 +147,6 @@ def train_digit_classifier(config: ClassifierConfig | None = None) -> DigitClass
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
     return model.eval()
 
 
