@@ -404,7 +404,7 @@ class ClassDDPMBackend:
             device=device,
             guidance_scale=info.get("guidance_scale", 2.0),
             scheduler_config=info.get("scheduler"),
-            classifier=classifier_for(dataset, unet.config.sample_size, device),
+            classifier=classifier_for(dataset, path, unet.config.sample_size, device),
         )
 
 
@@ -442,12 +442,25 @@ def dataset_loader(dataset: str | None, image_size: int, data_dir: str | None):
     return None
 
 
-def classifier_for(dataset: str | None, image_size: int, device):
-    """The evaluation classifier of a dataset, where one can be had offline (digits)."""
+def classifier_for(dataset: str | None, folder: str, image_size: int, device):
+    """The evaluation classifier: the digit classifier, or a TorchScript classifier.pt in the folder.
+
+    classifier.pt maps images (B, C, H, W) in [0, 1] to logits (B, K), e.g. the ResNet-34 of the
+    CIFAR-10 reference; without one a model other than digits has no class-removal evaluation.
+    """
     if dataset == "digits":
         from erase.models.digits import load_digit_classifier
 
         return load_digit_classifier(image_size, device=device)
+    path = os.path.join(folder, "classifier.pt")
+    if os.path.isfile(path):
+        try:
+            return torch.jit.load(path, map_location=device or default_device()).eval()
+        except Exception as error:
+            raise EraseError(
+                f"'{path}' is not a TorchScript classifier ({type(error).__name__}): save one with "
+                "torch.jit.script(model).save(path), or remove it."
+            ) from None
     return None
 
 
@@ -491,18 +504,34 @@ def load_ddpm_digits(
     device: torch.device | None = None,
     config: DDPMConfig | None = None,
     cache_dir: str | None = None,
+    classifier_config=None,
 ) -> ClassDDPMBackend:
-    """`ddpm-digits`: trained on first use (a few minutes on 2 CPU cores), cached in $ERASE_HOME."""
+    """`ddpm-digits`: trained on first use (a few minutes on 2 CPU cores), cached in $ERASE_HOME.
+
+    `data_dir` is unused (the digits ship with scikit-learn); `config`, `cache_dir` and
+    `classifier_config` let tests and experiments train small versions elsewhere.
+    """
+    from erase.models.digits import DIGIT_NAMES, digits_dataset, load_digit_classifier
+
     config = config or DDPMConfig()
+    # The classifier first: it is the cheaper half, and evaluation needs it anyway.
+    classifier = load_digit_classifier(
+        config.image_size, device=device, config=classifier_config, cache_dir=cache_dir
+    )
     folder = digits_folder(config, cache_dir)
     if read_ddpm_info(folder) is None:
-        from erase.models.digits import load_digit_classifier
-
-        load_digit_classifier(config.image_size)  # train both on first use, classifier first
         train_ddpm_digits(folder, config)
-    backend = ClassDDPMBackend.from_folder(folder, data_dir=data_dir, device=device)
-    backend.identity = "ddpm-digits"
-    return backend
+    info = read_ddpm_info(folder)
+    return ClassDDPMBackend(
+        load_unet_folder(UNet2DModel, folder),
+        DIGIT_NAMES,
+        identity="ddpm-digits",
+        dataset=lambda: digits_dataset(config.image_size, split="train"),
+        device=device,
+        guidance_scale=info.get("guidance_scale", 2.0),
+        scheduler_config=info.get("scheduler"),
+        classifier=classifier,
+    )
 
 
 # -- ddpm-cifar10 -------------------------------------------------------------------------------
