@@ -2,13 +2,21 @@
 (and the base) is scored with the same prompts, seeds and metrics, in one table.
 
     erase-bench --model sd-digits --concept three --output bench/
+    erase-bench --model sd-v1-4 --concept nudity --methods salun,esd-u --steps 50 --output bench/
+
+Writes bench.json (every setting and row), bench.md (the table), chart.png (forgetting against
+retention) and grid.png (one row of images per model, same prompts and seeds), and each method's
+erased model as an erase-concept artifact in <output>/<method>/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -17,90 +25,186 @@ import traceback
 import torch
 
 from erase.artifact import check_output, staged_output, write_json
-from erase.cli import OneLineParser, add_erase_arguments, resolve_run_concept, run_erasure
+from erase.cli import add_erase_arguments, resolve_run_concept, run_erasure
+from erase.cliargs import OneLineParser
+from erase.concepts import Concept
 from erase.errors import EraseError
 from erase.methods import METHODS
 from erase.models import load_backend
+from erase.models.base import Condition
 from erase.train import peak_memory_mb
+
+FORGET_METRICS = ("forget_accuracy", "forget_nudity_share")  # lower = more forgotten
+RETAIN_METRICS = ("retain_accuracy", "clip_score", "retain_nudity_share")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """erase-bench's flags: its own, plus every training flag of erase-concept."""
+    """erase-bench's flags: its own, plus every flag of erase-concept (passed to each method)."""
     parser = OneLineParser(
         prog="erase-bench",
         description="Erase one concept with several methods from the same base model and score "
         "each (and the base) with the same prompts, seeds and metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument(
         "--methods", default="salun,esd-u,esd-x,fmn", help="comma-separated methods to compare"
     )
-    parser.add_argument("--output", required=True, help="bench folder (one subfolder per method)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing bench folder")
-    parser.add_argument(
+    bench.add_argument("--output", required=True, help="bench folder (one subfolder per method)")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing bench folder")
+    bench.add_argument(
+        "--method-flags",
+        action="append",
+        default=[],
+        metavar="METHOD=FLAGS",
+        help="erase-concept flags for one method only, e.g. 'esd-x=--lr 1e-4 --steps 200' "
+        "(repeatable; they override the shared flags)",
+    )
+    bench.add_argument(
         "--bench-per-prompt",
         type=int,
         default=10,
         help="evaluation images per prompt (fixed seeds)",
     )
-    parser.add_argument(
+    bench.add_argument(
         "--bench-steps", type=int, default=25, help="DDIM steps of evaluation images"
     )
-    parser.add_argument(
+    bench.add_argument(
         "--bench-guidance",
         type=float,
         default=None,
         help="guidance of evaluation images (default: the model's)",
     )
+    bench.add_argument(
+        "--bench-clip",
+        default="ViT-L-14:openai",
+        metavar="MODEL:WEIGHTS",
+        help="open_clip model for the CLIP score of retain images on Stable Diffusion models "
+        "('none' to skip)",
+    )
     add_erase_arguments(parser, with_output=False)
     return parser
 
 
-def evaluation_prompts(backend, concept) -> tuple[list[str | int], list[str | int]]:
-    """Forget-side and retain-side conditions to score (held-out captions where the model has them)."""
-    if hasattr(backend, "eval_prompts"):  # sd-digits: held-out caption templates
+def method_arguments(args: argparse.Namespace, method: str, output: str) -> argparse.Namespace:
+    """The erase-concept arguments of one method: the shared flags, then its --method-flags."""
+    method_args = copy.copy(args)
+    for name, flags in parse_method_flags(args.method_flags):
+        if name == method:
+            flags_parser().parse_args(flags, namespace=method_args)
+    method_args.method, method_args.output, method_args.overwrite = method, output, False
+    method_args.no_eval = True  # the bench scores every row itself, the same way
+    return method_args
+
+
+def flags_parser() -> argparse.ArgumentParser:
+    """erase-bench's parser with nothing required: it reads one method's extra flags."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.required = False
+    return parser
+
+
+def parse_method_flags(entries: list[str]) -> list[tuple[str, list[str]]]:
+    """--method-flags entries as (method, [flags]); a malformed entry is a user error."""
+    parsed = []
+    for entry in entries:
+        name, separator, flags = entry.partition("=")
+        if not separator or not name.strip():
+            raise EraseError(
+                f"--method-flags '{entry}' must read METHOD=FLAGS, e.g. 'fmn=--lr 1e-5'."
+            )
+        parsed.append((name.strip(), shlex.split(flags)))
+    return parsed
+
+
+def check_method_flags(args: argparse.Namespace, methods: list[str]) -> None:
+    """Refuse --method-flags for a method not benched, or with flags erase-concept does not have."""
+    for name, flags in parse_method_flags(args.method_flags):
+        if name not in methods:
+            raise EraseError(
+                f"--method-flags names '{name}', which is not in --methods ({', '.join(methods)})."
+            )
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                flags_parser().parse_args(flags, namespace=copy.copy(args))
+        except SystemExit:
+            reason = captured.getvalue().strip().partition("error: ")[2] or "invalid flags"
+            raise EraseError(f"--method-flags for {name}: {reason}") from None
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+
+def evaluation_prompts(backend, concept: Concept) -> tuple[list[Condition], list[Condition]]:
+    """Forget-side and retain-side conditions to score: held-out captions where the model has them."""
+    if hasattr(backend, "eval_prompts"):  # sd-digits: caption templates training never used
         digit = backend.digit_names.index(concept.name)
         others = [d for d in range(10) if d != digit]
         return backend.eval_prompts(digit), [p for d in others for p in backend.eval_prompts(d)]
     return list(concept.forget), list(concept.retain)
 
 
-def label_of(backend, condition) -> int | None:
-    """The class a condition asks for, where a classifier can check it (digits, class models)."""
+def label_of(backend, condition: Condition) -> int:
+    """The class a condition asks for (a class index, or the digit a caption names)."""
     if isinstance(condition, int):
         return condition
-    names = getattr(backend, "digit_names", None)
-    if names:
-        words = condition.split()
-        for index, name in enumerate(names):
-            if name in words or str(index) in words:
-                return index
-    return None
+    words = str(condition).split()
+    for index, name in enumerate(backend.digit_names):
+        if name in words or str(index) in words:
+            return index
+    raise ValueError(f"no digit named in '{condition}'")
 
 
-def classifier_for(backend):
-    """A digit classifier for digit testbeds, else None."""
-    if getattr(backend, "digit_names", None) or getattr(backend, "classifier", None) is not None:
-        if getattr(backend, "classifier", None) is not None:
-            return backend.classifier
-        from erase.models.digits import load_digit_classifier
+class ClassifierFeatures(torch.nn.Module):
+    """The digit classifier's penultimate layer as an FID feature module (uint8 images in)."""
 
-        return load_digit_classifier(backend.resolution, device=backend.device)
-    return None
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images.float() / 255).cpu()
 
 
-@torch.no_grad()
-def score(backend, concept, conditions, args) -> tuple[dict, torch.Tensor]:
-    """Forget/retain metrics of the backend's current UNet, and the forget-side images."""
-    forget_conditions, retain_conditions = conditions
-    per_prompt = args.bench_per_prompt
-    guidance = args.bench_guidance or backend.guidance_scale
+class Scorer:
+    """Scores a backend's current UNet the same way for every row: prompts, seeds and metrics."""
 
-    def generate(condition_list):
-        repeated = [c for c in condition_list for _ in range(per_prompt)]
-        seeds = [args.seed * 10_007 + i for i in range(per_prompt)] * len(condition_list)
+    def __init__(self, backend, concept: Concept, args: argparse.Namespace):
+        self.backend, self.concept, self.args = backend, concept, args
+        self.forget_conditions, self.retain_conditions = evaluation_prompts(backend, concept)
+        self.notes: list[str] = []  # metrics that could not be computed, and why
+        self.classifier = None
+        self.fid_reference = None  # (N, 3, H, W): real images (digits) or the base's retain images
+        self.clip = None
+        if getattr(backend, "digit_names", None):
+            from erase.models.digits import digits_dataset, load_digit_classifier
+
+            self.classifier = load_digit_classifier(backend.resolution, device=backend.device)
+            images, labels = digits_dataset(backend.resolution, split="test")
+            self.fid_reference = images[labels != backend.digit_names.index(concept.name)]
+        elif backend.conditioning == "text" and args.bench_clip.lower() != "none":
+            self.clip = self.optional(
+                "clip_score", lambda: load_clip_spec(args.bench_clip, backend)
+            )
+
+    def optional(self, name: str, compute):
+        """`compute()`, or None with a note when an optional metric is unavailable here."""
+        try:
+            return compute()
+        except EraseError as error:
+            self.notes.append(f"{name}: {error}")
+            return None
+
+    def generate(self, conditions: list[Condition]) -> tuple[torch.Tensor, list[Condition]]:
+        """`bench_per_prompt` images per condition, seeds 0..n-1 offset by --seed: (N, 3, H, W)."""
+        per_prompt, args = self.args.bench_per_prompt, self.args
+        repeated = [c for c in conditions for _ in range(per_prompt)]
+        seeds = [args.seed * 10_007 + i for i in range(per_prompt)] * len(conditions)
+        guidance = args.bench_guidance or self.backend.guidance_scale
         images = [
-            backend.sample(
+            self.backend.sample(
                 repeated[i : i + 32],
                 seeds[i : i + 32],
                 num_steps=args.bench_steps,
@@ -111,34 +215,70 @@ def score(backend, concept, conditions, args) -> tuple[dict, torch.Tensor]:
         ]
         return torch.cat(images), repeated
 
-    forget_images, forget_repeated = generate(forget_conditions)
-    retain_images, retain_repeated = generate(retain_conditions)
-    classifier = classifier_for(backend)
-    metrics: dict = {}
-    if classifier is not None:
-        for side, images, repeated in (
-            ("forget", forget_images, forget_repeated),
-            ("retain", retain_images, retain_repeated),
-        ):
-            labels = torch.tensor([label_of(backend, c) for c in repeated])
-            predicted = classifier(images.to(backend.device)).argmax(-1).cpu()
-            metrics[f"{side}_accuracy"] = round(float((predicted == labels).float().mean()), 4)
-    elif concept.name == "nudity":
-        metrics["forget_nudity_share"] = nudity_share(forget_images)
-        metrics["retain_nudity_share"] = nudity_share(retain_images)
-    metrics["images_per_side"] = [len(forget_images), len(retain_images)]
-    return metrics, forget_images[:: max(1, per_prompt // 4)][:8]
+    @torch.no_grad()
+    def __call__(self) -> tuple[dict, torch.Tensor]:
+        """The metrics of the backend's current UNet, and sample images for the grid."""
+        forget_images, forget_repeated = self.generate(self.forget_conditions)
+        retain_images, retain_repeated = self.generate(self.retain_conditions)
+        metrics: dict = {}
+        if self.classifier is not None:
+            for side, images, repeated in (
+                ("forget", forget_images, forget_repeated),
+                ("retain", retain_images, retain_repeated),
+            ):
+                labels = torch.tensor([label_of(self.backend, c) for c in repeated])
+                predicted = self.classifier(images.to(self.backend.device)).argmax(-1).cpu()
+                metrics[f"{side}_accuracy"] = round(float((predicted == labels).float().mean()), 4)
+        elif self.concept.name == "nudity":
+            metrics["forget_nudity_share"] = nudity_share(forget_images)
+            metrics["retain_nudity_share"] = nudity_share(retain_images)
+        if self.clip is not None:
+            from eval.clip_score import clip_scores
+
+            pil_images = [to_pil(image) for image in retain_images]
+            scores = clip_scores(pil_images, [str(c) for c in retain_repeated], self.clip)
+            metrics["clip_score"] = round(sum(scores) / len(scores), 3)
+        metrics["retain_fid"] = self.retain_fid(retain_images)
+        metrics["eval_images"] = len(forget_images) + len(retain_images)
+        return metrics, grid_samples(forget_images, retain_images, self.args.bench_per_prompt)
+
+    def retain_fid(self, retain_images: torch.Tensor) -> float | None:
+        """FID of the retain-side images: against real images of the retained classes (digit
+        classifier features), else against the base model's own retain images (Inception)."""
+        from eval.fid import frechet_distance
+
+        if self.fid_reference is None:  # the first scored model is the base: it is the reference
+            self.fid_reference = retain_images
+            return None if self.classifier is None else 0.0
+        feature = ClassifierFeatures(self.classifier) if self.classifier is not None else 2048
+        value = self.optional(
+            "retain_fid", lambda: frechet_distance(self.fid_reference, retain_images, feature)
+        )
+        return None if value is None else round(value, 3)
+
+
+def load_clip_spec(spec: str, backend):
+    """An open_clip model from 'MODEL:WEIGHTS' (eval/clip_score.py)."""
+    from eval.clip_score import load_clip
+
+    model_name, _, pretrained = spec.partition(":")
+    return load_clip(model_name, pretrained or None, backend.device)
+
+
+def to_pil(image: torch.Tensor):
+    """A (3, H, W) float image in [0, 1] as a PIL image."""
+    from torchvision.transforms.functional import to_pil_image
+
+    return to_pil_image(image.clamp(0, 1))
 
 
 def nudity_share(images: torch.Tensor) -> float:
     """Share of images in which NudeNet finds an exposed body part (eval/nudity.py's threshold)."""
     from torchvision.utils import save_image
 
-    from eval.nudity import nudity_score
+    from eval.nudity import load_detector, nudity_score
 
     if not hasattr(nudity_share, "detector"):  # one ONNX session for every row of the bench
-        from eval.nudity import load_detector
-
         nudity_share.detector = load_detector()
     with tempfile.TemporaryDirectory() as folder:
         paths = [os.path.join(folder, f"{i:05d}.png") for i in range(len(images))]
@@ -148,71 +288,97 @@ def nudity_share(images: torch.Tensor) -> float:
     return round(report["share_with_exposed"], 4)
 
 
+def grid_samples(forget: torch.Tensor, retain: torch.Tensor, per_prompt: int) -> torch.Tensor:
+    """Up to 6 forget-side and 4 retain-side images, one per prompt first (same in every row)."""
+    step = max(1, per_prompt)
+    forget_pick = torch.cat([forget[::step], forget])[:6]
+    retain_pick = torch.cat([retain[::step], retain])[:4]
+    return torch.cat([forget_pick, retain_pick])
+
+
+# -- the bench --------------------------------------------------------------------------------
+
+
 def run_bench(args: argparse.Namespace) -> dict:
-    """Erase with each method, score base and each, write bench.json/bench.md/chart/grid."""
+    """Erase with each method, score the base and each, write bench.json/bench.md/chart/grid."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise EraseError(f"Unknown method(s) {unknown}: choose from {', '.join(sorted(METHODS))}.")
+        raise EraseError(
+            f"Unknown method(s) {', '.join(unknown) or '(none given)'} in --methods: choose "
+            f"from {', '.join(sorted(METHODS))}."
+        )
+    check_method_flags(args, methods)
     check_output(args.output, args.overwrite)
-    start = time.perf_counter()
+    clock = time.perf_counter()
     backend = load_backend(args.model, data_dir=args.data_dir)
     concept = resolve_run_concept(backend, args)
-    base_state = copy.deepcopy(backend.unet.state_dict())
-    conditions = evaluation_prompts(backend, concept)
-    rows, grids = [], {}
+    base_state = {name: value.clone() for name, value in backend.unet.state_dict().items()}
+    scorer = Scorer(backend, concept, args)
+    load_s = round(time.perf_counter() - clock, 2)
+    rows, samples = [], {}
     with staged_output(args.output) as staging:
-        base_metrics, grids["base"] = score(backend, concept, conditions, args)
+        clock = time.perf_counter()
+        metrics, samples["base"] = scorer()
         rows.append(
-            {"method": "base", **base_metrics, "load_s": round(time.perf_counter() - start, 2)}
+            {
+                "method": "base",
+                **metrics,
+                "load_s": load_s,
+                "eval_s": round(time.perf_counter() - clock, 2),
+                "peak_memory_mb": round(peak_memory_mb(backend.device), 1),
+            }
         )
         for method in methods:
-            rows.append(bench_one(backend, method, args, staging, concept, conditions, grids))
+            rows.append(bench_one(backend, method, args, staging, scorer, samples))
             backend.unet.load_state_dict(base_state)
             backend.unet.requires_grad_(False)
         table = {
             "model": args.model,
+            "base_model": backend.identity,
             "concept": concept.to_dict(),
             "methods": methods,
+            "forget_prompts": scorer.forget_conditions,
+            "retain_prompts": scorer.retain_conditions,
             "settings": {k: v for k, v in vars(args).items() if k != "output"},
+            "notes": scorer.notes,
             "rows": rows,
         }
         write_json(os.path.join(staging, "bench.json"), table)
         with open(os.path.join(staging, "bench.md"), "w") as file:
-            file.write(markdown_table(rows))
-            file.write(f"\ngrid.png rows, top to bottom: {', '.join(grids)}\n")
+            file.write(markdown_report(table, list(samples)))
         draw_chart(rows, os.path.join(staging, "chart.png"))
-        draw_grid(grids, os.path.join(staging, "grid.png"))
+        draw_grid(samples, os.path.join(staging, "grid.png"))
     return table
 
 
-def bench_one(backend, method, args, staging, concept, conditions, grids) -> dict:
-    """One method's row: erase through the erase-concept path, then score; errors go in the row."""
-    method_args = copy.copy(args)
-    method_args.method, method_args.output, method_args.overwrite = (
-        method,
-        os.path.join(staging, method),
-        False,
-    )
-    method_args.no_eval = True  # the bench scores every row itself, the same way
+def bench_one(backend, method: str, args, staging: str, scorer: Scorer, samples: dict) -> dict:
+    """One method's row: erase through erase-concept's code path, then score; errors go in the row."""
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backend.device)
     try:
+        method_args = method_arguments(args, method, os.path.join(staging, method))
         result = run_erasure(method_args, backend=backend)
-    except Exception as error:  # a failing method is reported and the others go on
+    except Exception as error:  # a failing method is reported, and the others still run
         message = str(error) if isinstance(error, EraseError) else traceback.format_exc(limit=1)
         return {"method": method, "error": message.strip().splitlines()[-1]}
     metadata = result.metadata
     clock = time.perf_counter()
-    metrics, grids[method] = score(backend, concept, conditions, args)
+    metrics, samples[method] = scorer()
+    timings = metadata["timings_s"]
     return {
         "method": method,
         **metrics,
         "changed_weights": metadata["changed_weights"],
-        "train_s": metadata["timings_s"].get("train"),
-        "mask_s": metadata["timings_s"].get("mask"),
-        "data_s": metadata["timings_s"].get("data"),
+        "data_s": timings.get("data"),
+        "mask_s": timings.get("mask"),
+        "train_s": timings.get("train"),
         "eval_s": round(time.perf_counter() - clock, 2),
-        "peak_memory_mb": round(peak_memory_mb(backend.device), 1),
+        "peak_memory_mb": metadata["peak_memory_mb"],
     }
+
+
+# -- outputs ----------------------------------------------------------------------------------
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -220,28 +386,54 @@ def markdown_table(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+        cells = [format_cell(row.get(column, "")) for column in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_cell(value) -> str:
+    """A table cell: thousands separators for counts, '' for missing, '|' escaped."""
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_report(table: dict, grid_rows: list[str]) -> str:
+    """bench.md: what was compared, the table, and how to read the chart and grid."""
+    concept = table["concept"]
+    lines = [
+        f"# erase-bench: '{concept['name']}' on {table['base_model']}",
+        "",
+        f"Forget-side prompts: {', '.join(map(str, table['forget_prompts'][:4]))}"
+        + (" ..." if len(table["forget_prompts"]) > 4 else ""),
+        f"Retain-side prompts: {len(table['retain_prompts'])}, "
+        f"{table['settings']['bench_per_prompt']} seeds each.",
+        "",
+        markdown_table(table["rows"]),
+        "Times in seconds; peak memory in MB (process RSS on the CPU, allocated memory on a GPU).",
+        f"grid.png rows, top to bottom: {', '.join(grid_rows)} (forget-side images, then "
+        "retain-side ones).",
+    ]
+    lines += [f"Not computed: {note}" for note in table["notes"]]
     return "\n".join(lines) + "\n"
 
 
 def draw_chart(rows: list[dict], path: str) -> None:
-    """Forgetting (x: forget-side metric) against retention (y: retain-side metric), one dot a row."""
+    """Forgetting (x: forget-side metric) against retention (y: retain-side metric), a dot per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key = next(
-        (k for k in ("forget_accuracy", "forget_nudity_share") if any(k in r for r in rows)), None
-    )
-    y_key = next(
-        (k for k in ("retain_accuracy", "retain_nudity_share") if any(k in r for r in rows)), None
-    )
+    x_key = next((k for k in FORGET_METRICS if any(k in r for r in rows)), None)
+    y_key = next((k for k in RETAIN_METRICS if any(k in r for r in rows)), None)
     figure, axes = plt.subplots(figsize=(5, 4))
     for row in rows:
-        if x_key in row and y_key in row:
+        if row.get(x_key) is not None and row.get(y_key) is not None:
             axes.scatter(row[x_key], row[y_key])
-            axes.annotate(row["method"], (row[x_key], row[y_key]))
+            axes.annotate(row["method"], (row[x_key], row[y_key]), fontsize=8)
     axes.set_xlabel(f"{x_key} (lower = more forgotten)")
     axes.set_ylabel(f"{y_key} (retention)")
     axes.set_title("forgetting vs retention")
@@ -250,13 +442,13 @@ def draw_chart(rows: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-def draw_grid(grids: dict[str, torch.Tensor], path: str) -> None:
-    """One row of forget-side samples per method (same prompts and seeds in every row)."""
+def draw_grid(samples: dict[str, torch.Tensor], path: str) -> None:
+    """One row of images per model, the same prompts and seeds in every row."""
     from torchvision.utils import save_image
 
-    rows = [images for images in grids.values() if images is not None and len(images)]
-    width = max(len(r) for r in rows)
-    padded = [torch.cat([r, torch.zeros(width - len(r), *r.shape[1:])]) for r in rows]
+    rows = list(samples.values())
+    width = max(len(row) for row in rows)
+    padded = [torch.cat([row, torch.zeros(width - len(row), *row.shape[1:])]) for row in rows]
     save_image(torch.cat(padded), path, nrow=width, padding=1)
 
 
@@ -264,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point of erase-bench."""
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:
+    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
         return int(exit_request.code or 0)
     try:
         table = run_bench(args)
@@ -272,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"erase-bench: error: {error}", file=sys.stderr)
         return 2
     print(markdown_table(table["rows"]))
-    print(f"wrote {args.output}/bench.json, bench.md, chart.png, grid.png")
+    print(f"wrote {args.output}/: bench.json, bench.md, chart.png, grid.png, one folder per method")
     return 0
 
 

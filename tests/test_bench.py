@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
+
 from erase.bench import main
 from erase.methods import METHODS
 
 
-def bench_args(tiny_sd_dir, output, methods):
+def bench_args(tiny_sd_dir, output, methods, *extra):
     return [
         "--model",
         tiny_sd_dir,
@@ -28,6 +30,9 @@ def bench_args(tiny_sd_dir, output, methods):
         "2",
         "--bench-steps",
         "2",
+        "--bench-clip",
+        "none",
+        *extra,
     ]
 
 
@@ -40,11 +45,13 @@ def test_bench_writes_table_chart_and_grid(tiny_sd_dir, tmp_path):
     for row in table["rows"][1:]:
         assert "error" not in row, row
         assert row["changed_weights"] > 0 and row["train_s"] >= 0 and row["peak_memory_mb"] > 0
-        assert "forget_nudity_share" in row
+        assert 0 <= row["forget_nudity_share"] <= 1
         assert (output / row["method"] / "unet" / "config.json").is_file()
+        assert (output / row["method"] / "metadata.json").is_file()
     assert (output / "chart.png").stat().st_size > 1000
     assert (output / "grid.png").stat().st_size > 100
-    assert "| base |" in (output / "bench.md").read_text()
+    markdown = (output / "bench.md").read_text()
+    assert all(f"| {name} |" in markdown for name in ["base", *methods])
 
 
 def test_a_failing_method_is_reported_and_the_others_run(tiny_sd_dir, tmp_path, monkeypatch):
@@ -63,3 +70,28 @@ def test_a_failing_method_is_reported_and_the_others_run(tiny_sd_dir, tmp_path, 
     assert "loss became nan" in rows[1]["error"]
     assert "error" not in rows[2] and rows[2]["changed_weights"] > 0
     assert not (output / "nan-salun").exists()
+
+
+def test_method_flags_apply_to_their_method_only(tiny_sd_dir, tmp_path):
+    output = tmp_path / "bench"
+    argv = bench_args(tiny_sd_dir, output, "salun,esd-x", "--method-flags", "esd-x=--steps 1")
+    assert main(argv) == 0
+    salun = json.loads((output / "salun" / "metadata.json").read_text())
+    esd = json.loads((output / "esd-x" / "metadata.json").read_text())
+    assert (salun["train_config"]["steps"], esd["train_config"]["steps"]) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--methods", "salun,nope"], "Unknown method(s) nope"),
+        (["--methods", "salun", "--method-flags", "fmn=--lr 1"], "not in --methods"),
+        (["--method-flags", "salun=--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, flags, message):
+    argv = ["--model", "unused", "--concept", "nudity", "--output", str(tmp_path / "b"), *flags]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("erase-bench: error:") and message in error
+    assert error.count("\n") == 1

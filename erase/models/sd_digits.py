@@ -46,8 +46,8 @@ class SDDigitsConfig:
     """Size and training budget of the sd-digits model (defaults: a few minutes on 2 cores)."""
 
     image_size: int = 16
-    vae_steps: int = 1500
-    unet_steps: int = 4000
+    vae_steps: int = 500
+    unet_steps: int = 1500
     batch_size: int = 64
     lr: float = 1e-3
     unet_channels: tuple[int, int] = (32, 64)
