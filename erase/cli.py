@@ -18,7 +18,7 @@ import torch
 from erase.artifact import check_output, staged_output, versions, write_json
 from erase.cliargs import OneLineParser, positive
 from erase.concepts import Concept, resolve_concept, slug
-from erase.data import DataConfig, build_concept_data, encode_images
+from erase.data import ConceptData, DataConfig, build_concept_data, encode_images
 from erase.errors import EraseError
 from erase.methods import METHODS, get_method
 from erase.models import load_backend
@@ -280,9 +280,13 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
         cache_dir=args.cache_dir,
         concept_images=args.concept_images,
     )
-    data = build_concept_data(backend, concept, data_config)
-    forget_latents = encode_images(backend, data.forget_images)  # (N_f, C, h, w)
-    retain_latents = encode_images(backend, data.retain_images)  # (N_r, C, h, w)
+    if getattr(method, "needs_images", True):
+        data = build_concept_data(backend, concept, data_config)
+        forget_latents = encode_images(backend, data.forget_images)  # (N_f, C, h, w)
+        retain_latents = encode_images(backend, data.retain_images)  # (N_r, C, h, w)
+    else:  # ESD samples its own x_t: only the batches' shape and conditions are used
+        data = placeholder_data(backend, concept, train_config.batch_size, args.resolution)
+        forget_latents, retain_latents = data.forget_images, data.retain_images
     lap("data")
 
     evaluate = backend.conditioning == "class" and not args.no_eval
@@ -365,6 +369,16 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
             timings["write"] = round(time.perf_counter() - clock, 3)
             write_json(os.path.join(staging, "metadata.json"), metadata)
     return ErasureResult(output, metadata, backend)
+
+
+def placeholder_data(backend, concept: Concept, count: int, resolution: int | None) -> ConceptData:
+    """Zero latents with the concept's conditions, for methods that never look at images."""
+    scale = (resolution or backend.resolution) / backend.resolution
+    channels, height, width = backend.latent_shape
+    latents = torch.zeros(count, channels, round(height * scale), round(width * scale))
+    forget = [concept.forget[i % len(concept.forget)] for i in range(count)]
+    retain = [concept.retain[i % len(concept.retain)] for i in range(count)]
+    return ConceptData(latents, forget, latents, retain, "none (the method samples its own)")
 
 
 def class_evaluation(backend, concept: Concept, args: argparse.Namespace):
