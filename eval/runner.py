@@ -9,6 +9,7 @@ appends to its own index part; the main process merges the parts into `index.jso
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -325,7 +326,7 @@ def prepare_classify(config: MetricConfig, records, device):
             "a CSV with a 'class' column naming an Imagenette class on every row."
         )
     try:
-        from eval import classify
+        classify = importlib.import_module("eval.classify")
     except ImportError:
         raise EraseError(
             "The Imagenette classifier (eval/classify.py) is not available in this install: "
