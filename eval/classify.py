@@ -293,5 +293,5 @@ def imagenette_resnet50(weights_path: str | None = None) -> torch.nn.Module:
     except Exception:
         raise EraseError(
             "The ResNet-50 ImageNet weights are not available offline: run once online to cache "
-            "them, or pass weights_path to a downloaded resnet50 state dict."
+            "them, or pass --classifier-weights PATH (weights_path) to a downloaded resnet50 state dict."
         ) from None

@@ -7,6 +7,7 @@ OpenAI's weights, the one Stable Diffusion's text encoder comes from.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,18 +51,21 @@ def load_clip(
     if pretrained is not None and pretrained.lower() == "none":
         pretrained = None
     check_clip_names(name, pretrained)
+    logging.disable(logging.ERROR)  # open_clip logs a failed download itself: keep one line
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device
         )
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as error:  # open_clip wraps failed downloads in RuntimeError
-        detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise EraseError(
             f"The CLIP model {model_name} with weights '{pretrained}' could not be loaded "
             f"({detail}): run once online to cache the weights, or pass --clip-pretrained PATH "
             "to a local checkpoint."
         ) from None
+    finally:
+        logging.disable(logging.NOTSET)
     model.eval()
     return ClipModel(model, preprocess, tokenizer, model_name, pretrained, torch.device(device))
 

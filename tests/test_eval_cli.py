@@ -185,3 +185,29 @@ def test_subprocess_missing_prompt_file_exits_2(tmp_path):
         f"erase-eval: error: Prompt file '{tmp_path / 'none.csv'}' does not exist: pass "
         "--prompts with a CSV or TXT."
     ]
+
+
+def test_subprocess_missing_clip_weights_is_one_line(tmp_path):
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\na cat\n")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eval.cli",
+            "--prompts",
+            str(prompts),
+            "--metric",
+            "clip",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=300,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("erase-eval: error: The CLIP model"), lines
