@@ -157,17 +157,6 @@ def label_of(backend, condition: Condition) -> int:
     raise ValueError(f"no digit named in '{condition}'")
 
 
-class ClassifierFeatures(torch.nn.Module):
-    """The digit classifier's penultimate layer as an FID feature module (uint8 images in)."""
-
-    def __init__(self, classifier: torch.nn.Module):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(images.float() / 255).cpu()
-
-
 class Scorer:
     """Scores a backend's current UNet the same way for every row: prompts, seeds and metrics."""
 
@@ -194,7 +183,8 @@ class Scorer:
         try:
             return compute()
         except EraseError as error:
-            self.notes.append(f"{name}: {error}")
+            if f"{name}: {error}" not in self.notes:
+                self.notes.append(f"{name}: {error}")
             return None
 
     def generate(self, conditions: list[Condition]) -> tuple[torch.Tensor, list[Condition]]:
@@ -250,11 +240,15 @@ class Scorer:
         if self.fid_reference is None:  # the first scored model is the base: it is the reference
             self.fid_reference = retain_images
             return None if self.classifier is None else 0.0
-        feature = ClassifierFeatures(self.classifier) if self.classifier is not None else 2048
+        feature = 2048  # Inception
+        if self.classifier is not None:
+            from eval.classify import PenultimateFeatures
+
+            feature = PenultimateFeatures(self.classifier, self.fid_reference)
         value = self.optional(
             "retain_fid", lambda: frechet_distance(self.fid_reference, retain_images, feature)
         )
-        return None if value is None else round(value, 3)
+        return None if value is None else float(f"{value:.4g}")
 
 
 def load_clip_spec(spec: str, backend):
