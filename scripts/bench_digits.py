@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept", default="3", help="digit to erase (index or name)")
     parser.add_argument("--method", default="salun")
     parser.add_argument("--eval-per-class", type=int, default=100)
-    parser.add_argument("--eval-steps", type=int, default=50, help="DDIM steps per image")
+    # 25: guided DDIM samples of the small digits DDPM are classified right 98 % at 10-25 steps
+    # but 82 % at 50 (the exact ODE path shows its artefacts), so the testbed evaluates at 25.
+    parser.add_argument("--eval-steps", type=int, default=25, help="DDIM steps per image")
     parser.add_argument("--fresh", action="store_true", help="train everything in a new ERASE_HOME")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--output", default=None, help="erase-concept output folder")
