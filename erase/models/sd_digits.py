@@ -47,7 +47,7 @@ class SDDigitsConfig:
 
     image_size: int = 16
     vae_steps: int = 500
-    unet_steps: int = 1500
+    unet_steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
     unet_channels: tuple[int, int] = (32, 64)
