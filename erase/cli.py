@@ -174,7 +174,10 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         "--eval-per-class", type=positive(int), default=100, help="generated images per class"
     )
     evaluation.add_argument(
-        "--eval-steps", type=positive(int), default=50, help="DDIM steps per evaluation image"
+        "--eval-steps",
+        type=positive(int),
+        default=None,
+        help="DDIM steps per evaluation image (default: the model's, 50 or 25 for ddpm-digits)",
     )
 
 
@@ -390,7 +393,7 @@ def class_evaluation(backend, concept: Concept, args: argparse.Namespace):
         concept.forget[0],
         num_per_class=args.eval_per_class,
         seed=args.seed,
-        num_steps=args.eval_steps,
+        num_steps=args.eval_steps or getattr(backend, "eval_steps", 50),
     )
 
 

@@ -55,3 +55,22 @@ def test_forget_term_decreases(tiny_sd_dir, tiny_sd_args, tmp_path):
     result = erase_in_process(args, tmp_path, "run")
     after = forget_distance(result.backend, latents)
     assert after < 0.5 * before
+
+
+def test_class_defaults_are_the_reference_unless_the_backend_measured_its_own():
+    from types import SimpleNamespace
+
+    from erase.concepts import Concept
+    from erase.methods.salun import SalUn
+
+    concept = Concept("three", [3], [0, 1, 2])
+    reference = SalUn.defaults(SimpleNamespace(conditioning="class"), concept, 100)
+    assert (reference["lr"], reference["alpha"], reference["steps"], reference["batch_size"]) == (
+        1e-4,
+        1e-3,
+        500,
+        128,
+    )
+    testbed = SimpleNamespace(conditioning="class", method_defaults={"salun": {"lr": 5e-5}})
+    tuned = SalUn.defaults(testbed, concept, 100)
+    assert tuned["lr"] == 5e-5 and tuned["alpha"] == 1e-3

@@ -537,6 +537,8 @@ def load_ddpm_digits(
     # Measured on this testbed (scripts/bench_digits.py): the CIFAR-10 reference (lr 1e-4,
     # alpha 1e-3, 500 x 128) wrecks a 0.6 M-weight model; these keep the other digits intact.
     backend.method_defaults = {"salun": {"lr": 5e-5, "alpha": 0.5, "batch_size": 64, "steps": 100}}
+    # Its samples get worse with more DDIM steps: 100 % classified at 10, 98 % at 25, 82 % at 50.
+    backend.eval_steps = 25
     return backend
 
 
