@@ -35,7 +35,7 @@ METHOD_FLAGS = {
     "salun": "--lr 1e-4 --steps 100 --batch-size 16",
     "esd-u": "--lr 1e-4 --steps 100 --batch-size 1",
     "esd-x": "--lr 1e-3 --steps 100 --batch-size 1",
-    "fmn": "--lr 1e-4 --steps 50 --batch-size 8",
+    "fmn": "--lr 1e-5 --steps 50 --batch-size 8",
 }
 
 
