@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import StableDiffusionPipeline
 
-from erase.models.tokenizer import build_word_tokenizer
+from erase.models.small_sd import small_sd_components
 from prompts import concept_templates
 
 TINY_WORDS = [
@@ -24,48 +18,15 @@ TINY_WORDS = [
 def tiny_sd_pipeline(seed: int = 0, image_size: int = 16) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline with random weights: ~100 k parameters, 16 px images."""
     torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer(TINY_WORDS, max_length=16)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            max_position_embeddings=16,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
+    tokenizer, text_encoder, unet, vae, scheduler = small_sd_components(
+        TINY_WORDS,
+        max_length=16,
+        text_width=16,
+        unet_channels=(8, 16),
+        vae_channels=(8, 8),
+        image_size=image_size,
         attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=image_size,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
+        norm_groups=4,
     )
     return StableDiffusionPipeline(
         vae=vae,

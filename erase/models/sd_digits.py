@@ -17,19 +17,16 @@ from dataclasses import dataclass
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from erase.concepts import Concept
 from erase.errors import EraseError
 from erase.models.digits import DIGIT_NAMES, digits_dataset
 from erase.models.sd import StableDiffusionBackend
-from erase.models.tokenizer import build_word_tokenizer
+from erase.models.small_sd import small_sd_components
 
 # Captions the model is trained on, and held-out ones that only evaluation uses.
 TRAIN_TEMPLATES = ["a handwritten digit {name}", "the number {number}", "a drawing of a {number}"]
@@ -93,50 +90,16 @@ def all_words() -> list[str]:
 def build_components(config: SDDigitsConfig):
     """Untrained tokenizer, text encoder, UNet, VAE and scheduler of the sd-digits model."""
     torch.manual_seed(config.seed)
-    tokenizer = build_word_tokenizer(all_words(), max_length=8)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.text_width,
-            intermediate_size=2 * config.text_width,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            max_position_embeddings=8,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=config.image_size,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=config.image_size // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=config.unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=config.text_width,
+    return small_sd_components(
+        all_words(),
+        max_length=8,
+        text_width=config.text_width,
+        unet_channels=config.unet_channels,
+        vae_channels=(16, 32),
+        image_size=config.image_size,
         attention_head_dim=8,
-        norm_num_groups=8,
+        norm_groups=8,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-    )
-    return tokenizer, text_encoder, unet, vae, scheduler
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, config: SDDigitsConfig) -> None:
