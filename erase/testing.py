@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionPipeline
 
-from erase.models.small_sd import small_sd_components
+from erase.models.small_sd import as_pipeline, small_sd_components
 from prompts import concept_templates
 
 TINY_WORDS = [
@@ -28,16 +28,7 @@ def tiny_sd_pipeline(seed: int = 0, image_size: int = 16) -> StableDiffusionPipe
         attention_head_dim=2,
         norm_groups=4,
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
 
 
 def save_tiny_sd(folder: str, seed: int = 0) -> str:

@@ -18,7 +18,6 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    StableDiffusionPipeline,
 )
 from tqdm.auto import tqdm
 
@@ -26,7 +25,7 @@ from erase.concepts import Concept
 from erase.errors import EraseError
 from erase.models.digits import DIGIT_NAMES, digits_dataset
 from erase.models.sd import StableDiffusionBackend
-from erase.models.small_sd import small_sd_components
+from erase.models.small_sd import as_pipeline, small_sd_components
 
 # Captions the model is trained on, and held-out ones that only evaluation uses.
 TRAIN_TEMPLATES = ["a handwritten digit {name}", "the number {number}", "a drawing of a {number}"]
@@ -173,16 +172,7 @@ def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
     tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
     train_vae(vae, images, config)
     train_unet(tokenizer, text_encoder, unet, vae, images, labels, config)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
     staging = f"{folder}.partial-{uuid.uuid4().hex[:8]}"
     pipe.save_pretrained(staging, safe_serialization=True)
     if os.path.exists(folder):  # another process finished first: keep its model

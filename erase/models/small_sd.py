@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from erase.models.tokenizer import build_word_tokenizer
@@ -71,3 +71,17 @@ def small_sd_components(
         set_alpha_to_one=False,
     )
     return tokenizer, text_encoder, unet, vae, scheduler
+
+
+def as_pipeline(tokenizer, text_encoder, unet, vae, scheduler) -> StableDiffusionPipeline:
+    """The components as a StableDiffusionPipeline without a safety checker."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
