@@ -32,15 +32,6 @@ class TinyFeatures(torch.nn.Module):
         return self.projection(torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: one thread avoids OpenMP spinning against other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def prompt_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.csv"

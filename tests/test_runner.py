@@ -13,15 +13,6 @@ from eval.runner import GenerationConfig, generate_images, merge_index, plan_ima
 from prompts import PromptEntry
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: one thread avoids OpenMP spinning against other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def backend(tiny_sd_dir):
     return load_backend(tiny_sd_dir, device=torch.device("cpu"))
