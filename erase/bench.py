@@ -25,9 +25,10 @@ import traceback
 import torch
 
 from erase.artifact import check_output, staged_output, write_json
-from erase.cli import add_erase_arguments, resolve_run_concept, run_erasure
+from erase.cli import add_erase_arguments
 from erase.cliargs import OneLineParser
 from erase.concepts import Concept
+from erase.erasure import resolve_run_concept, run_erasure
 from erase.errors import EraseError
 from erase.methods import METHODS
 from erase.models import load_backend

@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from erase.cli import build_parser, erase_concept_main, run_erasure
+from erase.cli import build_parser, erase_concept_main
+from erase.erasure import run_erasure
 
 
 def test_cli_subprocess_writes_the_artifact(tiny_sd_args, tmp_path):

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from erase.cli import build_parser, run_erasure
+from erase.cli import build_parser
 from erase.concepts import resolve_concept
+from erase.erasure import run_erasure
 from erase.errors import EraseError
 from erase.methods import get_method
 from erase.methods.esd import ESDConfig

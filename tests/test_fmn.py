@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from erase.cli import build_parser, erase_concept_main, run_erasure
+from erase.cli import build_parser, erase_concept_main
 from erase.concepts import resolve_concept
+from erase.erasure import run_erasure
 from erase.errors import EraseError
 from erase.methods import get_method, noised
 from erase.methods.fmn import (

@@ -2,7 +2,8 @@
 
 import torch
 
-from erase.cli import build_parser, run_erasure
+from erase.cli import build_parser
+from erase.erasure import run_erasure
 from erase.models import load_backend
 from erase.saliency import load_mask
 
