@@ -5,19 +5,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from erase.artifact import check_output, staged_output, versions, write_json
+from erase.artifact import (
+    check_folder_path,
+    check_output,
+    output_lock,
+    partial_path,
+    staged_output,
+    versions,
+    write_json,
+)
+from erase.checkpoint import check_resume, file_digest, record_settings
 from erase.concepts import Concept, resolve_concept, slug
-from erase.data import ConceptData, DataConfig, build_concept_data, encode_images
+from erase.data import (
+    ConceptData,
+    DataConfig,
+    build_concept_data,
+    encode_images,
+    unet_fingerprint,
+)
+from erase.errors import EraseError
 from erase.methods import get_method
-from erase.models import load_backend
+from erase.models import erase_home, load_backend
 from erase.saliency import forget_loss_gradients, load_mask, mask_ratio, saliency_mask, save_mask
 from erase.train import TrainConfig, make_accelerator, peak_memory_mb, train
+
+MAX_SEED = 2**32 - 1  # torch seeds are 64-bit; per-step seeds are seed * 1_000_003 + step
+MAX_RESOLUTION = 8192  # beyond any released model; each backend also allows at most 4 x its own
 
 
 def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
@@ -82,8 +102,98 @@ def resolve_run_concept(backend, args) -> Concept:
 
 
 def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
-    """Erase `args.concept` with `args.method` and write the artifact; the one code path of the CLI."""
+    """Erase `args.concept` with `args.method` and write the artifact; the one code path of the CLI.
+
+    Every input is checked before any work, and the output stays locked for the whole run.
+    """
     output = args.output or default_output(args)
+    check_arguments(args)
+    with output_lock(output):
+        return erase_into(output, args, backend)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, in one line, what can be judged from the arguments alone (before loading)."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EraseError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+    if args.checkpoint_every < 0:
+        raise EraseError(
+            f"--checkpoint-every must be 0 (off) or more, got {args.checkpoint_every}."
+        )
+    if not 0 <= args.seed <= MAX_SEED:
+        raise EraseError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}.")
+    if args.resolution is not None and args.resolution > MAX_RESOLUTION:
+        raise EraseError(f"--resolution must be at most {MAX_RESOLUTION}, got {args.resolution}.")
+    for flag, prompts in (
+        ("--forget-prompt", args.forget_prompt),
+        ("--retain-prompt", args.retain_prompt),
+    ):
+        if any(not prompt.strip() for prompt in prompts):
+            raise EraseError(f"{flag} must not be empty: give the text of a prompt.")
+    if args.mask:
+        if not get_method(args.method).uses_mask:
+            raise EraseError(
+                f"--mask is used only by methods with a saliency mask (salun); {args.method} "
+                "trains without one: drop --mask."
+            )
+        if os.path.isdir(args.mask):
+            raise EraseError(
+                f"--mask '{args.mask}' is a folder: pass the mask file in it (e.g. "
+                f"{os.path.join(args.mask, 'mask.safetensors')})."
+            )
+    if args.concept_images and not os.path.isdir(args.concept_images):
+        raise EraseError(f"--concept-images '{args.concept_images}' is not a folder of images.")
+    if args.cache_dir:
+        check_folder_path(args.cache_dir, "--cache-dir")
+    else:
+        check_folder_path(os.path.join(erase_home(), "data"), "ERASE_HOME")
+
+
+def check_backend_arguments(backend, args: argparse.Namespace) -> None:
+    """Refuse what needs the loaded model to judge: a resolution it cannot make."""
+    if args.resolution is None:
+        return
+    if backend.conditioning == "text":  # diffusers' pipelines need multiples of 8, the VAE its own
+        factor = max(8, getattr(backend, "vae_scale", 8))
+    else:  # a pixel-space UNet halves the image once per down block but the last
+        factor = 2 ** (len(backend.unet.config.block_out_channels) - 1)
+    limit = 4 * backend.resolution
+    if args.resolution % factor or args.resolution > limit:
+        raise EraseError(
+            f"--resolution must be a multiple of {factor} and at most {limit} (4 x the model's "
+            f"{backend.resolution}) for this model, got {args.resolution}."
+        )
+
+
+def run_settings(backend, concept: Concept, method_config, train_config, args) -> dict:
+    """Everything that shapes the trained weights; a checkpoint is resumed only when they match."""
+    return {
+        "model": backend.identity,
+        "weights": unet_fingerprint(backend.unet),
+        "concept": concept.to_dict(),
+        "method": args.method,
+        "method_config": dataclasses.asdict(method_config),
+        "train_config": dataclasses.asdict(train_config),
+        "data": {
+            name: getattr(args, name)
+            for name in (
+                "num_forget",
+                "num_retain",
+                "resolution",
+                "gen_steps",
+                "guidance_scale",
+                "gen_batch_size",
+                "concept_images",
+            )
+        },
+        "mask_sha256": file_digest(args.mask),
+        "seed": args.seed,
+    }
+
+
+def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureResult:
+    """The erasure of run_erasure, holding the lock of `output`."""
     check_output(output, args.overwrite, resume=args.resume)
     method_class = get_method(args.method)
     timings: dict[str, float] = {}
@@ -102,6 +212,7 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
     )
     if backend is None:
         backend = load_backend(args.model, data_dir=args.data_dir, device=accelerator.device)
+    check_backend_arguments(backend, args)
     concept = resolve_run_concept(backend, args)
     defaults = method_class.defaults(backend, concept, args.num_forget)
     train_config, method_config = settings_from_args(args, defaults, method_class)
@@ -109,6 +220,9 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
     mask = None
     if method.uses_mask and args.mask:
         mask = load_mask(args.mask, backend.unet, backend.identity)
+    checkpoint_dir = os.path.join(partial_path(output), "checkpoint")
+    settings = run_settings(backend, concept, method_config, train_config, args)
+    check_resume(checkpoint_dir, settings, args.resume)
     lap("load")
 
     data_config = DataConfig(
@@ -155,7 +269,8 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
     lap("prepare")
 
     base_state = {n: p.detach().clone() for n, p in backend.unet.named_parameters()}
-    with staged_output(output, keep_on_error=bool(args.checkpoint_every)) as staging:
+    with staged_output(output) as staging:
+        record_settings(accelerator, checkpoint_dir, settings)
         result = train(
             accelerator,
             backend,
@@ -174,6 +289,7 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
         )
         metadata = {
             "base_model": backend.identity,
+            "base_weights": settings["weights"],  # erase-eval checks --model against it
             "model_arg": args.model,
             "concept": concept.to_dict(),
             "method": method.name,

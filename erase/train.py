@@ -3,16 +3,14 @@ gradients, checkpoint/resume, NaN guard. The loop below is the whole training st
 
 from __future__ import annotations
 
-import json
-import os
 import resource
-import time
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from erase.checkpoint import resume, save_checkpoint
 from erase.data import batch_at
 from erase.errors import EraseError
 from erase.models.base import Backend, Condition
@@ -160,21 +158,3 @@ def train(
     unet.eval()
     unet.requires_grad_(False)
     return result
-
-
-def save_checkpoint(accelerator: Accelerator, folder: str, step: int) -> None:
-    """Model, optimizer and RNG state of step `step` (accelerate's save_state), then the step."""
-    accelerator.save_state(os.path.join(folder, "state"))
-    if accelerator.is_main_process:
-        with open(os.path.join(folder, "step.json.tmp"), "w") as file:
-            json.dump({"step": step, "time": time.time()}, file)
-        os.replace(os.path.join(folder, "step.json.tmp"), os.path.join(folder, "step.json"))
-
-
-def resume(accelerator: Accelerator, folder: str | None) -> int:
-    """Load the last checkpoint in `folder`, if any; returns the step to continue from."""
-    if not folder or not os.path.isfile(os.path.join(folder, "step.json")):
-        return 0
-    accelerator.load_state(os.path.join(folder, "state"))
-    with open(os.path.join(folder, "step.json")) as file:
-        return json.load(file)["step"]

@@ -191,9 +191,9 @@ def test_mismatched_mask(tiny_sd_args, tmp_path, capsys):
 
 def test_existing_output_is_refused_unless_overwrite(tiny_sd_args, tmp_path, capsys):
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("user data")
+    assert erase_concept_main([*tiny_sd_args, "--output", str(output)]) == 0
+    (output / "stale.txt").write_text("from the first run")
     err = one_line_error(capsys, [*tiny_sd_args, "--output", str(output)])
-    assert "already exists" in err and (output / "keep.txt").exists()
+    assert "already exists" in err and (output / "stale.txt").exists()
     assert erase_concept_main([*tiny_sd_args, "--output", str(output), "--overwrite"]) == 0
-    assert (output / "unet").is_dir() and not (output / "keep.txt").exists()
+    assert (output / "unet").is_dir() and not (output / "stale.txt").exists()

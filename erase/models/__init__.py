@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -21,7 +23,40 @@ BUILTIN_MODELS = {
 
 def erase_home() -> str:
     """The cache folder for built-in models and generated data ($ERASE_HOME)."""
-    return os.environ.get("ERASE_HOME", os.path.join(os.path.expanduser("~"), ".cache", "erase"))
+    home = os.environ.get("ERASE_HOME", os.path.join(os.path.expanduser("~"), ".cache", "erase"))
+    if os.path.exists(home) and not os.path.isdir(home):
+        raise EraseError(f"ERASE_HOME '{home}' is a file: point ERASE_HOME at a folder.")
+    return home
+
+
+def model_conditioning(spec: str) -> str | None:
+    """'class' or 'text' when it is known without loading `spec` (built-ins, DDPM folders)."""
+    if spec in ("ddpm-digits", "ddpm-cifar10") or (os.path.isdir(spec) and is_ddpm_folder(spec)):
+        return "class"
+    if spec == "sd-digits" or spec in SD_ALIASES:
+        return "text"
+    return None
+
+
+@contextmanager
+def quiet_loading():
+    """Silence the libraries' warnings and log lines while a model loads: a failure is then the
+    one line of its EraseError, and a success prints nothing."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    loggers = (diffusers_logging, transformers_logging, hub_logging)
+    levels = [module.get_verbosity() for module in loggers]
+    try:
+        for module in loggers:
+            module.set_verbosity_error()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for module, level in zip(loggers, levels):
+            module.set_verbosity(level)
 
 
 def is_ddpm_folder(path: str) -> bool:
@@ -35,10 +70,21 @@ def load_backend(
     spec: str, *, data_dir: str | None = None, device: torch.device | None = None
 ) -> Backend:
     """The backend for `spec`: an SD alias, hub id, diffusers folder, checkpoint or built-in."""
-    if spec in BUILTIN_MODELS:
-        module_name, function_name = BUILTIN_MODELS[spec].split(":")
-        loader = getattr(importlib.import_module(module_name), function_name)
-        return loader(data_dir=data_dir, device=device)
+    if spec in BUILTIN_MODELS:  # built-ins train on first use: their progress stays visible
+        return load_builtin(spec, data_dir, device)
+    with quiet_loading():
+        return load_pretrained(spec, data_dir, device)
+
+
+def load_builtin(spec: str, data_dir: str | None, device: torch.device | None) -> Backend:
+    """A built-in testbed, trained and cached on first use."""
+    module_name, function_name = BUILTIN_MODELS[spec].split(":")
+    loader = getattr(importlib.import_module(module_name), function_name)
+    return loader(data_dir=data_dir, device=device)
+
+
+def load_pretrained(spec: str, data_dir: str | None, device: torch.device | None) -> Backend:
+    """A saved model: a DDPM folder, or Stable Diffusion from an alias, hub id, folder or file."""
     if os.path.isdir(spec) and is_ddpm_folder(spec):
         from erase.models.ddpm import ClassDDPMBackend
 
@@ -53,4 +99,12 @@ def load_backend(
     )
 
 
-__all__ = ["Backend", "Batch", "Condition", "BUILTIN_MODELS", "erase_home", "load_backend"]
+__all__ = [
+    "Backend",
+    "Batch",
+    "Condition",
+    "BUILTIN_MODELS",
+    "erase_home",
+    "load_backend",
+    "model_conditioning",
+]
