@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -20,8 +21,33 @@ def positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{text}'") from None
-        if not value > 0 or value != value:  # value != value: NaN
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        if not value > 0 or not math.isfinite(value):  # NaN compares false; inf is no setting
+            raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {text}")
         return value
 
     return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+MAX_SEED = 2**32 - 1  # torch seeds are 64-bit; derived seeds (seed * 1_000_003 + i) must fit
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2**32 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {text}")
+    return value

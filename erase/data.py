@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +53,10 @@ def build_concept_data(backend: Backend, concept: Concept, config: DataConfig) -
     """Forget/retain images for `concept`: the dataset's for class backends, generated for text."""
     if config.num_forget < 1 or config.num_retain < 1:
         raise EraseError("--num-forget and --num-retain must be at least 1.")
+    if backend.conditioning == "text" and any(
+        not str(prompt).strip() for prompt in [*concept.forget, *concept.retain]
+    ):  # an empty prompt is the unconditional one: training on it erases nothing in particular
+        raise EraseError(f"The concept '{concept.name}' has an empty prompt: give its text.")
     if config.concept_images:
         forget_images = load_image_folder(config.concept_images, backend, config.resolution)
         forget_conditions = [
@@ -97,12 +103,20 @@ def load_image_folder(folder: str, backend: Backend, resolution: int | None) -> 
     for name in sorted(os.listdir(folder)):
         if not name.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")):
             continue
+        path = os.path.join(folder, name)
         try:
-            with Image.open(os.path.join(folder, name)) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-                images.append(resize(pil_to_tensor(image), [size, size], antialias=True))
+            with warnings.catch_warnings():  # PIL warns, then refuses, on huge pixel counts
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    image = image.convert("L" if channels == 1 else "RGB")
+                    images.append(resize(pil_to_tensor(image), [size, size], antialias=True))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise EraseError(
+                f"'{path}' has more than {Image.MAX_IMAGE_PIXELS:,} pixels, too many to decode "
+                "safely: resize it or remove it from --concept-images."
+            ) from None
         except (UnidentifiedImageError, OSError):
-            raise EraseError(f"'{os.path.join(folder, name)}' is not a readable image.") from None
+            raise EraseError(f"'{path}' is not a readable image.") from None
     if not images:
         raise EraseError(f"--concept-images '{folder}' holds no .png/.jpg/.webp images.")
     return torch.stack(images).float() / 255
@@ -153,11 +167,7 @@ def generated_set(
     seeds = [
         config.seed * 1_000_003 + i + (0 if split == "forget" else 500_000) for i in range(count)
     ]
-    cached, cached_index = None, {"prompts": [], "seeds": []}
-    if os.path.isfile(path) and os.path.isfile(index_path):
-        with open(index_path) as file:
-            cached_index = json.load(file)
-        cached = load_file(path)["images"]
+    cached, cached_index = read_cached_set(path, index_path, split)
     have = len(cached_index["prompts"])
     if have >= count and cached_index["prompts"][:count] == wanted_prompts:
         return cached[:count].float() / 255, wanted_prompts
@@ -180,6 +190,27 @@ def generated_set(
     images = torch.cat(batches)
     write_cached_set(folder, split, images, wanted_prompts, seeds, config)
     return images.float() / 255, wanted_prompts
+
+
+def read_cached_set(path: str, index_path: str, split: str) -> tuple[torch.Tensor | None, dict]:
+    """A cached set and its index; an unreadable or inconsistent one counts as absent."""
+    empty = None, {"prompts": [], "seeds": []}
+    if not (os.path.isfile(path) and os.path.isfile(index_path)):
+        return empty
+    try:
+        with open(index_path) as file:
+            index = json.load(file)
+        images = load_file(path)["images"]  # (N, 3, H, W) uint8
+        consistent = images.dtype == torch.uint8 and len(images) == len(index["prompts"])
+    except Exception:  # a cut file: safetensors, json and key errors alike
+        consistent = False
+    if not consistent:
+        print(
+            f"note: the cached {split} set '{path}' is damaged; generating it again.",
+            file=sys.stderr,
+        )
+        return empty
+    return images, index
 
 
 def write_cached_set(folder, split, images, prompts, seeds, config) -> None:

@@ -22,6 +22,7 @@ from erase.artifact import (
     write_json,
 )
 from erase.checkpoint import check_resume, file_digest, record_settings
+from erase.cliargs import MAX_SEED
 from erase.concepts import Concept, resolve_concept, slug
 from erase.data import (
     ConceptData,
@@ -36,7 +37,6 @@ from erase.models import erase_home, load_backend
 from erase.saliency import forget_loss_gradients, load_mask, mask_ratio, saliency_mask, save_mask
 from erase.train import TrainConfig, make_accelerator, peak_memory_mb, train
 
-MAX_SEED = 2**32 - 1  # torch seeds are 64-bit; per-step seeds are seed * 1_000_003 + step
 MAX_RESOLUTION = 8192  # beyond any released model; each backend also allows at most 4 x its own
 
 

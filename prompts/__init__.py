@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
+from erase.cliargs import MAX_SEED
 from erase.errors import EraseError
 
 # Column names seen in public prompt files, in order of preference.
@@ -48,12 +50,19 @@ def load_prompt_file(path: str, limit: int | None = None) -> list[PromptEntry]:
     """Prompts from a CSV (a prompt column, optional seed/guidance/class) or a TXT (one a line)."""
     if not os.path.isfile(path):
         raise EraseError(f"Prompt file '{path}' does not exist: pass --prompts with a CSV or TXT.")
-    if path.lower().endswith(".txt"):
-        with open(path, encoding="utf-8") as file:
-            lines = [line.strip() for line in file]
-        entries = [PromptEntry(text, row) for row, text in enumerate(t for t in lines if t)]
-    else:
-        entries = read_prompt_csv(path)
+    try:
+        if path.lower().endswith(".txt"):
+            with open(path, encoding="utf-8") as file:
+                lines = [line.strip() for line in file]
+            entries = [PromptEntry(text, row) for row, text in enumerate(t for t in lines if t)]
+        else:
+            entries = read_prompt_csv(path)
+    except UnicodeDecodeError as error:
+        raise EraseError(
+            f"Prompt file '{path}' is not UTF-8 text (byte {error.start}): save it as UTF-8."
+        ) from None
+    except csv.Error as error:
+        raise EraseError(f"Prompt file '{path}' is not a readable CSV ({error}): fix it.") from None
     if not entries:
         raise EraseError(f"Prompt file '{path}' holds no prompts: pass a file with at least one.")
     return entries[:limit] if limit else entries
@@ -112,12 +121,25 @@ def parse_number(record: dict, column: str | None, kind, path: str, line: int):
     if text is None:
         return None
     try:
-        return kind(float(text)) if kind is int else kind(text)
+        value = float(text)
     except ValueError:
         raise EraseError(
             f"Prompt file '{path}', line {line}: '{text}' in column '{column}' is not a number; "
             "fix the file."
         ) from None
+    if kind is float:
+        if not math.isfinite(value):
+            raise EraseError(
+                f"Prompt file '{path}', line {line}: '{text}' in column '{column}' is not a "
+                "finite number; fix the file."
+            )
+        return value
+    if not (math.isfinite(value) and value == int(value) and 0 <= value <= MAX_SEED):
+        raise EraseError(
+            f"Prompt file '{path}', line {line}: '{text}' in column '{column}' is not a seed "
+            f"(a whole number from 0 to {MAX_SEED}); fix the file."
+        )
+    return int(value)
 
 
 def load_i2p(
