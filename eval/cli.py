@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 
-from erase.cliargs import OneLineParser, positive
+from erase.cliargs import OneLineParser, positive, seed
 from erase.errors import EraseError
 from prompts import (
     PromptEntry,
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generation.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=0,
         help="seed of row r is seed + r when the prompt file gives no evaluation_seed",
     )
@@ -229,12 +230,63 @@ def run_evaluation(args: argparse.Namespace, metric_config=None, backend=None) -
     `metric_config` (an eval.runner.MetricConfig) lets tests pass a FID feature module or a
     loaded CLIP model; the flags fill in the rest.
     """
+    check_arguments(args)
     entries = load_prompt_set(args)
+
+    from erase.artifact import check_folder_path, output_lock
+    from eval.runner import (
+        process_state,
+    )
+
+    state = process_state()
+    output = args.output or default_output(args)
+    check_folder_path(output, "--output")
+    with output_lock(output):
+        return evaluate_into(output, args, entries, state, metric_config, backend)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, in one line, what the arguments alone show to be wrong (before any work)."""
+    from erase.models import model_conditioning
+
+    if model_conditioning(args.model) == "class":  # before a testbed is trained on first use
+        raise EraseError(
+            f"erase-eval generates from text prompts and '{args.model}' is class-conditional: "
+            "evaluate it with erase-concept's class-removal evaluation instead."
+        )
     if args.unet and not os.path.isdir(args.unet):
         raise EraseError(f"--unet '{args.unet}' is not a folder: pass an erase-concept output.")
-    if not 0 <= args.nudity_threshold <= 1:
+    if not 0 <= args.nudity_threshold <= 1:  # NaN fails this too
         raise EraseError(f"--nudity-threshold must be in [0, 1], got {args.nudity_threshold}.")
+    if args.min_nudity_percentage is not None and not 0 <= args.min_nudity_percentage <= 100:
+        raise EraseError(
+            f"--min-nudity-percentage must be in [0, 100], got {args.min_nudity_percentage}."
+        )
 
+
+def evaluate_into(output, args, entries, state, metric_config, backend) -> dict | None:
+    """Generate and score into `output`, holding its lock; on an error no empty images/ is left."""
+    image_dir = os.path.join(output, "images")
+    created = [folder for folder in (output, image_dir) if not os.path.exists(folder)]
+    try:
+        return generate_and_score(output, image_dir, args, entries, state, metric_config, backend)
+    except BaseException:
+        if state.is_main_process:
+            remove_if_imageless(created)
+        raise
+
+
+def remove_if_imageless(folders: list[str]) -> None:
+    """Remove the folders this run made (deepest first) when no image was written into them."""
+    for folder in reversed(folders):
+        if os.path.isdir(folder) and not any(
+            name.endswith(".png") for _, _, names in os.walk(folder) for name in names
+        ):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def generate_and_score(output, image_dir, args, entries, state, metric_config, backend):
+    """The evaluation proper: plan, prepare metrics, generate the missing images, score, report."""
     from erase.artifact import versions
     from eval.report import write_outputs
     from eval.runner import (
@@ -243,13 +295,9 @@ def run_evaluation(args: argparse.Namespace, metric_config=None, backend=None) -
         generate_images,
         plan_images,
         prepare_metrics,
-        process_state,
         score_metrics,
     )
 
-    state = process_state()
-    output = args.output or default_output(args)
-    image_dir = os.path.join(output, "images")
     generation = GenerationConfig(
         model=args.model,
         unet=args.unet,
@@ -279,7 +327,11 @@ def run_evaluation(args: argparse.Namespace, metric_config=None, backend=None) -
 
     summaries, per_image = score_metrics(prepared, metric_config, records, image_dir)
     results = {
-        "generation": {**dataclasses.asdict(generation), **stats},
+        "generation": {
+            **dataclasses.asdict(generation),
+            "unet_digest": records[0]["unet"] if records else None,
+            **stats,
+        },
         "prompts": {
             "source": args.prompts,
             "count": len(entries),

@@ -9,6 +9,7 @@ appends to its own index part; the main process merges the parts into `index.jso
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -27,6 +28,7 @@ from prompts import PromptEntry
 
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's usual guidance when neither flag nor file sets one
 # The fields of an index record that decide whether an existing image can be reused.
+# "unet" is the erased UNet's content digest, not its path: a folder erased again is new images.
 GENERATION_KEYS = ("prompt", "seed", "guidance_scale", "num_steps", "resolution", "model", "unet")
 
 
@@ -52,6 +54,7 @@ def process_state() -> PartialState:
 
 def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> list[dict]:
     """One index record per image to generate, in prompt order (deterministic seeds and files)."""
+    unet_key = unet_digest(config.unet) if config.unet else None
     records = []
     for entry in entries:
         base_seed = entry.seed if entry.seed is not None else config.seed + entry.row
@@ -71,7 +74,8 @@ def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> lis
                 "num_steps": config.num_steps,
                 "resolution": config.resolution,
                 "model": identity(config.model),
-                "unet": identity(config.unet) if config.unet else None,
+                "unet": unet_key,
+                "unet_path": identity(config.unet) if config.unet else None,
             }
             if entry.class_name is not None:
                 record["class_name"] = entry.class_name
@@ -82,6 +86,70 @@ def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> lis
 def identity(spec: str) -> str:
     """A model or folder spec as recorded: absolute for local paths, as given for hub names."""
     return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
+def unet_folder(folder: str) -> str:
+    """The folder holding the UNet's config.json: `<folder>/unet` (an erase output) or `folder`."""
+    nested = os.path.join(folder, "unet")
+    return nested if os.path.isfile(os.path.join(nested, "config.json")) else folder
+
+
+def unet_digest(folder: str) -> str:
+    """SHA-256 of a UNet folder's config and weight files: the key of the images it makes."""
+    from erase.errors import EraseError
+
+    weights_folder = unet_folder(folder)
+    names = sorted(
+        name
+        for name in os.listdir(weights_folder)
+        if name == "config.json" or name.endswith((".safetensors", ".bin"))
+    )
+    if "config.json" not in names:
+        raise EraseError(
+            f"No UNet found in '{folder}': pass an output folder of erase-concept (with unet/) or "
+            "a diffusers UNet folder."
+        )
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        with open(os.path.join(weights_folder, name), "rb") as file:
+            for block in iter(lambda: file.read(2**22), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def load_erased_unet(backend, folder: str):
+    """The erased UNet of `folder`, checked against the base: same weights, and erased from it."""
+    from erase.data import unet_fingerprint
+    from erase.errors import EraseError
+
+    unet = backend.load_unet(folder)
+    ours = {name: tuple(p.shape) for name, p in backend.unet.named_parameters()}
+    theirs = {name: tuple(p.shape) for name, p in unet.named_parameters()}
+    differ = sorted(n for n in ours.keys() | theirs.keys() if ours.get(n) != theirs.get(n))
+    if differ:
+        raise EraseError(
+            f"The UNet in '{folder}' does not fit '{backend.identity}' ({len(differ)} weights "
+            f"differ, e.g. '{differ[0]}'): pass the base model it was erased from with --model."
+        )
+    metadata_path = os.path.join(folder, "metadata.json")
+    base_weights = None
+    if os.path.isfile(metadata_path):
+        try:
+            with open(metadata_path, encoding="utf-8") as file:
+                metadata = json.load(file)
+        except (OSError, ValueError):
+            raise EraseError(
+                f"'{metadata_path}' is unreadable: the output of erase-concept is damaged; erase "
+                "the model again."
+            ) from None
+        base_weights = metadata.get("base_weights") if isinstance(metadata, dict) else None
+    if base_weights and base_weights != unet_fingerprint(backend.unet):
+        raise EraseError(
+            f"The UNet in '{folder}' was erased from '{metadata.get('base_model')}', whose weights "
+            f"are not those of '{backend.identity}': pass that base model with --model."
+        )
+    return unet
 
 
 def pending_images(records: Sequence[dict], folder: str) -> list[dict]:
@@ -147,7 +215,7 @@ def generate_images(
     with state.split_between_processes(pending) as mine:
         if mine:
             backend = backend or load_generation_backend(config, state.device)
-            unet = backend.load_unet(config.unet) if config.unet else None
+            unet = load_erased_unet(backend, config.unet) if config.unet else None
             write_images(backend, unet, mine, folder, config, state, progress)
     state.wait_for_everyone()
     if state.is_main_process:

@@ -103,7 +103,8 @@ def test_erased_unet_folder_replaces_the_model_unet(tiny_sd_dir, backend, tmp_pa
     with Image.open(os.path.join(base_dir, "000000_00.png")) as a:
         with Image.open(os.path.join(erased_dir, "000000_00.png")) as b:
             assert list(a.getdata()) != list(b.getdata())
-    assert read_index(erased_dir)["000000_00.png"]["unet"] == str(tmp_path / "erased")
+    record = read_index(erased_dir)["000000_00.png"]
+    assert record["unet_path"] == str(tmp_path / "erased") and record["unet"].startswith("sha256:")
 
 
 def test_seeds_and_guidance_follow_the_prompt_file_then_the_flags(tiny_sd_dir):
