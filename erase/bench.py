@@ -24,11 +24,11 @@ import traceback
 
 import torch
 
-from erase.artifact import check_output, staged_output, write_json
+from erase.artifact import check_output, output_lock, staged_output, write_json
 from erase.cli import add_erase_arguments
-from erase.cliargs import OneLineParser
+from erase.cliargs import OneLineParser, positive
 from erase.concepts import Concept
-from erase.erasure import resolve_run_concept, run_erasure
+from erase.erasure import check_arguments, resolve_run_concept, run_erasure
 from erase.errors import EraseError
 from erase.methods import METHODS
 from erase.models import load_backend
@@ -63,16 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--bench-per-prompt",
-        type=int,
+        type=positive(int),
         default=10,
         help="evaluation images per prompt (fixed seeds)",
     )
     bench.add_argument(
-        "--bench-steps", type=int, default=25, help="DDIM steps of evaluation images"
+        "--bench-steps", type=positive(int), default=25, help="DDIM steps of evaluation images"
     )
     bench.add_argument(
         "--bench-guidance",
-        type=float,
+        type=positive(float),
         default=None,
         help="guidance of evaluation images (default: the model's)",
     )
@@ -303,8 +303,34 @@ def run_bench(args: argparse.Namespace) -> dict:
             f"Unknown method(s) {', '.join(unknown) or '(none given)'} in --methods: choose "
             f"from {', '.join(sorted(METHODS))}."
         )
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise EraseError(f"--methods names {', '.join(repeated)} more than once: name each once.")
     check_method_flags(args, methods)
-    check_output(args.output, args.overwrite)
+    for method in methods:  # every method's flags, before the base is even loaded
+        check_arguments(method_arguments(args, method, os.path.join(args.output, method)))
+    check_bench_clip(args.bench_clip)
+    with output_lock(args.output):
+        check_output(args.output, args.overwrite)
+        return bench_into(args, methods)
+
+
+def check_bench_clip(spec: str) -> None:
+    """Refuse a --bench-clip model or weights name open_clip does not know (no download)."""
+    if spec.lower() == "none":
+        return
+    from eval.clip_score import check_clip_names, register_config
+
+    model_name, _, pretrained = spec.partition(":")
+    try:
+        name = register_config(model_name) if model_name.endswith(".json") else model_name
+        check_clip_names(name, None if pretrained.lower() in ("", "none") else pretrained)
+    except EraseError as error:
+        raise EraseError(f"--bench-clip '{spec}': {error}") from None
+
+
+def bench_into(args: argparse.Namespace, methods: list[str]) -> dict:
+    """The bench of run_bench, holding the lock of its output."""
     clock = time.perf_counter()
     backend = load_backend(args.model, data_dir=args.data_dir)
     concept = resolve_run_concept(backend, args)
@@ -312,7 +338,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     scorer = Scorer(backend, concept, args)
     load_s = round(time.perf_counter() - clock, 2)
     rows, samples = [], {}
-    with staged_output(args.output) as staging:
+    with staged_output(args.output, tool="erase-bench") as staging:
         clock = time.perf_counter()
         metrics, samples["base"] = scorer()
         rows.append(
@@ -328,6 +354,12 @@ def run_bench(args: argparse.Namespace) -> dict:
             rows.append(bench_one(backend, method, args, staging, scorer, samples))
             backend.unet.load_state_dict(base_state)
             backend.unet.requires_grad_(False)
+        failed = [row for row in rows[1:] if "error" in row]
+        if len(failed) == len(methods):  # a table of errors is no benchmark: nothing is written
+            raise EraseError(
+                "Every method failed: "
+                + "; ".join(f"{row['method']}: {row['error']}" for row in failed)
+            )
         table = {
             "model": args.model,
             "base_model": backend.identity,
