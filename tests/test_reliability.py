@@ -163,3 +163,19 @@ def test_seeds_that_are_whole_numbers_are_read(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("prompt,evaluation_seed\na cat,3.0\na dog,4294967295\n")
     assert [entry.seed for entry in load_prompt_file(str(path))] == [3, 2**32 - 1]
+
+
+@pytest.mark.parametrize("model", ["sd-v1-4", "raw.ckpt"])
+def test_a_model_that_does_not_load_is_exactly_one_stderr_line(tmp_path, capfd, model):
+    """Library warnings and hub log lines are silenced around loading (capfd sees them all)."""
+    import pickle
+
+    if model == "raw.ckpt":
+        model = str(tmp_path / "raw.ckpt")
+        with open(model, "wb") as file:
+            pickle.dump({"state_dict": {"weight": [1.0, 2.0]}}, file)
+    argv = ["--model", model, "--concept", "nudity", "--output", str(tmp_path / "o")]
+    assert erase_concept_main(argv) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("erase-concept: error:"), err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.lock").exists()
