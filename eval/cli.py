@@ -233,14 +233,13 @@ def run_evaluation(args: argparse.Namespace, metric_config=None, backend=None) -
     check_arguments(args)
     entries = load_prompt_set(args)
 
-    from erase.artifact import check_folder_path, output_lock
+    from erase.artifact import output_lock
     from eval.runner import (
         process_state,
     )
 
     state = process_state()
     output = args.output or default_output(args)
-    check_folder_path(output, "--output")
     with output_lock(output):
         return evaluate_into(output, args, entries, state, metric_config, backend)
 

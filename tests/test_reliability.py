@@ -165,17 +165,32 @@ def test_seeds_that_are_whole_numbers_are_read(tmp_path):
     assert [entry.seed for entry in load_prompt_file(str(path))] == [3, 2**32 - 1]
 
 
-@pytest.mark.parametrize("model", ["sd-v1-4", "raw.ckpt"])
-def test_a_model_that_does_not_load_is_exactly_one_stderr_line(tmp_path, capfd, model):
-    """Library warnings and hub log lines are silenced around loading (capfd sees them all)."""
+def test_a_model_that_does_not_load_is_exactly_one_stderr_line(tmp_path):
+    """Library warnings and hub log lines are silenced around loading: seen in a real process
+    (pytest would capture warnings and log records itself)."""
     import pickle
+    import subprocess
+    import sys
 
-    if model == "raw.ckpt":
-        model = str(tmp_path / "raw.ckpt")
-        with open(model, "wb") as file:
-            pickle.dump({"state_dict": {"weight": [1.0, 2.0]}}, file)
-    argv = ["--model", model, "--concept", "nudity", "--output", str(tmp_path / "o")]
-    assert erase_concept_main(argv) == 2
-    err = capfd.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("erase-concept: error:"), err
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.lock").exists()
+    raw = tmp_path / "raw.ckpt"
+    raw.write_bytes(pickle.dumps({"state_dict": {"weight": [1.0, 2.0]}}))
+    script = (
+        "import sys\n"
+        "from erase.cli import erase_concept_main\n"
+        "for model in sys.argv[1:3]:\n"
+        "    argv = ['--model', model, '--concept', 'nudity', '--output', sys.argv[3]]\n"
+        "    assert erase_concept_main(argv) == 2\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script, "sd-v1-4", str(raw), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("erase-concept: error:") for line in lines), (
+        lines
+    )
+    assert "not available on this machine" in lines[0] and "raw.ckpt" in lines[1]
+    assert sorted(os.listdir(tmp_path)) == ["raw.ckpt"]
