@@ -223,12 +223,14 @@ def staged_output(path: str, tool: str = "erase-concept"):
             shutil.rmtree(os.path.join(staging, "checkpoint"), ignore_errors=True)
             replace_output(staging, path)
     except BaseException as error:
-        if main and latest_step(os.path.join(staging, "checkpoint")) is None:
+        step = latest_step(os.path.join(staging, "checkpoint"))
+        if main and step is None:
             shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, Exception) and no_space(error, os.path.dirname(staging) or "."):
+            kept = f"; its checkpoint of step {step} is kept for --resume" if step else ""
             raise EraseError(
                 f"The disk of '{path}' is full ({error}): free space or pass another --output; "
-                "an earlier output there is unchanged."
+                f"an earlier output there is unchanged{kept}."
             ) from None
         raise
 
