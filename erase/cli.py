@@ -124,6 +124,20 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         help="passes over the forget set (when --steps is not given)",
     )
     training.add_argument("--batch-size", type=positive(int), default=None)
+    training.add_argument(
+        "--micro-batch-size",
+        type=positive(int),
+        default=None,
+        metavar="N",
+        help="compute each batch N samples at a time, with the same update as the whole batch "
+        "(less activation memory; default: the whole batch at once)",
+    )
+    training.add_argument(
+        "--no-gradient-checkpointing",
+        action="store_true",
+        help="keep every activation instead of recomputing them in backward (faster, much "
+        "more memory; Stable Diffusion trains with checkpointing by default, as the reference)",
+    )
     training.add_argument("--gradient-accumulation-steps", type=positive(int), default=1)
     training.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     training.add_argument("--max-grad-norm", type=positive(float), default=None)

@@ -17,7 +17,14 @@ from erase.data import ConceptData, DataConfig, build_concept_data, encode_image
 from erase.methods import get_method
 from erase.models import load_backend
 from erase.saliency import forget_loss_gradients, load_mask, mask_ratio, saliency_mask, save_mask
-from erase.train import TrainConfig, make_accelerator, peak_memory_mb, train
+from erase.train import (
+    TrainConfig,
+    count_changed_weights,
+    make_accelerator,
+    peak_memory_mb,
+    train,
+    write_base_weights,
+)
 
 
 def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
@@ -27,9 +34,11 @@ def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
         steps=args.steps,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
@@ -81,8 +90,11 @@ def resolve_run_concept(backend, args) -> Concept:
     )
 
 
-def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
-    """Erase `args.concept` with `args.method` and write the artifact; the one code path of the CLI."""
+def run_erasure(args: argparse.Namespace, backend=None, on_phase=None) -> ErasureResult:
+    """Erase `args.concept` with `args.method` and write the artifact; the one code path of the CLI.
+
+    `on_phase(name)`, when given, is called as each phase (load, data, ..., write) ends.
+    """
     output = args.output or default_output(args)
     check_output(output, args.overwrite, resume=args.resume)
     method_class = get_method(args.method)
@@ -93,6 +105,8 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
         nonlocal clock
         timings[phase] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
+        if on_phase:
+            on_phase(phase)
 
     accelerator = make_accelerator(
         TrainConfig(
@@ -106,6 +120,10 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
     defaults = method_class.defaults(backend, concept, args.num_forget)
     train_config, method_config = settings_from_args(args, defaults, method_class)
     method = method_class(backend, concept, method_config)  # fails early on an unfit backend
+    if hasattr(backend, "set_gradient_checkpointing"):  # for the mask's backward as well
+        backend.set_gradient_checkpointing(
+            train_config.gradient_checkpointing and getattr(method, "gradient_checkpointing", True)
+        )
     mask = None
     if method.uses_mask and args.mask:
         mask = load_mask(args.mask, backend.unet, backend.identity)
@@ -154,8 +172,12 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
         )
     lap("prepare")
 
-    base_state = {n: p.detach().clone() for n, p in backend.unet.named_parameters()}
     with staged_output(output, keep_on_error=bool(args.checkpoint_every)) as staging:
+        # The base values of what may move, on disk: changed weights are counted against them
+        # without a second UNet in memory.
+        base_weights = os.path.join(staging, "base-weights.bin")
+        if accelerator.is_main_process:
+            write_base_weights(backend.unet, method.trainable, base_weights)
         result = train(
             accelerator,
             backend,
@@ -169,9 +191,10 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
         lap("train")
         after = evaluate and class_evaluation(backend, concept, args)
         lap("eval_after")
-        changed = sum(
-            int((p.detach() != base_state[n]).sum()) for n, p in backend.unet.named_parameters()
-        )
+        changed = 0
+        if accelerator.is_main_process:
+            changed = count_changed_weights(backend.unet, method.trainable, base_weights)
+            os.remove(base_weights)
         metadata = {
             "base_model": backend.identity,
             "model_arg": args.model,
@@ -185,7 +208,7 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
             "train_result": dataclasses.asdict(result),
             "changed_weights": changed,
             "total_weights": sum(p.numel() for p in backend.unet.parameters()),
-            "mask_ratio": mask_ratio(mask) if mask else None,
+            "mask_ratio": mask_ratio(mask) if mask is not None else None,
             "timings_s": timings,
             "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
             "device": str(accelerator.device),
@@ -210,6 +233,8 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
                 )
             timings["write"] = round(time.perf_counter() - clock, 3)
             write_json(os.path.join(staging, "metadata.json"), metadata)
+    if on_phase:
+        on_phase("write")
     return ErasureResult(output, metadata, backend)
 
 
