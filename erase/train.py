@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from erase.data import batch_at
 from erase.errors import EraseError
 from erase.models.base import Backend, Batch, Condition
-from erase.optim import MaskedAdam
+from erase.optim import MaskedAdam, StepInBackward
 from erase.saliency import PackedMask, pack_bool_mask
 
 
@@ -129,11 +129,13 @@ def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
 
 
 def backward_micro_batches(
-    accelerator: Accelerator, unet, method, forget: Batch, retain: Batch, generator, config
-) -> dict[str, float]:
+    accelerator: Accelerator, unet, method, forget: Batch, retain: Batch, generator, config,
+    backward=None,
+) -> dict[str, float]:  # fmt: skip
     """Loss and backward of one batch in micro-batches; each micro-batch's loss is weighted by its
     share of the batch, so that the gradients add up to the whole batch's (the losses are means
     over samples). Only the last backward synchronises the processes."""
+    backward = backward or accelerator.backward
     forget_parts = micro_batches(forget, config.micro_batch_size)
     retain_parts = micro_batches(retain, config.micro_batch_size)
     if len(forget_parts) > 1 and len(forget.conditions) != len(retain.conditions):
@@ -157,10 +159,88 @@ def backward_micro_batches(
                     f"The loss became {loss.item()}: lower --lr (now {config.lr}) or use "
                     "--mixed-precision no; no model was written."
                 )
-            accelerator.backward(loss * share if share != 1 else loss)
+            backward(loss * share if share != 1 else loss)
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + share * value
     return totals
+
+
+class DenseUpdate:
+    """torch's Adam/AdamW over whole parameters through accelerate (fp16 loss scaling, DDP);
+    a mask, if any, is multiplied into the gradients."""
+
+    def __init__(self, accelerator, optimizer, parameters, dense_masks):
+        self.accelerator, self.optimizer = accelerator, optimizer
+        self.parameters, self.dense_masks = parameters, dense_masks
+        self.gradient_bytes = 0
+
+    def update(self, max_grad_norm: float | None) -> None:
+        """Mask, clip, step and clear the gradients of the batch."""
+        for param, param_mask in self.dense_masks:
+            if param.grad is not None:
+                param.grad.mul_(param_mask)
+        if max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.parameters, max_grad_norm)
+        self.gradient_bytes = tensor_bytes(p.grad for p in self.parameters if p.grad is not None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Dense gradients, the optimizer's moments and the unpacked masks."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        moments = tensor_bytes(
+            value
+            for state in inner.state.values()
+            for value in state.values()
+            if torch.is_tensor(value) and value.dim() > 0
+        )
+        masks = tensor_bytes(m for _, m in self.dense_masks)
+        return {"gradients": self.gradient_bytes, "optimizer": moments, "mask": masks}
+
+    def remove_hooks(self) -> None:
+        """Nothing to detach."""
+
+
+def steps_in_backward(accelerator, unet, config: TrainConfig) -> bool:
+    """Whether the optimizer can step each parameter inside backward: one process, one backward
+    per update, no fp16 loss scaling (its GradScaler needs every gradient at once), and no
+    clipping of a checkpointed UNet (clipping measures the norm in a first backward that keeps
+    the graph; checkpointed segments are not run twice here)."""
+    return (
+        accelerator.num_processes == 1
+        and config.gradient_accumulation_steps == 1
+        and (not config.micro_batch_size or config.micro_batch_size >= config.batch_size)
+        and config.mixed_precision != "fp16"
+        and not (config.max_grad_norm and getattr(unet, "is_gradient_checkpointing", False))
+    )
+
+
+def make_update(accelerator, unet, config: TrainConfig, parameters, mask: PackedMask | None):
+    """The update of this run, leanest first: masked Adam (state only for masked weights), the
+    optimizer stepped inside backward (no full set of gradients), or torch's optimizer through
+    accelerate. Returns (update, prepared unet, state name)."""
+    trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    if mask is not None and masked_state_fallback(config) is None:
+        update = MaskedAdam(trained, mask, config.lr)
+        wrapped_unet = accelerator.prepare(unet)
+        accelerator.register_for_checkpointing(update)
+        if accelerator.num_processes == 1:
+            update.gather_in_backward()  # under DDP: gathered after the reduced backward
+        return update, wrapped_unet, "masked"
+    if mask is None and steps_in_backward(accelerator, unet, config):
+        wrapped_unet = accelerator.prepare(unet)
+        update = StepInBackward(
+            accelerator,
+            parameters,
+            lambda group: make_optimizer(config.optimizer, group, config.lr, config.weight_decay),
+            config.max_grad_norm,
+        )
+        accelerator.register_for_checkpointing(update)
+        return update, wrapped_unet, "dense, stepped in backward"
+    dense_masks = [(p, mask.unpack(n).to(p.device)) for n, p in trained] if mask else []
+    optimizer = make_optimizer(config.optimizer, parameters, config.lr, config.weight_decay)
+    wrapped_unet, optimizer = accelerator.prepare(unet, optimizer)
+    return DenseUpdate(accelerator, optimizer, parameters, dense_masks), wrapped_unet, "dense"
 
 
 def train(
@@ -183,26 +263,13 @@ def train(
     if mask is not None and not isinstance(mask, PackedMask):
         mask = pack_bool_mask(mask)
     parameters = select_parameters(unet, method, mask)
-    trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-    masked = mask is not None and masked_state_fallback(config) is None
-    dense_masks = []
-    if masked:
-        optimizer = MaskedAdam(trained, mask, config.lr)
-        wrapped_unet = accelerator.prepare(unet)
-        accelerator.register_for_checkpointing(optimizer)
-        if accelerator.num_processes == 1:
-            optimizer.gather_in_backward()  # under DDP: gathered after the reduced backward
-    else:
-        if mask is not None:
-            dense_masks = [(p, mask.unpack(n).to(p.device)) for n, p in trained]
-        optimizer = make_optimizer(config.optimizer, parameters, config.lr, config.weight_decay)
-        wrapped_unet, optimizer = accelerator.prepare(unet, optimizer)
+    update, wrapped_unet, state_name = make_update(accelerator, unet, config, parameters, mask)
 
     start = resume(accelerator, checkpoint_dir)
     result = TrainResult(steps=config.steps, resumed_from=start)
     result.trained_parameters = sum(p.numel() for p in parameters)
     result.micro_batch_size = config.micro_batch_size
-    result.optimizer_state = "masked" if masked else "dense"
+    result.optimizer_state = state_name
     accumulation = config.gradient_accumulation_steps
     progress = tqdm(
         range(start, config.steps),
@@ -224,26 +291,10 @@ def train(
                 with accelerator.accumulate(wrapped_unet):
                     terms = backward_micro_batches(
                         accelerator, wrapped_unet, method, forget_batch, retain_batch, generator,
-                        config,
+                        config, getattr(update, "backward", accelerator.backward),
                     )  # fmt: skip
-                    if masked:
-                        if accelerator.sync_gradients:
-                            optimizer.gather()  # nothing left to gather when hooks did it
-                            if config.max_grad_norm:
-                                optimizer.clip_grad_norm_(config.max_grad_norm)
-                            optimizer.step()
-                            optimizer.zero_grad()
-                        continue
                     if accelerator.sync_gradients:
-                        for param, param_mask in dense_masks:
-                            if param.grad is not None:
-                                param.grad.mul_(param_mask)
-                        if config.max_grad_norm:
-                            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                    if not result.state_bytes and accelerator.sync_gradients:
-                        result.state_bytes = dense_state_bytes(unet, parameters, dense_masks)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        update.update(config.max_grad_norm)
             if backend.device.type == "cuda":
                 torch.cuda.synchronize(backend.device)
             result.step_seconds.append(round(time.perf_counter() - clock, 3))
@@ -254,12 +305,8 @@ def train(
             if checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0:
                 save_checkpoint(accelerator, checkpoint_dir, done)
     finally:
-        if masked:
-            optimizer.remove_hooks()
-    if masked:
-        result.state_bytes = {"weights": tensor_bytes(unet.parameters()), **optimizer.state_bytes()}
-    else:
-        result.state_bytes["optimizer"] = optimizer_state_bytes(optimizer)
+        update.remove_hooks()
+    result.state_bytes = {"weights": tensor_bytes(unet.parameters()), **update.state_bytes()}
     frozen = getattr(method, "frozen_unet", None)
     if frozen is not None:  # ESD's copy of the trained weights (the rest is shared)
         shared = {id(p) for p in unet.parameters()}
@@ -275,26 +322,6 @@ def train(
 def tensor_bytes(tensors) -> int:
     """Bytes of the given tensors."""
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def dense_state_bytes(unet, parameters, dense_masks) -> dict[str, int]:
-    """Weights, dense gradients and (when a mask is applied densely) bool masks, in bytes."""
-    return {
-        "weights": tensor_bytes(unet.parameters()),
-        "gradients": tensor_bytes(p.grad for p in parameters if p.grad is not None),
-        "mask": tensor_bytes(m for _, m in dense_masks),
-    }
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of a torch optimizer's state tensors (Adam's moments)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-    return tensor_bytes(
-        value
-        for state in inner.state.values()
-        for value in state.values()
-        if torch.is_tensor(value) and value.dim() > 0
-    )
 
 
 def write_base_weights(unet: torch.nn.Module, trainable, path: str) -> None:

@@ -75,7 +75,8 @@ def trained_weights(tiny_sd_dir, method="salun", mask=True, lr=1e-3, **settings)
         method_class = get_method(method)
         settings_of_method = {"alpha": 0.1, "mask_guidance": 7.5} if method == "salun" else {}
         method = method_class(backend, concept, method_class.Config(**settings_of_method))
-    config = TrainConfig(lr=lr, steps=3, batch_size=4, optimizer="adam", **settings)
+    settings.setdefault("optimizer", "adam")
+    config = TrainConfig(lr=lr, steps=3, batch_size=4, **settings)
     forget, retain = data(backend)
     result = train(
         make_accelerator(config),
@@ -107,6 +108,24 @@ def test_masked_optimizer_equals_dense_masked_adam(tiny_sd_dir, monkeypatch, max
         torch.testing.assert_close(lean[name], dense[name], rtol=0, atol=1e-6)
         assert torch.equal(lean[name][~mask[name]], base[name][~mask[name]]), name
     assert sum(int((lean[n] != base[n]).sum()) for n in lean) > 0
+
+
+@pytest.mark.parametrize("method, max_grad_norm", [("esd-u", None), ("fmn", 1e-3)])
+def test_stepping_in_backward_equals_dense_adam(tiny_sd_dir, monkeypatch, method, max_grad_norm):
+    optimizer = "adamw" if method == "fmn" else "adam"
+    settings = dict(mask=False, max_grad_norm=max_grad_norm, optimizer=optimizer)
+    lean, lean_result = trained_weights(tiny_sd_dir, method, **settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(erase.train, "steps_in_backward", lambda *args: False)
+        dense, dense_result = trained_weights(tiny_sd_dir, method, **settings)
+    assert lean_result.optimizer_state == "dense, stepped in backward"
+    assert dense_result.optimizer_state == "dense"
+    assert lean_result.state_bytes["optimizer"] == dense_result.state_bytes["optimizer"]
+    assert lean_result.state_bytes["gradients"] < dense_result.state_bytes["gradients"] / 4
+    base = load_backend(tiny_sd_dir).unet.state_dict()
+    assert sum(int((lean[n] != base[n]).sum()) for n in lean) > 0
+    for name in lean:
+        torch.testing.assert_close(lean[name], dense[name], rtol=0, atol=1e-6)
 
 
 def test_masked_state_holds_only_masked_entries(tiny_sd_dir):
