@@ -105,6 +105,13 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     )
     data.add_argument("--gen-batch-size", type=positive(int), default=8)
     data.add_argument(
+        "--gen-precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="precision of image generation (Stable Diffusion), by autocast over the fp32 "
+        "weights; auto: fp16 on a CUDA GPU, as diffusers users run SD, fp32 on the CPU",
+    )
+    data.add_argument(
         "--cache-dir", default=None, help="cache of generated sets (default: $ERASE_HOME/data)"
     )
     data.add_argument(

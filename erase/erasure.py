@@ -7,11 +7,13 @@ import argparse
 import dataclasses
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import broadcast
 
-from erase.artifact import check_output, staged_output, versions, write_json
+from erase.artifact import check_output, partial_path, staged_output, versions, write_json
 from erase.concepts import Concept, resolve_concept, slug
 from erase.data import ConceptData, DataConfig, build_concept_data, encode_images
 from erase.methods import get_method
@@ -116,6 +118,8 @@ def run_erasure(args: argparse.Namespace, backend=None, on_phase=None) -> Erasur
     )
     if backend is None:
         backend = load_backend(args.model, data_dir=args.data_dir, device=accelerator.device)
+    if hasattr(backend, "gen_precision"):
+        backend.gen_precision = getattr(args, "gen_precision", "auto")
     concept = resolve_run_concept(backend, args)
     defaults = method_class.defaults(backend, concept, args.num_forget)
     train_config, method_config = settings_from_args(args, defaults, method_class)
@@ -141,7 +145,8 @@ def run_erasure(args: argparse.Namespace, backend=None, on_phase=None) -> Erasur
         concept_images=args.concept_images,
     )
     if getattr(method, "needs_images", True):
-        data = build_concept_data(backend, concept, data_config)
+        with accelerator.main_process_first():  # one process generates, the others read it
+            data = build_concept_data(backend, concept, data_config)
         forget_latents = encode_images(backend, data.forget_images)  # (N_f, C, h, w)
         retain_latents = encode_images(backend, data.retain_images)  # (N_r, C, h, w)
     else:  # ESD samples its own x_t: only the batches' shape and conditions are used
@@ -163,6 +168,11 @@ def run_erasure(args: argparse.Namespace, backend=None, on_phase=None) -> Erasur
             generator=torch.Generator().manual_seed(args.seed),
         )
         mask = saliency_mask(gradients, method_config.mask_ratio)
+        if accelerator.num_processes > 1:  # every process trains with the main process's mask
+            mask.bits = {
+                name: broadcast(bits.to(accelerator.device)).cpu()
+                for name, bits in mask.bits.items()
+            }
         del gradients
     lap("mask")
 
@@ -172,7 +182,9 @@ def run_erasure(args: argparse.Namespace, backend=None, on_phase=None) -> Erasur
         )
     lap("prepare")
 
-    with staged_output(output, keep_on_error=bool(args.checkpoint_every)) as staging:
+    # Only the main process writes and renames the output; the others see the same folder.
+    staged = staged_output(output, keep_on_error=bool(args.checkpoint_every))
+    with staged if accelerator.is_main_process else nullcontext(partial_path(output)) as staging:
         # The base values of what may move, on disk: changed weights are counted against them
         # without a second UNet in memory.
         base_weights = os.path.join(staging, "base-weights.bin")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from erase.data import batch_at
@@ -68,9 +69,15 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         )
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise EraseError("--mixed-precision fp16 needs a CUDA GPU: use bf16 or no on the CPU.")
+    # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`):
+    # accelerate joins them only when told to use the CPU, with gloo.
+    several_cpu_processes = (
+        not torch.cuda.is_available() and os.environ.get("WORLD_SIZE", "1") != "1"
+    )
     return Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=several_cpu_processes,
     )
 
 
@@ -215,11 +222,32 @@ def steps_in_backward(accelerator, unet, config: TrainConfig) -> bool:
     )
 
 
-def make_update(accelerator, unet, config: TrainConfig, parameters, mask: PackedMask | None):
+def check_sharding(accelerator, method, mask) -> None:
+    """FSDP and DeepSpeed shard parameters across processes; say in one line which methods cannot
+    run under them."""
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    if getattr(method, "frozen_unet", None) is not None:
+        raise EraseError(
+            f"{method.name} keeps a frozen copy that shares the untrained weights with the "
+            "trained UNet, which FSDP/DeepSpeed shard: run it on one GPU or with plain DDP "
+            "(accelerate launch --multi_gpu)."
+        )
+    if mask is not None:
+        raise EraseError(
+            "SalUn's saliency mask selects entries of whole parameters, which FSDP/DeepSpeed "
+            "shard: run it on one GPU (its masked state fits 24 GB) or with plain DDP."
+        )
+
+
+def make_update(
+    accelerator, unet, method, config: TrainConfig, parameters, mask: PackedMask | None
+):
     """The update of this run, leanest first: masked Adam (state only for masked weights), the
     optimizer stepped inside backward (no full set of gradients), or torch's optimizer through
     accelerate. Returns (update, prepared unet, state name)."""
     trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    check_sharding(accelerator, method, mask)
     if mask is not None and masked_state_fallback(config) is None:
         update = MaskedAdam(trained, mask, config.lr)
         wrapped_unet = accelerator.prepare(unet)
@@ -263,7 +291,9 @@ def train(
     if mask is not None and not isinstance(mask, PackedMask):
         mask = pack_bool_mask(mask)
     parameters = select_parameters(unet, method, mask)
-    update, wrapped_unet, state_name = make_update(accelerator, unet, config, parameters, mask)
+    update, wrapped_unet, state_name = make_update(
+        accelerator, unet, method, config, parameters, mask
+    )
 
     start = resume(accelerator, checkpoint_dir)
     result = TrainResult(steps=config.steps, resumed_from=start)
