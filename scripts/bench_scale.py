@@ -142,7 +142,10 @@ class PhaseMemory:
         peaks, begin = {}, self.start_time
         for phase, end in self.boundaries:
             inside = [rss for t, rss in self.samples if begin <= t <= end]
-            peaks[phase] = {"rss_mb": round(max(inside, default=0) / 2**20, 1)}
+            peaks[phase] = {
+                "rss_mb": round(max(inside, default=0) / 2**20, 1),
+                "start_rss_mb": round(inside[0] / 2**20, 1) if inside else 0,
+            }
             if phase in self.cuda_peaks:
                 peaks[phase]["cuda_mb"] = round(self.cuda_peaks[phase] / 2**20, 1)
             begin = end
@@ -241,12 +244,12 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def activation_projection(report: dict, batch: int) -> dict:
-    """Activation bytes per sample (train-phase peak above the train phase's starting memory and
-    the state it creates), and the projected total for `batch` samples."""
-    phases = report["peak_mb"]
-    before_train = max(phases[p]["rss_mb"] for p in ("mask", "prepare") if p in phases)
+    """Activation bytes per sample (the train phase's peak RSS above its starting RSS and the
+    state training creates: gradients and moments), and the projected total for `batch` samples:
+    the whole state plus `batch` times that."""
+    train = report["peak_mb"]["train"]
     created = report["state_mb"].get("gradients", 0) + report["state_mb"].get("optimizer", 0)
-    per_sample = (phases["train"]["rss_mb"] - before_train - created) / report["batch_size"]
+    per_sample = (train["rss_mb"] - train["start_rss_mb"] - created) / report["batch_size"]
     return {
         "activation_mb_per_sample": round(per_sample, 1),
         f"projected_total_mb_batch_{batch}": round(
@@ -300,10 +303,7 @@ def main() -> None:
             reports[method] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
             continue
         reports[method] = json.loads(lines[-1].removeprefix("BENCH-JSON "))
-        if method == "salun":
-            reports[method]["projection"] = activation_projection(
-                reports[method], args.project_batch
-            )
+        reports[method]["projection"] = activation_projection(reports[method], args.project_batch)
     print(json.dumps(reports, indent=2))
 
 
