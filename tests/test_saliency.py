@@ -144,3 +144,9 @@ def test_forget_loss_gradients_cover_every_weight(tiny_sd_dir):
         g.numel() for g in gradients.values()
     )
     assert all(p.grad is None for p in backend.unet.parameters())
+
+
+def test_nan_gradients_are_an_error():
+    gradients = {"a": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.ones(5)}
+    with pytest.raises(EraseError, match="NaN"):
+        saliency_mask(gradients, 0.5)
