@@ -105,6 +105,13 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     )
     data.add_argument("--gen-batch-size", type=positive(int), default=8)
     data.add_argument(
+        "--gen-precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="precision of image generation (Stable Diffusion), by autocast over the fp32 "
+        "weights; auto: fp16 on a CUDA GPU, as diffusers users run SD, fp32 on the CPU",
+    )
+    data.add_argument(
         "--cache-dir", default=None, help="cache of generated sets (default: $ERASE_HOME/data)"
     )
     data.add_argument(
@@ -124,6 +131,20 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         help="passes over the forget set (when --steps is not given)",
     )
     training.add_argument("--batch-size", type=positive(int), default=None)
+    training.add_argument(
+        "--micro-batch-size",
+        type=positive(int),
+        default=None,
+        metavar="N",
+        help="compute each batch N samples at a time, with the same update as the whole batch "
+        "(less activation memory; default: the whole batch at once)",
+    )
+    training.add_argument(
+        "--no-gradient-checkpointing",
+        action="store_true",
+        help="keep every activation instead of recomputing them in backward (faster, much "
+        "more memory; Stable Diffusion trains with checkpointing by default, as the reference)",
+    )
     training.add_argument("--gradient-accumulation-steps", type=positive(int), default=1)
     training.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     training.add_argument("--max-grad-norm", type=positive(float), default=None)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import broadcast
 
 from erase.artifact import (
     check_folder_path,
@@ -35,7 +36,14 @@ from erase.errors import EraseError
 from erase.methods import get_method
 from erase.models import erase_home, load_backend
 from erase.saliency import forget_loss_gradients, load_mask, mask_ratio, saliency_mask, save_mask
-from erase.train import TrainConfig, make_accelerator, peak_memory_mb, train
+from erase.train import (
+    TrainConfig,
+    count_changed_weights,
+    make_accelerator,
+    peak_memory_mb,
+    train,
+    write_base_weights,
+)
 
 MAX_RESOLUTION = 8192  # beyond any released model; each backend also allows at most 4 x its own
 
@@ -47,9 +55,11 @@ def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
         steps=args.steps,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
@@ -101,15 +111,24 @@ def resolve_run_concept(backend, args) -> Concept:
     )
 
 
-def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
+def run_erasure(args: argparse.Namespace, backend=None, on_phase=None) -> ErasureResult:
     """Erase `args.concept` with `args.method` and write the artifact; the one code path of the CLI.
 
     Every input is checked before any work, and the output stays locked for the whole run.
+    `on_phase(name)`, when given, is called as each phase (load, data, ..., write) ends.
     """
     output = args.output or default_output(args)
     check_arguments(args)
+    # The accelerate state comes first: the lock and the output's cleanup ask it which process
+    # is the main one (several CPU processes are known only to the accelerator made here).
+    accelerator = make_accelerator(
+        TrainConfig(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+        )
+    )
     with output_lock(output):
-        return erase_into(output, args, backend)
+        return erase_into(output, args, accelerator, backend, on_phase)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -192,7 +211,9 @@ def run_settings(backend, concept: Concept, method_config, train_config, args) -
     }
 
 
-def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureResult:
+def erase_into(
+    output: str, args: argparse.Namespace, accelerator, backend=None, on_phase=None
+) -> ErasureResult:
     """The erasure of run_erasure, holding the lock of `output`."""
     check_output(output, args.overwrite, resume=args.resume)
     method_class = get_method(args.method)
@@ -203,20 +224,22 @@ def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureRe
         nonlocal clock
         timings[phase] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
+        if on_phase:
+            on_phase(phase)
 
-    accelerator = make_accelerator(
-        TrainConfig(
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-        )
-    )
     if backend is None:
         backend = load_backend(args.model, data_dir=args.data_dir, device=accelerator.device)
     check_backend_arguments(backend, args)
+    if hasattr(backend, "gen_precision"):
+        backend.gen_precision = getattr(args, "gen_precision", "auto")
     concept = resolve_run_concept(backend, args)
     defaults = method_class.defaults(backend, concept, args.num_forget)
     train_config, method_config = settings_from_args(args, defaults, method_class)
     method = method_class(backend, concept, method_config)  # fails early on an unfit backend
+    if hasattr(backend, "set_gradient_checkpointing"):  # for the mask's backward as well
+        backend.set_gradient_checkpointing(
+            train_config.gradient_checkpointing and getattr(method, "gradient_checkpointing", True)
+        )
     mask = None
     if method.uses_mask and args.mask:
         mask = load_mask(args.mask, backend.unet, backend.identity)
@@ -237,7 +260,8 @@ def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureRe
         concept_images=args.concept_images,
     )
     if getattr(method, "needs_images", True):
-        data = build_concept_data(backend, concept, data_config)
+        with accelerator.main_process_first():  # one process generates, the others read it
+            data = build_concept_data(backend, concept, data_config)
         forget_latents = encode_images(backend, data.forget_images)  # (N_f, C, h, w)
         retain_latents = encode_images(backend, data.retain_images)  # (N_r, C, h, w)
     else:  # ESD samples its own x_t: only the batches' shape and conditions are used
@@ -259,6 +283,11 @@ def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureRe
             generator=torch.Generator().manual_seed(args.seed),
         )
         mask = saliency_mask(gradients, method_config.mask_ratio)
+        if accelerator.num_processes > 1:  # every process trains with the main process's mask
+            mask.bits = {
+                name: broadcast(bits.to(accelerator.device)).cpu()
+                for name, bits in mask.bits.items()
+            }
         del gradients
     lap("mask")
 
@@ -268,9 +297,13 @@ def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureRe
         )
     lap("prepare")
 
-    base_state = {n: p.detach().clone() for n, p in backend.unet.named_parameters()}
     with staged_output(output) as staging:
         record_settings(accelerator, checkpoint_dir, settings)
+        # The base values of what may move, on disk: changed weights are counted against them
+        # without a second UNet in memory.
+        base_weights = os.path.join(staging, "base-weights.bin")
+        if accelerator.is_main_process:
+            write_base_weights(backend.unet, method.trainable, base_weights)
         result = train(
             accelerator,
             backend,
@@ -284,9 +317,10 @@ def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureRe
         lap("train")
         after = evaluate and class_evaluation(backend, concept, args)
         lap("eval_after")
-        changed = sum(
-            int((p.detach() != base_state[n]).sum()) for n, p in backend.unet.named_parameters()
-        )
+        changed = 0
+        if accelerator.is_main_process:
+            changed = count_changed_weights(backend.unet, method.trainable, base_weights)
+            os.remove(base_weights)
         metadata = {
             "base_model": backend.identity,
             "base_weights": settings["weights"],  # erase-eval checks --model against it
@@ -301,7 +335,7 @@ def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureRe
             "train_result": dataclasses.asdict(result),
             "changed_weights": changed,
             "total_weights": sum(p.numel() for p in backend.unet.parameters()),
-            "mask_ratio": mask_ratio(mask) if mask else None,
+            "mask_ratio": mask_ratio(mask) if mask is not None else None,
             "timings_s": timings,
             "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
             "device": str(accelerator.device),
@@ -326,6 +360,8 @@ def erase_into(output: str, args: argparse.Namespace, backend=None) -> ErasureRe
                 )
             timings["write"] = round(time.perf_counter() - clock, 3)
             write_json(os.path.join(staging, "metadata.json"), metadata)
+    if on_phase:
+        on_phase("write")
     return ErasureResult(output, metadata, backend)
 
 

@@ -1,18 +1,25 @@
 """Weight saliency: which weights the forgetting loss depends on most (SalUn, Fan et al. 2024).
 
-The mask keeps the top `ratio` of all UNet weights by |gradient of the forgetting loss|, with
-one global threshold. The threshold is found by bisection on the float bit patterns (31 counting
-passes, no sort and no copy of all gradients), and the mask is stored as booleans.
+The mask keeps exactly the top `round(ratio * N)` of all N UNet weights by |gradient of the
+forgetting loss|, with one global threshold; weights equal to the threshold are kept earliest
+first (in parameter order) until the count is reached, so that many equal values (zero
+gradients) cannot make the mask keep more. The threshold is exact without a sort: a random
+sample brackets it, one pass counts what lies above the bracket and collects the few values
+inside it, and a selection among those gives the value. The mask is bit-packed (1 bit per
+weight) in memory and on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -21,7 +28,9 @@ from tqdm.auto import tqdm
 from erase.errors import EraseError
 from erase.models.base import Backend, Condition
 
-MASK_FORMAT = "erase-saliency-mask/1"
+MASK_FORMAT = "erase-saliency-mask/2"  # bit-packed uint8 tensors + their shapes
+BOOL_MASK_FORMAT = "erase-saliency-mask/1"  # one bool tensor per parameter (still loads)
+SAMPLE_SIZE = 1 << 20  # values sampled to bracket the threshold
 
 
 def forget_loss_gradients(
@@ -65,29 +74,208 @@ def forget_loss_gradients(
     return gradients
 
 
-def top_k_threshold(scores: Iterable[torch.Tensor], keep: int) -> float:
-    """The `keep`-th largest value over all tensors of non-negative `scores`, without sorting.
+@dataclass
+class PackedMask(Mapping):
+    """A saliency mask, 1 bit per weight: per parameter, its bits packed 8 to a byte. It reads
+    like a dict of bool tensors: `mask[name]` unpacks one parameter's."""
 
-    For non-negative float32 numbers the order of their int32 bit patterns is the order of
-    the numbers, so a bisection over bit patterns finds the exact value in 31 counting passes.
+    bits: dict[str, torch.Tensor]  # uint8 (ceil(numel / 8),), little-endian within a byte
+    shapes: dict[str, tuple[int, ...]]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.unpack(name)
+
+    def __iter__(self):
+        return iter(self.bits)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def unpack(self, name: str) -> torch.Tensor:
+        """The bool mask of one parameter, in its shape."""
+        return unpack_mask(self.bits[name], self.shapes[name])
+
+    def count(self, name: str) -> int:
+        """How many weights of one parameter the mask keeps."""
+        return int(POPCOUNT.to(self.bits[name].device)[self.bits[name].int()].sum())
+
+    def kept(self) -> int:
+        """How many weights the mask keeps in all."""
+        return sum(self.count(name) for name in self.bits)
+
+    def total(self) -> int:
+        """How many weights the mask covers."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+
+POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)])
+BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The bits of a bool tensor packed 8 to a uint8, little-endian: (ceil(numel / 8),)."""
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=flat.device)
+    padded[: flat.numel()] = flat
+    return (padded.view(-1, 8) * BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, shape) -> torch.Tensor:
+    """The bool tensor of `shape` whose entries are `bits` (as `pack_mask` wrote them)."""
+    numel = math.prod(shape)
+    flags = bits[:, None].bitwise_and(BIT_WEIGHTS.to(bits.device)).ne(0)  # (bytes, 8)
+    return flags.view(-1)[:numel].view(shape)
+
+
+def pack_bool_mask(mask: Mapping[str, torch.Tensor]) -> PackedMask:
+    """A PackedMask from bool tensors by parameter name."""
+    return PackedMask(
+        {name: pack_mask(m.cpu()) for name, m in mask.items()},
+        {name: tuple(m.shape) for name, m in mask.items()},
+    )
+
+
+def top_k_threshold(scores: Iterable[torch.Tensor], keep: int) -> float:
+    """The `keep`-th largest value over all tensors of non-negative `scores`, without sorting."""
+    return top_k_selection([s.reshape(-1) for s in scores], keep)[0]
+
+
+def top_k_selection(scores: list[torch.Tensor], keep: int) -> tuple[float, list[torch.Tensor]]:
+    """(threshold, packed masks) over 1-d tensors of non-negative `scores`: masks (as `pack_mask`
+    writes them) keeping exactly `keep` values, all those above the threshold and, of those
+    equal to it, the earliest ones.
+
+    A random sample of 2^20 values brackets the threshold (its sample quantiles, widened by six
+    standard errors); one pass per tensor packs the values above the bracket (they are kept) and
+    collects the positions inside it; the threshold is a selection among those few. Heavy ties
+    at the bracket's lower end (zero gradients) are settled by one more count, and a bracket that
+    missed (probability ~1e-9) falls back to an exact bisection over the float bit patterns.
     """
-    scores = list(scores)
     total = sum(s.numel() for s in scores)
     if not 1 <= keep <= total:
         raise ValueError(f"keep must be in [1, {total}], got {keep}")
-    if any(bool(torch.isnan(s).any()) for s in scores):
-        raise EraseError("The saliency gradients contain NaN: the model or its inputs are broken.")
+    low, high = sample_bracket(scores, keep, total)
+    largest = max(s.numel() for s in scores)
+    device = scores[0].device
+    above = torch.empty(largest, dtype=torch.bool, device=device)  # reused: no fresh pages
+    between = torch.empty(largest, dtype=torch.bool, device=device)
+    packed, inside, kept = [], [], 0  # per tensor: bits above; (positions, values) inside
+    for score in scores:
+        over, middle = above[: score.numel()], between[: score.numel()]
+        torch.gt(score, high, out=over)
+        torch.gt(score, low, out=middle)
+        torch.logical_xor(middle, over, out=middle)  # low < score <= high
+        positions = true_positions(middle)
+        kept += count_true(over)
+        packed.append(pack_mask(over))
+        inside.append((positions, take(score, positions)))
+    del above, between
+    rank = keep - kept  # still to keep, from inside the bracket
+    values = torch.cat([v.float().cpu() for _, v in inside])
+    if 1 <= rank <= values.numel():
+        threshold = values.kthvalue(values.numel() - rank + 1).values.item()
+        ties = rank - int(torch.count_nonzero(values > threshold))
+        for bits, (positions, candidate) in zip(packed, inside):
+            tied = positions[candidate == threshold][:ties]
+            set_bits(bits, torch.cat([positions[candidate > threshold], tied]))
+            ties -= tied.numel()
+        return threshold, packed
+    del packed, inside
+    if rank > values.numel() and count_at_least(scores, low) >= keep:
+        threshold = low  # the threshold is `low` itself, a value many scores share
+    else:
+        threshold = bisection_threshold(scores, keep)
+    return threshold, keep_at_threshold(scores, threshold, keep)
 
-    def count_at_least(bits: int) -> int:
-        value = torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()
-        return sum(int(torch.count_nonzero(s >= value)) for s in scores)
+
+def keep_at_threshold(scores: list[torch.Tensor], threshold: float, keep: int):
+    """Packed masks of the values above `threshold` plus the earliest ones equal to it, `keep`
+    in all."""
+    packed = []
+    ties = keep - sum(int(torch.count_nonzero(s > threshold)) for s in scores)
+    for score in scores:
+        mask = score > threshold
+        if ties > 0:
+            tied = true_positions(score == threshold)[:ties]
+            mask[tied] = True
+            ties -= tied.numel()
+        packed.append(pack_mask(mask))
+    return packed
+
+
+def true_positions(flags: torch.Tensor) -> torch.Tensor:
+    """Positions of the True entries of a 1-d bool tensor (numpy's is ~7x faster on the CPU)."""
+    if flags.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flags.numpy()))
+    return flags.nonzero().squeeze(1)
+
+
+def count_true(flags: torch.Tensor) -> int:
+    """How many entries of a bool tensor are True."""
+    if flags.device.type == "cpu":
+        return int(np.count_nonzero(flags.numpy()))
+    return int(torch.count_nonzero(flags))
+
+
+def take(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values[positions] for a 1-d tensor (through numpy on the CPU, much faster)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(values.numpy()[positions.numpy()])
+    return values[positions]
+
+
+def set_bits(bits: torch.Tensor, positions: torch.Tensor) -> None:
+    """Set the bits at `positions` in a packed mask, in place."""
+    if bits.device.type == "cpu":
+        index = positions.numpy()
+        np.bitwise_or.at(bits.numpy(), index >> 3, (1 << (index & 7)).astype(np.uint8))
+        return
+    flags = unpack_mask(bits, (bits.numel() * 8,)).clone()
+    flags[positions] = True
+    bits.copy_(pack_mask(flags))
+
+
+def sample_bracket(scores: list[torch.Tensor], keep: int, total: int) -> tuple[float, float]:
+    """(low, high) from sample quantiles such that the keep-th largest is in (low, high] w.h.p."""
+    generator = torch.Generator().manual_seed(0)
+    picks = []
+    for s in scores:
+        count = max(1, round(SAMPLE_SIZE * s.numel() / total))
+        positions = torch.randint(0, s.numel(), (count,), generator=generator).to(s.device)
+        picks.append(s[positions].float().cpu())
+    sample = torch.cat(picks).sort().values
+    # NaN gradients come from a NaN loss and fill the whole backward: the sample shows them.
+    if bool(torch.isnan(sample[-1])):
+        raise EraseError("The saliency gradients contain NaN: the model or its inputs are broken.")
+    below = 1 - keep / total  # the share of values below the answer
+    margin = 6 * math.sqrt(below * (1 - below) / sample.numel()) + 8 / sample.numel()
+    low_index = math.floor((below - margin) * sample.numel())
+    high_index = math.ceil((below + margin) * sample.numel())
+    low = sample[low_index].item() if low_index >= 0 else -1.0  # scores are >= 0
+    high = sample[high_index].item() if high_index < sample.numel() else float("inf")
+    return low, high
+
+
+def count_at_least(scores: list[torch.Tensor], value: float) -> int:
+    """How many scores are >= value."""
+    return sum(int(torch.count_nonzero(s >= value)) for s in scores)
+
+
+def bisection_threshold(scores: list[torch.Tensor], keep: int) -> float:
+    """The keep-th largest by bisection over float32 bit patterns (31 counting passes): for
+    non-negative floats the order of their int32 bit patterns is the order of the numbers."""
+
+    def at_least(bits: int) -> int:
+        return count_at_least(scores, torch.tensor(bits, dtype=torch.int32).view(torch.float32))
 
     low, high = 0, 0x7F800000  # count(+0.0) = total >= keep; +inf bits as the open upper end
-    if count_at_least(high) >= keep:
+    if at_least(high) >= keep:
         return float("inf")
     while high - low > 1:
         middle = (low + high) // 2
-        if count_at_least(middle) >= keep:
+        if at_least(middle) >= keep:
             low = middle
         else:
             high = middle
@@ -100,17 +288,20 @@ def sort_threshold(scores: Iterable[torch.Tensor], keep: int) -> float:
     return torch.sort(flat, descending=True).values[keep - 1].item()
 
 
-def saliency_mask(gradients: Mapping[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
-    """Boolean masks keeping the top `ratio` of all weights by |gradient|, one global threshold.
+def saliency_mask(gradients: Mapping[str, torch.Tensor], ratio: float) -> PackedMask:
+    """The mask keeping exactly round(ratio * N) weights by |gradient|, bit-packed.
 
-    The gradients are made absolute in place (no second copy of 860 M values at SD scale).
+    One global threshold; weights equal to it are kept earliest first (in parameter order)
+    until the count is reached. The gradients are made absolute in place (no second copy of
+    860 M values at SD scale).
     """
     if not 0 < ratio <= 1:
         raise EraseError(f"--mask-ratio must be in (0, 1], got {ratio}.")
-    scores = [g.abs_() for g in gradients.values()]
-    total = sum(s.numel() for s in scores)
-    threshold = top_k_threshold(scores, max(1, round(ratio * total)))
-    return {name: (g >= threshold).cpu() for name, g in gradients.items()}
+    scores = [g.abs_().reshape(-1) for g in gradients.values()]
+    keep = max(1, round(ratio * sum(s.numel() for s in scores)))
+    _, packed = top_k_selection(scores, keep)
+    bits = {name: bits.cpu() for name, bits in zip(gradients, packed)}
+    return PackedMask(bits, {name: tuple(g.shape) for name, g in gradients.items()})
 
 
 def structure_digest(unet: torch.nn.Module) -> str:
@@ -119,50 +310,69 @@ def structure_digest(unet: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
-def save_mask(mask: Mapping[str, torch.Tensor], path: str, **metadata) -> None:
-    """Write the mask as safetensors of bool tensors, with its settings as string metadata."""
-    kept = sum(int(m.sum()) for m in mask.values())
-    total = sum(m.numel() for m in mask.values())
-    header = {"format": MASK_FORMAT, "kept": str(kept), "total": str(total)}
+def save_mask(mask: PackedMask | Mapping[str, torch.Tensor], path: str, **metadata) -> None:
+    """Write the mask as safetensors of bit-packed uint8 tensors; shapes, counts and settings go
+    into the string metadata."""
+    if not isinstance(mask, PackedMask):
+        mask = pack_bool_mask(mask)
+    header = {
+        "format": MASK_FORMAT,
+        "kept": str(mask.kept()),
+        "total": str(mask.total()),
+        "shapes": json.dumps({name: list(shape) for name, shape in mask.shapes.items()}),
+    }
     header.update({key: json.dumps(value) for key, value in metadata.items()})
-    save_file({name: m.contiguous() for name, m in mask.items()}, path, metadata=header)
+    save_file({name: b.contiguous() for name, b in mask.bits.items()}, path, metadata=header)
 
 
-def load_mask(
-    path: str, unet: torch.nn.Module, identity: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Read a mask and check that it fits `unet` parameter for parameter."""
+def load_mask(path: str, unet: torch.nn.Module, identity: str | None = None) -> PackedMask:
+    """Read a mask (bit-packed, or the older bool format) and check it fits `unet`."""
     if not os.path.isfile(path):
         raise EraseError(f"Mask file '{path}' does not exist: pass a mask.safetensors of a run.")
     try:
         with safe_open(path, framework="pt") as file:
             header = file.metadata() or {}
-            mask = {name: file.get_tensor(name) for name in file.keys()}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
     except Exception:
         raise EraseError(
             f"'{path}' is not a readable safetensors mask: it is corrupt or truncated."
         ) from None
-    if header.get("format") != MASK_FORMAT:
+    if header.get("format") not in (MASK_FORMAT, BOOL_MASK_FORMAT):
         raise EraseError(f"'{path}' is not an erase saliency mask (no '{MASK_FORMAT}' header).")
+    try:
+        saved_identity = json.loads(header.get("model", "null"))
+        saved_shapes = json.loads(header.get("shapes", "{}"))
+        saved_shapes = {name: tuple(int(n) for n in shape) for name, shape in saved_shapes.items()}
+    except (ValueError, TypeError):
+        raise EraseError(
+            f"The metadata of mask '{path}' is malformed (not JSON): compute a new mask."
+        ) from None
     shapes = {name: tuple(p.shape) for name, p in unet.named_parameters()}
+    if header["format"] == BOOL_MASK_FORMAT:
+        if any(t.dtype != torch.bool for t in tensors.values()):
+            raise EraseError(f"The mask '{path}' holds non-bool tensors: compute a new one.")
+        saved_shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        tensors = {name: pack_mask(t) for name, t in tensors.items()}
     mismatched = [
         name
-        for name in shapes.keys() | mask.keys()
-        if name not in mask or name not in shapes or tuple(mask[name].shape) != shapes[name]
+        for name in shapes.keys() | tensors.keys()
+        if name not in tensors
+        or saved_shapes.get(name) != shapes.get(name)
+        or tensors[name].dtype != torch.uint8
+        or tensors[name].numel() != -(-math.prod(shapes[name]) // 8)
     ]
-    if mismatched or any(m.dtype != torch.bool for m in mask.values()):
+    if mismatched:
         raise EraseError(
             f"The mask '{path}' does not fit this model ({len(mismatched)} parameters differ, "
-            f"e.g. '{sorted(mismatched)[0] if mismatched else 'dtype'}'): compute a new one."
+            f"e.g. '{sorted(mismatched)[0]}'): compute a new one."
         )
-    saved_identity = json.loads(header.get("model", "null"))
     if identity and saved_identity and saved_identity != identity:
         warnings.warn(
             f"mask '{path}' was computed on '{saved_identity}', not '{identity}'", stacklevel=2
         )
-    return mask
+    return PackedMask(tensors, {name: shapes[name] for name in tensors})
 
 
-def mask_ratio(mask: Mapping[str, torch.Tensor]) -> float:
+def mask_ratio(mask: PackedMask) -> float:
     """The share of weights the mask keeps."""
-    return sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+    return mask.kept() / mask.total()

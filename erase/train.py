@@ -1,19 +1,27 @@
-"""One trainer for every method, on accelerate: mixed precision, gradient accumulation, masked
-gradients, checkpoint/resume, NaN guard. The loop below is the whole training step."""
+"""One trainer for every method, on accelerate: mixed precision, gradient accumulation and
+micro-batches, gradient checkpointing, masked training with optimizer state only for the masked
+weights, checkpoint/resume, NaN guard. The loop in `train` is the whole training step."""
 
 from __future__ import annotations
 
+import os
 import resource
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from erase.checkpoint import resume, save_checkpoint
 from erase.data import batch_at
 from erase.errors import EraseError
-from erase.models.base import Backend, Condition
+from erase.models.base import Backend, Batch, Condition
+from erase.optim import MaskedAdam, StepInBackward
+from erase.saliency import PackedMask, pack_bool_mask
 
 
 @dataclass
@@ -24,8 +32,11 @@ class TrainConfig:
     steps: int | None = None  # optimizer updates; None: from --epochs or the method default
     epochs: float | None = None  # passes over the forget set, when --steps is not given
     batch_size: int | None = None
+    micro_batch_size: int | None = None  # samples per forward/backward; None: the whole batch
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
+    # SD backends recompute activations in backward, as the reference does (ldm's use_checkpoint)
+    gradient_checkpointing: bool = True
     max_grad_norm: float | None = None
     optimizer: str | None = None  # adam | adamw
     weight_decay: float | None = (
@@ -44,6 +55,10 @@ class TrainResult:
     last_terms: dict[str, float] = field(default_factory=dict)
     trained_parameters: int = 0
     resumed_from: int = 0
+    micro_batch_size: int | None = None
+    optimizer_state: str = "dense"  # "masked": gradients and moments only for masked weights
+    state_bytes: dict[str, int] = field(default_factory=dict)  # bytes of each part of the state
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -54,9 +69,15 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         )
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise EraseError("--mixed-precision fp16 needs a CUDA GPU: use bf16 or no on the CPU.")
+    # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`):
+    # accelerate joins them only when told to use the CPU, with gloo.
+    several_cpu_processes = (
+        not torch.cuda.is_available() and os.environ.get("WORLD_SIZE", "1") != "1"
+    )
     return Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=several_cpu_processes,
     )
 
 
@@ -71,7 +92,7 @@ def select_parameters(unet, method, mask) -> list[torch.nn.Parameter]:
     """Mark the parameters that will move: the method's choice, minus those the mask keeps none of."""
     chosen = []
     for name, param in unet.named_parameters():
-        trainable = method.trainable(name) and (mask is None or bool(mask[name].any()))
+        trainable = method.trainable(name) and (mask is None or mask.count(name) > 0)
         param.requires_grad_(trainable)
         if trainable:
             chosen.append(param)
@@ -84,11 +105,170 @@ def make_optimizer(
     name: str, parameters, lr: float, weight_decay: float | None
 ) -> torch.optim.Optimizer:
     """Adam (SalUn, ESD: no weight decay, so masked weights stay put) or AdamW (Forget-Me-Not)."""
+    # No foreach: its fused temporaries would add a copy of every trained weight on a GPU.
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr)
+        return torch.optim.Adam(parameters, lr=lr, foreach=False)
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay or 0.0)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay or 0.0, foreach=False)
     raise EraseError(f"Unknown optimizer '{name}': use adam or adamw.")
+
+
+def masked_state_fallback(config: TrainConfig) -> str | None:
+    """Why a masked run must keep dense state, or None when the masked optimizer applies."""
+    if config.mixed_precision == "fp16":
+        # fp16's GradScaler unscales and checks the parameters' .grad for inf, which the masked
+        # optimizer frees as soon as it has gathered them; bf16 needs no scaler.
+        return "fp16 loss scaling works on dense gradients"
+    if config.optimizer != "adam" or config.weight_decay:
+        return "the masked optimizer is Adam without weight decay"
+    return None
+
+
+def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
+    """`batch` cut into consecutive pieces of at most `size` samples (all of it for None)."""
+    count = len(batch.conditions)
+    if not size or size >= count:
+        return [batch]
+    return [
+        Batch(batch.latents[start : start + size], batch.conditions[start : start + size])
+        for start in range(0, count, size)
+    ]
+
+
+def backward_micro_batches(
+    accelerator: Accelerator, unet, method, forget: Batch, retain: Batch, generator, config,
+    backward=None,
+) -> dict[str, float]:  # fmt: skip
+    """Loss and backward of one batch in micro-batches; each micro-batch's loss is weighted by its
+    share of the batch, so that the gradients add up to the whole batch's (the losses are means
+    over samples). Only the last backward synchronises the processes."""
+    backward = backward or accelerator.backward
+    forget_parts = micro_batches(forget, config.micro_batch_size)
+    retain_parts = micro_batches(retain, config.micro_batch_size)
+    if len(forget_parts) > 1 and len(forget.conditions) != len(retain.conditions):
+        raise EraseError(
+            "--micro-batch-size needs forget and retain batches of one size: make --num-forget "
+            "and --num-retain at least --batch-size."
+        )
+    if len(forget_parts) > 1 and not getattr(method, "loss_is_mean_over_samples", True):
+        raise EraseError(
+            f"{method.name}'s loss is not a mean over samples, so micro-batches would change "
+            "it: leave --micro-batch-size unset (or equal to --batch-size)."
+        )
+    totals: dict[str, float] = {}
+    for index, (forget_part, retain_part) in enumerate(zip(forget_parts, retain_parts)):
+        share = len(forget_part.conditions) / len(forget.conditions)
+        last = index == len(forget_parts) - 1
+        with nullcontext() if last else accelerator.no_sync(unet):
+            loss, terms = method.loss(unet, forget_part, retain_part, generator)
+            if not torch.isfinite(loss):
+                raise EraseError(
+                    f"The loss became {loss.item()}: lower --lr (now {config.lr}) or use "
+                    "--mixed-precision no; no model was written."
+                )
+            backward(loss * share if share != 1 else loss)
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0.0) + share * value
+    return totals
+
+
+class DenseUpdate:
+    """torch's Adam/AdamW over whole parameters through accelerate (fp16 loss scaling, DDP);
+    a mask, if any, is multiplied into the gradients."""
+
+    def __init__(self, accelerator, optimizer, parameters, dense_masks):
+        self.accelerator, self.optimizer = accelerator, optimizer
+        self.parameters, self.dense_masks = parameters, dense_masks
+        self.gradient_bytes = 0
+
+    def update(self, max_grad_norm: float | None) -> None:
+        """Mask, clip, step and clear the gradients of the batch."""
+        for param, param_mask in self.dense_masks:
+            if param.grad is not None:
+                param.grad.mul_(param_mask)
+        if max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.parameters, max_grad_norm)
+        self.gradient_bytes = tensor_bytes(p.grad for p in self.parameters if p.grad is not None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Dense gradients, the optimizer's moments and the unpacked masks."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        moments = tensor_bytes(
+            value
+            for state in inner.state.values()
+            for value in state.values()
+            if torch.is_tensor(value) and value.dim() > 0
+        )
+        masks = tensor_bytes(m for _, m in self.dense_masks)
+        return {"gradients": self.gradient_bytes, "optimizer": moments, "mask": masks}
+
+    def remove_hooks(self) -> None:
+        """Nothing to detach."""
+
+
+def steps_in_backward(accelerator, unet, config: TrainConfig) -> bool:
+    """Whether the optimizer can step each parameter inside backward: one process, one backward
+    per update, no fp16 loss scaling (its GradScaler needs every gradient at once), and no
+    clipping of a checkpointed UNet (clipping measures the norm in a first backward that keeps
+    the graph; checkpointed segments are not run twice here)."""
+    return (
+        accelerator.num_processes == 1
+        and config.gradient_accumulation_steps == 1
+        and (not config.micro_batch_size or config.micro_batch_size >= config.batch_size)
+        and config.mixed_precision != "fp16"
+        and not (config.max_grad_norm and getattr(unet, "is_gradient_checkpointing", False))
+    )
+
+
+def check_sharding(accelerator, method, mask) -> None:
+    """FSDP and DeepSpeed shard parameters across processes; say in one line which methods cannot
+    run under them."""
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    if getattr(method, "frozen_unet", None) is not None:
+        raise EraseError(
+            f"{method.name} keeps a frozen copy that shares the untrained weights with the "
+            "trained UNet, which FSDP/DeepSpeed shard: run it on one GPU or with plain DDP "
+            "(accelerate launch --multi_gpu)."
+        )
+    if mask is not None:
+        raise EraseError(
+            "SalUn's saliency mask selects entries of whole parameters, which FSDP/DeepSpeed "
+            "shard: run it on one GPU (its masked state fits 24 GB) or with plain DDP."
+        )
+
+
+def make_update(
+    accelerator, unet, method, config: TrainConfig, parameters, mask: PackedMask | None
+):
+    """The update of this run, leanest first: masked Adam (state only for masked weights), the
+    optimizer stepped inside backward (no full set of gradients), or torch's optimizer through
+    accelerate. Returns (update, prepared unet, state name)."""
+    trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    check_sharding(accelerator, method, mask)
+    if mask is not None and masked_state_fallback(config) is None:
+        update = MaskedAdam(trained, mask, config.lr)
+        wrapped_unet = accelerator.prepare(unet)
+        accelerator.register_for_checkpointing(update)
+        if accelerator.num_processes == 1:
+            update.gather_in_backward()  # under DDP: gathered after the reduced backward
+        return update, wrapped_unet, "masked"
+    if mask is None and steps_in_backward(accelerator, unet, config):
+        wrapped_unet = accelerator.prepare(unet)
+        update = StepInBackward(
+            accelerator,
+            parameters,
+            lambda group: make_optimizer(config.optimizer, group, config.lr, config.weight_decay),
+            config.max_grad_norm,
+        )
+        accelerator.register_for_checkpointing(update)
+        return update, wrapped_unet, "dense, stepped in backward"
+    dense_masks = [(p, mask.unpack(n).to(p.device)) for n, p in trained] if mask else []
+    optimizer = make_optimizer(config.optimizer, parameters, config.lr, config.weight_decay)
+    wrapped_unet, optimizer = accelerator.prepare(unet, optimizer)
+    return DenseUpdate(accelerator, optimizer, parameters, dense_masks), wrapped_unet, "dense"
 
 
 def train(
@@ -98,24 +278,28 @@ def train(
     forget: tuple[torch.Tensor, list[Condition]],
     retain: tuple[torch.Tensor, list[Condition]],
     config: TrainConfig,
-    mask: dict[str, torch.Tensor] | None = None,
+    mask: PackedMask | dict[str, torch.Tensor] | None = None,
     checkpoint_dir: str | None = None,
 ) -> TrainResult:
     """Fine-tune `backend.unet` in place with `method.loss`; `forget`/`retain` are (latents, conditions)."""
     unet = backend.unet
     unet.train()
+    if hasattr(backend, "set_gradient_checkpointing"):
+        backend.set_gradient_checkpointing(
+            config.gradient_checkpointing and getattr(method, "gradient_checkpointing", True)
+        )
+    if mask is not None and not isinstance(mask, PackedMask):
+        mask = pack_bool_mask(mask)
     parameters = select_parameters(unet, method, mask)
-    masks = (
-        [(p, mask[n].to(p.device)) for n, p in unet.named_parameters() if p.requires_grad]
-        if mask
-        else []
+    update, wrapped_unet, state_name = make_update(
+        accelerator, unet, method, config, parameters, mask
     )
-    optimizer = make_optimizer(config.optimizer, parameters, config.lr, config.weight_decay)
-    wrapped_unet, optimizer = accelerator.prepare(unet, optimizer)
 
     start = resume(accelerator, checkpoint_dir)
     result = TrainResult(steps=config.steps, resumed_from=start)
     result.trained_parameters = sum(p.numel() for p in parameters)
+    result.micro_batch_size = config.micro_batch_size
+    result.optimizer_state = state_name
     accumulation = config.gradient_accumulation_steps
     progress = tqdm(
         range(start, config.steps),
@@ -125,36 +309,69 @@ def train(
         total=config.steps,
         disable=not accelerator.is_local_main_process,
     )
-    for step in progress:
-        for micro_step in range(accumulation):
-            index = (step * accumulation + micro_step) * accelerator.num_processes
-            index += accelerator.process_index
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-            forget_batch = batch_at(*forget, config.batch_size, index, config.seed)
-            retain_batch = batch_at(*retain, config.batch_size, index, config.seed + 1)
-            with accelerator.accumulate(wrapped_unet):
-                loss, terms = method.loss(wrapped_unet, forget_batch, retain_batch, generator)
-                if not torch.isfinite(loss):
-                    raise EraseError(
-                        f"The loss became {loss.item()} at step {step}: lower --lr (now "
-                        f"{config.lr}) or use --mixed-precision no; no model was written."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    for param, param_mask in masks:
-                        if param.grad is not None:
-                            param.grad.mul_(param_mask)
-                    if config.max_grad_norm:
-                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        result.first_terms = result.first_terms or terms
-        result.last_terms = terms
-        progress.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
-        done = step + 1
-        if checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0:
-            save_checkpoint(accelerator, checkpoint_dir, done)
+    try:
+        for step in progress:
+            clock = time.perf_counter()
+            for micro_step in range(accumulation):
+                index = (step * accumulation + micro_step) * accelerator.num_processes
+                index += accelerator.process_index
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+                forget_batch = batch_at(*forget, config.batch_size, index, config.seed)
+                retain_batch = batch_at(*retain, config.batch_size, index, config.seed + 1)
+                with accelerator.accumulate(wrapped_unet):
+                    terms = backward_micro_batches(
+                        accelerator, wrapped_unet, method, forget_batch, retain_batch, generator,
+                        config, getattr(update, "backward", accelerator.backward),
+                    )  # fmt: skip
+                    if accelerator.sync_gradients:
+                        update.update(config.max_grad_norm)
+            if backend.device.type == "cuda":
+                torch.cuda.synchronize(backend.device)
+            result.step_seconds.append(round(time.perf_counter() - clock, 3))
+            result.first_terms = result.first_terms or terms
+            result.last_terms = terms
+            progress.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
+            done = step + 1
+            if checkpoint_dir and config.checkpoint_every and done % config.checkpoint_every == 0:
+                save_checkpoint(accelerator, checkpoint_dir, done)
+    finally:
+        update.remove_hooks()
+    result.state_bytes = {"weights": tensor_bytes(unet.parameters()), **update.state_bytes()}
+    frozen = getattr(method, "frozen_unet", None)
+    if frozen is not None:  # ESD's copy of the trained weights (the rest is shared)
+        shared = {id(p) for p in unet.parameters()}
+        result.state_bytes["frozen_copy"] = tensor_bytes(
+            p for p in frozen.parameters() if id(p) not in shared
+        )
     accelerator.wait_for_everyone()
     unet.eval()
     unet.requires_grad_(False)
     return result
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the given tensors."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def write_base_weights(unet: torch.nn.Module, trainable, path: str) -> None:
+    """Write the current values of the weights a method may train to one raw file, parameter
+    after parameter, so that changed weights are counted later without a copy in memory."""
+    with open(path, "wb") as file:
+        for name, param in unet.named_parameters():
+            if trainable(name):
+                param.detach().reshape(-1).view(torch.uint8).cpu().numpy().tofile(file)
+
+
+def count_changed_weights(unet: torch.nn.Module, trainable, path: str) -> int:
+    """How many weights differ from those `write_base_weights` wrote to `path`."""
+    changed, offset = 0, 0
+    for name, param in unet.named_parameters():
+        if not trainable(name):
+            continue
+        size = param.numel() * param.element_size()
+        raw = np.fromfile(path, dtype=np.uint8, count=size, offset=offset)
+        base = torch.from_numpy(raw).view(param.dtype).view(param.shape).to(param.device)
+        changed += int((param.detach() != base).sum())
+        offset += size
+    return changed

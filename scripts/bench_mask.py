@@ -1,7 +1,9 @@
-"""Time and memory of the saliency threshold: erase's bisection vs the reference's double argsort.
+"""Time and memory of the saliency mask: erase's exact top-k (sample bracket + selection, bit-packed
+mask) vs the reference's double argsort.
 
     python scripts/bench_mask.py --weights 100000000
-    python scripts/bench_mask.py --weights 860000000 --device cuda   # SD v1.4's UNet size
+    python scripts/bench_mask.py --weights 860000000 --skip-reference   # SD v1.4's UNet size
+    python scripts/bench_mask.py --weights 100000000 --zeros 0.6        # 60 % zero gradients
 
 Prints JSON. The gradients are random, split into tensors shaped like a UNet's (many small, a
 few large). The reference (OPTML-Group/Unlearn-Saliency, SD/generate_mask.py) concatenates all
@@ -82,9 +84,16 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--zeros", type=float, default=0.0, help="share of gradients set to 0")
     args = parser.parse_args()
     device = torch.device(args.device)
     gradients = fake_gradients(args.weights, device)
+    if args.zeros:  # e.g. frozen or dead weights: a large tie group at zero
+        generator = torch.Generator(device=device).manual_seed(1)
+        for gradient in gradients.values():
+            gradient.mul_(
+                torch.rand(gradient.shape, generator=generator, device=device) >= args.zeros
+            )
     # Ours first: on the CPU max RSS only grows, so the later reference run is measured above it.
     with Peak(device) as ours:
         mask = saliency_mask(gradients, args.ratio)
@@ -93,11 +102,13 @@ def main() -> None:
         "tensors": len(gradients),
         "device": str(device),
         "ratio": args.ratio,
+        "zeros": args.zeros,
         "ours": {
             "seconds": round(ours.seconds, 3),
             "peak_extra_mb": round(ours.extra / 2**20, 1),
-            "mask_mb": round(sum(m.numel() for m in mask.values()) / 2**20, 1),  # bool: 1 byte
-            "kept": sum(int(m.sum()) for m in mask.values()),
+            "mask_mb": round(sum(b.numel() for b in mask.bits.values()) / 2**20, 1),  # 1 bit each
+            "kept": mask.kept(),
+            "kept_exactly_round_ratio_n": mask.kept() == round(args.ratio * args.weights),
         },
     }
     del mask

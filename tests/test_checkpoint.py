@@ -59,6 +59,10 @@ def interrupted(tiny_sd_args, tmp_path, monkeypatch):
     return output
 
 
+# The optimizer's state in a checkpoint: accelerate's optimizer.bin, or the masked optimizer's.
+OPTIMIZER_FILES = ("optimizer.bin", "custom_checkpoint_0.pkl")
+
+
 def checkpoint_folder(output):
     return output.parent / (output.name + ".partial") / "checkpoint"
 
@@ -70,7 +74,7 @@ def test_fault_inside_a_save_then_resume_equals_an_uninterrupted_run(
     assert (checkpoints / "latest").read_text() == "step-00000002"
     cut_short = checkpoints / "step-00000004.tmp"
     assert (cut_short / "model.safetensors").is_file()  # the fault struck inside the save
-    assert not (cut_short / "optimizer.bin").exists()
+    assert not any((cut_short / name).exists() for name in OPTIMIZER_FILES)
     assert not interrupted.exists()
 
     assert erase_concept_main(run_args(tiny_sd_args, interrupted, "--resume")) == 0
@@ -136,7 +140,8 @@ def test_overwrite_discards_a_leftover_checkpoint(interrupted, tiny_sd_args):
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_a_damaged_checkpoint_is_one_line(interrupted, tiny_sd_args, capsys, damage):
     step = checkpoint_folder(interrupted) / "step-00000002"
-    target = step / ("model.safetensors" if damage == "truncate" else "optimizer.bin")
+    optimizer_state = next(step / name for name in OPTIMIZER_FILES if (step / name).exists())
+    target = step / "model.safetensors" if damage == "truncate" else optimizer_state
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"x" * len(data))
     err = one_line(capsys, run_args(tiny_sd_args, interrupted, "--resume"))

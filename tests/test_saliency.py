@@ -1,46 +1,75 @@
-"""The saliency mask: exact fast threshold, requested share, safetensors round trip, mismatch errors."""
+"""The saliency mask: exact fast threshold, exactly the requested count, bit-packed safetensors
+round trip, the older bool format, mismatch and malformed-file errors."""
+
+import json
+import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from erase.errors import EraseError
 from erase.models import load_backend
 from erase.saliency import (
+    BOOL_MASK_FORMAT,
+    bisection_threshold,
     forget_loss_gradients,
     load_mask,
+    mask_ratio,
+    pack_mask,
     saliency_mask,
     save_mask,
     sort_threshold,
     top_k_threshold,
+    unpack_mask,
 )
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_bisection_threshold_equals_sort_threshold(seed):
+def random_scores(seed, zeros=0.0, ties=False):
     generator = torch.Generator().manual_seed(seed)
-    scores = [torch.rand(n, generator=generator) ** 3 for n in (1, 17, 1000, 4096)]
-    scores.append(torch.zeros(50))  # zero gradients, as frozen layers give
+    scores = [torch.rand(n, generator=generator) ** 3 for n in (1, 17, 1000, 4096, 20000)]
+    if ties:  # values from a small set: every threshold falls in a large tie group
+        scores = [(s * 8).floor() / 8 for s in scores]
+    if zeros:
+        scores = [s * (torch.rand(s.shape, generator=generator) >= zeros) for s in scores]
+    return scores
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", ["continuous", "ties", "zeros", "ties-and-zeros"])
+def test_threshold_equals_sort_threshold(seed, kind):
+    scores = random_scores(seed, zeros=0.7 if "zeros" in kind else 0.0, ties="ties" in kind)
     total = sum(s.numel() for s in scores)
-    for keep in (1, 7, total // 2, total - 3, total):
-        assert top_k_threshold(scores, keep) == sort_threshold(scores, keep)
+    for keep in (1, 7, total // 10, total // 2, total - 3, total):
+        assert top_k_threshold(scores, keep) == sort_threshold(scores, keep), keep
 
 
-def test_threshold_with_ties_keeps_the_whole_tie_group():
-    scores = [torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0])]
-    assert top_k_threshold(scores, 2) == 2.0
-    assert top_k_threshold(scores, 5) == 1.0
+def test_bisection_fallback_equals_sort_threshold():
+    scores = random_scores(0, zeros=0.5)
+    total = sum(s.numel() for s in scores)
+    for keep in (1, total // 3, total):
+        assert bisection_threshold(scores, keep) == sort_threshold(scores, keep)
 
 
-def test_mask_keeps_requested_share():
-    generator = torch.Generator().manual_seed(0)
-    gradients = {
-        f"w{i}": torch.randn(n, generator=generator) for i, n in enumerate((10, 333, 5000))
-    }
-    for ratio in (0.1, 0.5, 0.9):
-        mask = saliency_mask(gradients, ratio)
-        kept = sum(int(m.sum()) for m in mask.values())
-        assert kept == round(ratio * 5343)  # continuous random values: no ties
-        assert all(m.dtype == torch.bool for m in mask.values())
+@pytest.mark.parametrize("zeros", [0.0, 0.5, 0.8])
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
+def test_mask_keeps_exactly_the_requested_count(zeros, ratio):
+    scores = random_scores(1, zeros=zeros, ties=True)
+    gradients = {f"w{i}": s.clone() for i, s in enumerate(scores)}
+    total = sum(s.numel() for s in scores)
+    mask = saliency_mask(gradients, ratio)
+    assert mask.kept() == round(ratio * total)
+    flat_scores = torch.cat(scores)
+    flat_mask = torch.cat([mask[name].flatten() for name in gradients])
+    # Everything kept is at least everything dropped: a top-k.
+    assert flat_scores[flat_mask].min() >= flat_scores[~flat_mask].max()
+
+
+def test_ties_are_kept_earliest_first():
+    gradients = {"a": torch.tensor([1.0, 0.0, 0.0]), "b": torch.tensor([0.0, 2.0, 0.0])}
+    mask = saliency_mask(gradients, 0.5)  # keep 3 of 6: 2.0, 1.0 and the first zero
+    assert mask["a"].tolist() == [True, True, False]
+    assert mask["b"].tolist() == [False, True, False]
 
 
 def test_mask_selects_the_largest_magnitudes():
@@ -54,18 +83,53 @@ def test_bad_ratio_is_an_error():
         saliency_mask({"a": torch.ones(3)}, 1.5)
 
 
-def test_mask_round_trip_and_mismatch(tmp_path):
-    unet = torch.nn.Linear(3, 2)
-    mask = {name: torch.rand(p.shape) > 0.5 for name, p in unet.named_parameters()}
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 3)])
+def test_pack_round_trip(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    bits = pack_mask(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(bits, shape), mask)
+
+
+def test_mask_file_round_trip_is_bit_packed(tmp_path):
+    unet = torch.nn.Linear(64, 32)
+    gradients = {name: torch.randn(p.shape) for name, p in unet.named_parameters()}
+    mask = saliency_mask(gradients, 0.5)
     path = str(tmp_path / "mask.safetensors")
     save_mask(mask, path, ratio=0.5, model="toy", concept="x")
     loaded = load_mask(path, unet, "toy")
     assert all(torch.equal(loaded[n], mask[n]) for n in mask)
+    assert mask_ratio(loaded) == mask_ratio(mask) == 0.5
+    weights = sum(p.numel() for p in unet.parameters())
+    header_bytes = 2000  # safetensors JSON header with names, shapes and settings
+    assert os.path.getsize(path) <= weights / 8 + header_bytes
+
+
+def test_bool_format_masks_still_load(tmp_path):
+    unet = torch.nn.Linear(3, 2)
+    mask = {name: torch.rand(p.shape) > 0.5 for name, p in unet.named_parameters()}
+    path = str(tmp_path / "old.safetensors")
+    header = {"format": BOOL_MASK_FORMAT, "ratio": "0.5", "model": json.dumps("toy")}
+    save_file(mask, path, metadata=header)
+    loaded = load_mask(path, unet, "toy")
+    assert all(torch.equal(loaded[n], mask[n]) for n in mask)
+
+
+def test_mismatched_corrupt_and_malformed_masks_are_errors(tmp_path):
+    unet = torch.nn.Linear(3, 2)
+    mask = {name: torch.rand(p.shape) > 0.5 for name, p in unet.named_parameters()}
+    path = str(tmp_path / "mask.safetensors")
+    save_mask(mask, path, ratio=0.5, model="toy", concept="x")
     with pytest.raises(EraseError, match="does not fit"):
         load_mask(path, torch.nn.Linear(4, 2))
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(EraseError, match="corrupt"):
         load_mask(str(tmp_path / "broken.safetensors"), unet)
+    bits = {name: pack_mask(m) for name, m in mask.items()}
+    save_file(bits, str(tmp_path / "bad.safetensors"), metadata={
+        "format": "erase-saliency-mask/2", "model": "not json {", "shapes": "{}"})  # fmt: skip
+    with pytest.raises(EraseError, match="malformed"):
+        load_mask(str(tmp_path / "bad.safetensors"), unet)
 
 
 def test_forget_loss_gradients_cover_every_weight(tiny_sd_dir):
@@ -80,3 +144,9 @@ def test_forget_loss_gradients_cover_every_weight(tiny_sd_dir):
         g.numel() for g in gradients.values()
     )
     assert all(p.grad is None for p in backend.unet.parameters())
+
+
+def test_nan_gradients_are_an_error():
+    gradients = {"a": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.ones(5)}
+    with pytest.raises(EraseError, match="NaN"):
+        saliency_mask(gradients, 0.5)

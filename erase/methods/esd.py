@@ -118,20 +118,43 @@ class ESD:
         return loss, {"esd": loss.item()}
 
 
-def frozen_copy(unet: torch.nn.Module, trainable) -> torch.nn.Module:
+def frozen_copy(
+    unet: torch.nn.Module, trainable, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """A frozen eval copy of `unet` with its own copy of only the weights that will be trained.
 
     The other weights never change, so the copy shares them with `unet` (ESD-x duplicates ~10 %
-    of SD's UNet instead of all of it). The copy keeps the UNet's dtype: under mixed precision
-    it runs in fp32, outside the trainer's autocast. Sharing assumes the trainer keeps the
-    parameter objects (single device or DDP; not FSDP, which flattens them).
+    of SD's UNet instead of all of it). Under mixed precision (`dtype`, by default the run's
+    accelerate compute dtype) the copied weights are stored in that dtype, half the memory, and
+    the copy runs under autocast like the trained UNet; otherwise it keeps the UNet's dtype and
+    runs in it. Sharing assumes the trainer keeps the parameter objects (single device or DDP;
+    not FSDP, which flattens them).
     """
-    shared = {id(p): p for name, p in unet.named_parameters() if not trainable(name)}
-    frozen = copy.deepcopy(unet, memo=shared)
+    dtype = dtype or mixed_precision_dtype()
+    memo = {}
+    for name, param in unet.named_parameters():
+        if not trainable(name):
+            memo[id(param)] = param  # shared, never copied
+        elif dtype is not None and param.dtype != dtype:  # copied straight into the compute dtype
+            memo[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
+    frozen = copy.deepcopy(unet, memo=memo)
     for name, param in frozen.named_parameters():
         if trainable(name):
             param.requires_grad_(False)
+    if dtype is not None:
+        device_type = next(unet.parameters()).device.type
+        frozen.forward = torch.autocast(device_type, dtype=dtype)(frozen.forward)
     return frozen.eval()
+
+
+def mixed_precision_dtype() -> torch.dtype | None:
+    """The compute dtype of the accelerate run in progress: bf16, fp16, or None (full precision)."""
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:  # no Accelerator made yet
+        return None
+    precision = str(AcceleratorState().mixed_precision)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 @register("esd-u")

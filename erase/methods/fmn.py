@@ -133,6 +133,9 @@ class ForgetMeNot:
     Config = FMNConfig
     uses_mask = False
     needs_images = True
+    # Its recording attention processors are gone when backward would recompute the forward.
+    gradient_checkpointing = False
+    loss_is_mean_over_samples = False  # a norm over the whole batch: no micro-batches
 
     def __init__(self, backend: Backend, concept: Concept, config: FMNConfig):
         if backend.conditioning != "text":

@@ -1,0 +1,205 @@
+"""Optimizers that keep only the state that training needs.
+
+`MaskedAdam`: Adam with state only where weights can move, the masked entries of a saliency mask.
+
+SalUn moves only the weights its mask keeps (half of them by default), so only those need a
+gradient and Adam moments. Each parameter's gradient is gathered into one flat buffer of masked
+values as soon as backward has accumulated it, and the dense `.grad` is freed at once: at SD
+scale the dense gradient (3.4 GB) and dense moments (6.9 GB) never exist. The update is Adam's
+(torch.optim.Adam's single-tensor arithmetic), applied to the masked entries in place; the other
+entries are never written, so they stay bit-identical.
+
+`StepInBackward`: a dense Adam/AdamW whose update of each parameter runs as soon as backward has
+produced its gradient, which is then freed: no full set of gradients ever exists. With gradient
+clipping, a first backward pass only measures the gradient norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from erase.saliency import PackedMask, unpack_mask
+
+
+class MaskedAdam:
+    """Adam (no weight decay) over the masked entries of `parameters`, named as in `mask`."""
+
+    def __init__(
+        self,
+        named_parameters: list[tuple[str, torch.nn.Parameter]],
+        mask: PackedMask,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),  # torch.optim.Adam's defaults (SalUn: Adam)
+        eps: float = 1e-8,
+    ):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.entries = []  # (parameter, packed mask bits, start, stop) in the flat buffers
+        offset = 0
+        for name, param in named_parameters:
+            count = mask.count(name)
+            self.entries.append((param, mask.bits[name].to(param.device), offset, offset + count))
+            offset += count
+        device = named_parameters[0][1].device if named_parameters else torch.device("cpu")
+        self.grad = torch.zeros(offset, device=device)  # masked gradient values, in order
+        self.exp_avg = torch.zeros(offset, device=device)
+        self.exp_avg_sq = torch.zeros(offset, device=device)
+        self.step_count = 0
+        self.hooks = []
+
+    def numel(self) -> int:
+        """How many entries can move."""
+        return self.grad.numel()
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of the flat gradient, the moments and the packed masks."""
+        return {
+            "gradients": self.grad.numel() * 4,
+            "optimizer": 2 * self.exp_avg.numel() * 4,
+            "mask": sum(bits.numel() for _, bits, _, _ in self.entries),
+        }
+
+    def gather_in_backward(self) -> None:
+        """Gather each gradient as soon as backward has accumulated it, and free it (one process:
+        under DDP the gradient is reduced only after backward, so call `gather` then instead)."""
+        for param, bits, start, stop in self.entries:
+
+            def gather_one(param, bits=bits, start=start, stop=stop):
+                self.grad[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
+                param.grad = None
+
+            self.hooks.append(param.register_post_accumulate_grad_hook(gather_one))
+
+    def gather(self) -> None:
+        """Add the masked values of every parameter's `.grad` to the flat buffer and free it."""
+        for param, bits, start, stop in self.entries:
+            if param.grad is not None:
+                self.grad[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
+                param.grad = None
+
+    def remove_hooks(self) -> None:
+        """Detach the backward hooks (after training)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradient to norm <= max_norm, as torch.nn.utils.clip_grad_norm_ does on the
+        masked dense gradients (the unmasked entries are zero and add nothing to the norm)."""
+        norm = torch.linalg.vector_norm(self.grad)
+        self.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam update of the masked entries (torch.optim.Adam's arithmetic, foreach=False)."""
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        bias_correction1 = 1 - beta1**self.step_count
+        bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
+        step_size = self.lr / bias_correction1
+        for param, bits, start, stop in self.entries:
+            grad = self.grad[start:stop]
+            exp_avg, exp_avg_sq = self.exp_avg[start:stop], self.exp_avg_sq[start:stop]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            selected = unpack_mask(bits, param.shape)
+            values = param.data[selected].float()
+            values.addcdiv_(exp_avg, denom, value=-step_size)
+            param.data[selected] = values.to(param.dtype)
+
+    def zero_grad(self) -> None:
+        """Clear the flat gradient for the next step."""
+        self.grad.zero_()
+
+    def update(self, max_grad_norm: float | None) -> None:
+        """After the batch's backward: gather what hooks did not, clip, step, clear."""
+        self.gather()
+        if max_grad_norm:
+            self.clip_grad_norm_(max_grad_norm)
+        self.step()
+        self.zero_grad()
+
+    def state_dict(self) -> dict:
+        """Moments and step count (for accelerate's checkpoints)."""
+        return {
+            "step": self.step_count,
+            "exp_avg": self.exp_avg,
+            "exp_avg_sq": self.exp_avg_sq,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+        self.step_count = int(state["step"])
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+
+
+class StepInBackward:
+    """Dense Adam/AdamW, one torch optimizer per parameter, stepped from the parameter's gradient
+    hook as soon as backward has accumulated its gradient (one process, no accumulation)."""
+
+    def __init__(
+        self, accelerator, parameters: list[torch.nn.Parameter], make_optimizer, max_grad_norm
+    ):
+        self.accelerator = accelerator
+        self.optimizers = {param: make_optimizer([param]) for param in parameters}
+        self.max_grad_norm = max_grad_norm
+        self.measuring = False  # first of two backward passes: only the norm is wanted
+        self.norms: list[torch.Tensor] = []
+        self.clip_coef: torch.Tensor | None = None
+        self.largest_gradient = 0
+        self.hooks = [p.register_post_accumulate_grad_hook(self.on_gradient) for p in parameters]
+
+    def on_gradient(self, param: torch.nn.Parameter) -> None:
+        """Measure, or clip and step, one parameter; then free its gradient."""
+        self.largest_gradient = max(self.largest_gradient, param.grad.numel() * 4)
+        if self.measuring:
+            self.norms.append(torch.linalg.vector_norm(param.grad.detach().float()))
+        else:
+            if self.clip_coef is not None:
+                param.grad.mul_(self.clip_coef.to(param.grad.dtype))
+            self.optimizers[param].step()
+        param.grad = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward with the update inside; with clipping, a measuring pass first, clipping
+        exactly as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6) <= 1)."""
+        if self.max_grad_norm:
+            self.measuring, self.norms = True, []
+            self.accelerator.backward(loss, retain_graph=True)
+            self.measuring = False
+            total_norm = torch.linalg.vector_norm(torch.stack(self.norms))
+            self.clip_coef = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
+        self.accelerator.backward(loss)
+
+    def update(self, max_grad_norm: float | None) -> None:
+        """Nothing left to do after backward: every parameter has been stepped."""
+
+    def state_bytes(self) -> dict[str, int]:
+        """Moments of every parameter; the gradient of one parameter at a time."""
+        moments = sum(
+            value.numel() * value.element_size()
+            for optimizer in self.optimizers.values()
+            for state in optimizer.state.values()
+            for value in state.values()
+            if torch.is_tensor(value) and value.dim() > 0
+        )
+        return {"gradients": self.largest_gradient, "optimizer": moments}
+
+    def remove_hooks(self) -> None:
+        """Detach the backward hooks (after training)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def state_dict(self) -> dict:
+        """Every parameter's optimizer state, in parameter order (for accelerate's checkpoints)."""
+        return {"optimizers": [o.state_dict() for o in self.optimizers.values()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+        for optimizer, saved in zip(self.optimizers.values(), state["optimizers"]):
+            optimizer.load_state_dict(saved)

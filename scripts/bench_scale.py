@@ -1,0 +1,311 @@
+"""Memory and speed of erase-concept at Stable Diffusion v1.4 scale, on random weights.
+
+    python scripts/bench_scale.py                      # CPU: 128 px, batch 1, 2 steps, 3 methods
+    python scripts/bench_scale.py --device cuda --resolution 512 --batch-size 8 \
+        --mixed-precision bf16 --methods salun,esd-u,esd-x,fmn
+
+The model is SD v1.4's architecture built in code, with random weights (nothing is downloaded):
+diffusers' UNet2DConditionModel with SD v1.x's config (859.5 M weights), a CLIP ViT-L/14-sized
+text encoder (hidden 768, 12 layers, vocabulary 49408, 77 positions) with a word-level tokenizer
+made offline, and SD's 4-level VAE. It is saved once under $ERASE_HOME/bench-scale/.
+
+Each method runs in a fresh process through `run_erasure`, the code path of erase-concept, on
+tiny generated data (2 DDIM steps per image). Prints JSON per method: peak memory per phase
+(CPU: the process's resident set size sampled every 5 ms by a background thread, so a peak
+shorter than that can be missed; GPU: torch.cuda.max_memory_allocated, reset at each phase),
+the bytes of each part of the training state, seconds per step and the artifact's file sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+PHASES = ("load", "data", "eval_before", "mask", "prepare", "train", "eval_after", "write")
+
+
+def model_folder() -> str:
+    """Where the v1.4-shaped pipeline is cached."""
+    from erase.models import erase_home
+
+    return os.path.join(erase_home(), "bench-scale", "sd-v1-4-shaped")
+
+
+def build_sd14_shaped(folder: str) -> str:
+    """Build SD v1.4's architecture with random weights and save it as a diffusers folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erase.models.small_sd import as_pipeline
+    from erase.models.tokenizer import build_word_tokenizer
+    from erase.testing import TINY_WORDS
+
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer(TINY_WORDS, max_length=77)
+    text_encoder = CLIPTextModel(  # CLIP ViT-L/14's text tower, as in SD v1.x
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # diffusers' default UNet is SD v1.x's but for the text width (default 1280; SD v1.x: 768).
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
+    partial = folder + ".partial"
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    os.replace(partial, folder)
+    return folder
+
+
+def resident_bytes() -> int:
+    """Resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PhaseMemory:
+    """Peak memory per phase: sampled RSS on the CPU, the CUDA allocator's peak on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.samples: list[tuple[float, int]] = []
+        self.boundaries: list[tuple[str, float]] = []
+        self.cuda_peaks: dict[str, int] = {}
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def start(self) -> None:
+        self.start_time = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while self.running:
+            self.samples.append((time.perf_counter(), resident_bytes()))
+            time.sleep(0.005)
+
+    def on_phase(self, phase: str) -> None:
+        """Called by run_erasure when `phase` ends."""
+        self.boundaries.append((phase, time.perf_counter()))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.cuda_peaks[phase] = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join()
+
+    def boundaries_from_timings(self, timings: dict, end: float) -> None:
+        """Phase ends from metadata's timings (code without the on_phase hook)."""
+        clock = self.start_time
+        for phase, seconds in timings.items():
+            clock += seconds
+            self.boundaries.append((phase, end if phase == "write" else clock))
+
+    def report(self) -> dict:
+        """Peak MB per phase: RSS on the CPU (and on a GPU, the CUDA peak too)."""
+        peaks, begin = {}, self.start_time
+        for phase, end in self.boundaries:
+            inside = [rss for t, rss in self.samples if begin <= t <= end]
+            peaks[phase] = {
+                "rss_mb": round(max(inside, default=0) / 2**20, 1),
+                "start_rss_mb": round(inside[0] / 2**20, 1) if inside else 0,
+            }
+            if phase in self.cuda_peaks:
+                peaks[phase]["cuda_mb"] = round(self.cuda_peaks[phase] / 2**20, 1)
+            begin = end
+        return peaks
+
+
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def estimated_state(backend, metadata: dict) -> dict:
+    """The state as counted from shapes, for code that does not report it (today's main)."""
+    unet = backend.unet
+    weights = module_bytes(unet)
+    trained = metadata["train_result"]["trained_parameters"] * 4
+    state = {"weights": weights, "gradients": trained, "optimizer": 2 * trained}
+    state["base_copy"] = weights  # the full clone that counted changed weights
+    if metadata["method"] == "salun":
+        state["mask"] = metadata["total_weights"]  # one bool per weight
+    if metadata["method"].startswith("esd"):
+        state["frozen_copy"] = trained
+    return state
+
+
+def artifact_sizes(folder: str) -> dict:
+    """Bytes of every file of the output folder, by relative path."""
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return dict(sorted(sizes.items()))
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One method through run_erasure in this process; returns its measurements."""
+    from erase.cli import build_parser
+    from erase.erasure import run_erasure
+
+    device = torch.device(args.device)
+    work = tempfile.mkdtemp(prefix="bench-scale-")
+    flags = [
+        "--model", args.model, "--concept", "nudity", "--method", args.method,
+        "--num-forget", str(args.num_images), "--num-retain", str(args.num_images),
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+        "--resolution", str(args.resolution), "--gen-steps", "2",
+        "--mixed-precision", args.mixed_precision,
+        "--output", os.path.join(work, "out"), "--cache-dir", os.path.join(work, "data"),
+    ]  # fmt: skip
+    flags += args.extra
+    erase_args = build_parser().parse_args(flags)
+    memory = PhaseMemory(device)
+    memory.start()
+    hooked = "on_phase" in inspect.signature(run_erasure).parameters
+    if hooked:
+        result = run_erasure(erase_args, on_phase=memory.on_phase)
+    else:
+        result = run_erasure(erase_args)
+    end = time.perf_counter()
+    memory.stop()
+    metadata = result.metadata
+    if not hooked:
+        memory.boundaries_from_timings(metadata["timings_s"], end)
+    backend, train_result = result.backend, metadata["train_result"]
+    state = train_result.get("state_bytes") or estimated_state(backend, metadata)
+    state = dict(state)
+    state["encoders"] = module_bytes(backend.pipe.text_encoder) + module_bytes(backend.pipe.vae)
+    state["total"] = sum(state.values())
+    step_seconds = train_result.get("step_seconds") or [
+        metadata["timings_s"]["train"] / train_result["steps"]
+    ]
+    report = {
+        "method": args.method,
+        "device": str(device),
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "micro_batch_size": train_result.get("micro_batch_size"),
+        "mixed_precision": args.mixed_precision,
+        "steps": args.steps,
+        "extra_flags": args.extra,
+        "state_measured": bool(train_result.get("state_bytes")),
+        "peak_mb": memory.report(),
+        "peak_rss_mb": round(max(rss for _, rss in memory.samples) / 2**20, 1),
+        "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
+        "seconds_per_step": [round(s, 2) for s in step_seconds],
+        "timings_s": metadata["timings_s"],
+        "artifact_bytes": artifact_sizes(result.output),
+        "changed_weights": metadata["changed_weights"],
+        "total_weights": metadata["total_weights"],
+    }
+    if device.type == "cuda":
+        report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
+    return report
+
+
+def activation_projection(report: dict, batch: int) -> dict:
+    """Activation bytes per sample (the train phase's peak RSS above its starting RSS and the
+    state training creates: gradients and moments), and the projected total for `batch` samples:
+    the whole state plus `batch` times that."""
+    train = report["peak_mb"]["train"]
+    created = report["state_mb"].get("gradients", 0) + report["state_mb"].get("optimizer", 0)
+    per_sample = (train["rss_mb"] - train["start_rss_mb"] - created) / report["batch_size"]
+    return {
+        "activation_mb_per_sample": round(per_sample, 1),
+        f"projected_total_mb_batch_{batch}": round(
+            report["state_mb"]["total"] + batch * per_sample
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="salun,esd-u,fmn")
+    parser.add_argument("--method", default=None, help=argparse.SUPPRESS)  # one child process
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--num-images", type=int, default=None, help="default: max(2, batch)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="default: the cached v1.4-shaped folder")
+    parser.add_argument(
+        "--project-batch", type=int, default=8, help="project the total for this batch size"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.num_images = args.num_images or max(2, args.batch_size)
+    args.extra = []
+    if args.micro_batch_size:
+        args.extra += ["--micro-batch-size", str(args.micro_batch_size)]
+    if args.no_gradient_checkpointing:
+        args.extra.append("--no-gradient-checkpointing")
+    if args.method:
+        print("BENCH-JSON " + json.dumps(run_one(args)))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_scale.py: --device cuda but no CUDA GPU is visible")
+    args.model = args.model or model_folder()
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        build_sd14_shaped(args.model)
+    env = dict(os.environ)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    reports = {}
+    for method in args.methods.split(","):
+        command = [sys.executable, __file__, *sys.argv[1:], "--method", method]
+        command += ["--model", args.model, "--num-images", str(args.num_images)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH-JSON ")]
+        if done.returncode or not lines:
+            reports[method] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            continue
+        reports[method] = json.loads(lines[-1].removeprefix("BENCH-JSON "))
+        reports[method]["projection"] = activation_projection(reports[method], args.project_batch)
+    print(json.dumps(reports, indent=2))
+
+
+if __name__ == "__main__":
+    main()
