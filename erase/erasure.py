@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from erase.artifact import check_output, staged_output, versions, write_json
-from erase.concepts import Concept, resolve_concept, slug
+from erase.concepts import Concept, resolve_concept, slug, union
 from erase.data import ConceptData, DataConfig, build_concept_data, encode_images
 from erase.methods import get_method
 from erase.models import load_backend
@@ -20,7 +20,9 @@ from erase.saliency import forget_loss_gradients, load_mask, mask_ratio, salienc
 from erase.train import TrainConfig, make_accelerator, peak_memory_mb, train
 
 
-def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
+def settings_from_args(
+    args: argparse.Namespace, defaults: dict, method_class, num_forget: int | None = None
+):
     """TrainConfig and the method's Config: flags first, then the method's reference defaults."""
     train_config = TrainConfig(
         lr=args.lr,
@@ -38,7 +40,7 @@ def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
             setattr(train_config, name, defaults.get(name))
     if train_config.steps is None:
         if args.epochs:
-            per_epoch = -(-args.num_forget // train_config.batch_size)
+            per_epoch = -(-(num_forget or args.num_forget or 800) // train_config.batch_size)
             train_config.steps = max(1, round(args.epochs * per_epoch))
         else:
             train_config.steps = defaults["steps"]
@@ -63,22 +65,45 @@ class ErasureResult:
 def default_output(args: argparse.Namespace) -> str:
     """outputs/<model>-<concept>-<method>."""
     model_name = os.path.basename(os.path.normpath(args.model))
-    return os.path.join("outputs", f"{slug(model_name)}-{slug(args.concept)}-{args.method}")
+    concept = slug("-".join(concept_names(args)))
+    return os.path.join("outputs", f"{slug(model_name)}-{concept}-{args.method}")
+
+
+def concept_names(args: argparse.Namespace) -> list[str]:
+    """The --concept values of this run (one string from library callers, a list from the CLI)."""
+    return [args.concept] if isinstance(args.concept, str) else list(args.concept)
 
 
 def resolve_run_concept(backend, args) -> Concept:
-    """The concept of this run; backends with their own prompt sets (sd-digits) resolve it first."""
-    if not args.forget_prompt and hasattr(backend, "concept_prompts"):
-        prompts = backend.concept_prompts(args.concept)
-        if prompts is not None:
-            return prompts
-    return resolve_concept(
-        args.concept,
-        conditioning=backend.conditioning,
-        class_names=backend.class_names,
-        forget_prompts=args.forget_prompt,
-        retain_prompts=args.retain_prompt,
-    )
+    """The concept(s) of this run, as one Concept (the union of several); backends with their own
+    prompt sets (sd-digits) resolve a name first."""
+    concepts = []
+    for name in concept_names(args):
+        prompts = None
+        if not args.forget_prompt and hasattr(backend, "concept_prompts"):
+            prompts = backend.concept_prompts(name)
+        concepts.append(
+            prompts
+            or resolve_concept(
+                name,
+                conditioning=backend.conditioning,
+                class_names=backend.class_names,
+                forget_prompts=args.forget_prompt,
+                retain_prompts=args.retain_prompt,
+                remap=getattr(args, "remap", "next"),
+            )
+        )
+    return union(concepts)
+
+
+def forget_count(backend, concept: Concept, args: argparse.Namespace) -> int:
+    """--num-forget, or the reference's forget set size: the whole class on class-conditional
+    models (DDPM/datasets), 800 generated images otherwise (SD/train-scripts)."""
+    if args.num_forget:
+        return args.num_forget
+    if backend.conditioning == "class":
+        return len(backend.real_images(concept.forget, None)[1])
+    return 800
 
 
 def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
@@ -103,8 +128,9 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
     if backend is None:
         backend = load_backend(args.model, data_dir=args.data_dir, device=accelerator.device)
     concept = resolve_run_concept(backend, args)
-    defaults = method_class.defaults(backend, concept, args.num_forget)
-    train_config, method_config = settings_from_args(args, defaults, method_class)
+    num_forget = forget_count(backend, concept, args)
+    defaults = method_class.defaults(backend, concept, num_forget)
+    train_config, method_config = settings_from_args(args, defaults, method_class, num_forget)
     method = method_class(backend, concept, method_config)  # fails early on an unfit backend
     mask = None
     if method.uses_mask and args.mask:
@@ -121,6 +147,7 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
         seed=args.seed,
         cache_dir=args.cache_dir,
         concept_images=args.concept_images,
+        retain_images=getattr(args, "retain_images", None),
     )
     if getattr(method, "needs_images", True):
         data = build_concept_data(backend, concept, data_config)

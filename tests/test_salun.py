@@ -66,12 +66,19 @@ def test_class_defaults_are_the_reference_unless_the_backend_measured_its_own():
 
     concept = Concept("three", [3], [0, 1, 2])
     reference = SalUn.defaults(SimpleNamespace(conditioning="class"), concept, 100)
+    # DDPM/configs/cifar10_saliency_unlearn.yml (n_iters 1000) and DDPM/README.md (alpha 1e-3)
     assert (reference["lr"], reference["alpha"], reference["steps"], reference["batch_size"]) == (
         1e-4,
         1e-3,
-        500,
+        1000,
         128,
     )
+    assert (reference["retain_reduction"], reference["cond_drop"], reference["antithetic"]) == (
+        "sum",
+        0.1,
+        True,
+    )
+    assert reference["clip_before_mask"] == 1.0 and reference["max_grad_norm"] is None
     testbed = SimpleNamespace(conditioning="class", method_defaults={"salun": {"lr": 5e-5}})
     tuned = SalUn.defaults(testbed, concept, 100)
     assert tuned["lr"] == 5e-5 and tuned["alpha"] == 1e-3
