@@ -259,3 +259,8 @@ def test_erasure_records_the_reference_ddpm_settings(erased):
     assert (method["alpha"], method["retain_reduction"], method["cond_drop"]) == (1e-3, "sum", 0.1)
     assert method["antithetic"] is True and method["clip_before_mask"] == 1.0
     assert metadata["concept"]["remap"] == [4]  # next class
+
+
+def test_ddim_sampling_does_not_clip_the_predicted_x0(backend):
+    # The reference's generalized steps (DDPM/functions/denoising.py) never clip x0.
+    assert backend.make_sampler(10).config.clip_sample is False

@@ -42,7 +42,7 @@ SCHEDULER_CONFIG = {
     "beta_start": 1e-4,
     "beta_end": 0.02,
     "beta_schedule": "linear",
-    "clip_sample": True,  # pixel space: the predicted x0 is clipped to [-1, 1]
+    "clip_sample": True,  # ancestral DDPM steps only: DDIM sampling does not clip (make_sampler)
     "prediction_type": "epsilon",
 }
 
@@ -288,8 +288,13 @@ class ClassDDPMBackend:
         return images * 2 - 1
 
     def make_sampler(self, num_steps: int) -> DDIMScheduler:
-        """A DDIM scheduler on the training noise schedule with `num_steps` steps set."""
-        sampler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        """A DDIM scheduler on the training noise schedule with `num_steps` steps set.
+
+        It does not clip the predicted x0, as the reference's sampler does not
+        (DDPM/functions/denoising.py): diffusers' DDIM clips x0 but keeps the unclipped eps, and
+        the mismatch, under guidance, grows with the number of steps (docs/methods.md).
+        """
+        sampler = DDIMScheduler.from_config(self.noise_scheduler.config, clip_sample=False)
         sampler.set_timesteps(num_steps, device=self.device)
         return sampler
 
@@ -534,11 +539,6 @@ def load_ddpm_digits(
         scheduler_config=info.get("scheduler"),
         classifier=classifier,
     )
-    # Measured on this testbed (scripts/bench_digits.py): the CIFAR-10 reference (lr 1e-4,
-    # alpha 1e-3, 500 x 128) wrecks a 0.6 M-weight model; these keep the other digits intact.
-    backend.method_defaults = {"salun": {"lr": 5e-5, "alpha": 0.5, "batch_size": 64, "steps": 100}}
-    # Its samples get worse with more DDIM steps: 100 % classified at 10, 98 % at 25, 82 % at 50.
-    backend.eval_steps = 25
     return backend
 
 
