@@ -194,7 +194,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         "--eval-steps",
         type=positive(int),
         default=None,
-        help="DDIM steps per evaluation image (default: the model's, 50 or 25 for ddpm-digits)",
+        help="DDIM steps per evaluation image (default: the model's, 50)",
     )
 
 

@@ -51,50 +51,40 @@ class ConceptData:
 
 
 def build_concept_data(backend: Backend, concept: Concept, config: DataConfig) -> ConceptData:
-    """Forget/retain images for `concept`: the dataset's for class backends, generated for text."""
+    """Forget/retain images for `concept`: the dataset's for class backends, generated for text,
+    or the folders of --concept-images / --retain-images."""
     if (config.num_forget or 1) < 1 or (config.num_retain or 1) < 1:
         raise EraseError("--num-forget and --num-retain must be at least 1.")
     if backend.conditioning != "class":  # generated sets: the SD reference's 800 each
         config = replace(config, num_forget=config.num_forget or 800)
         config = replace(config, num_retain=config.num_retain or 800)
-    if config.retain_images:
-        data = build_concept_data(backend, concept, replace(config, retain_images=None))
-        retain_images = load_image_folder(config.retain_images, backend, config.resolution)
-        retain = [concept.retain[i % len(concept.retain)] for i in range(len(retain_images))]
-        return ConceptData(
-            data.forget_images, data.forget_conditions, retain_images, retain, "folder"
-        )
+    folder = cache_folder(backend, concept, config)
     if config.concept_images:
         forget_images = load_image_folder(config.concept_images, backend, config.resolution)
         forget_conditions = [
             concept.forget[i % len(concept.forget)] for i in range(len(forget_images))
         ]
-        if backend.conditioning == "class":
-            retain_images, retain_labels = backend.real_images(concept.retain, config.num_retain)
-            return ConceptData(
-                forget_images, forget_conditions, retain_images, retain_labels, "folder"
-            )
-        folder = cache_folder(backend, concept, config)
-        retain_images, retain_prompts = generated_set(
+    elif backend.conditioning == "class":
+        forget_images, forget_conditions = backend.real_images(concept.forget, config.num_forget)
+    else:
+        forget_images, forget_conditions = generated_set(
+            backend, "forget", concept.forget, config.num_forget, config, folder
+        )
+    if config.retain_images:
+        retain_images, retain_conditions = load_retain_folder(
+            config.retain_images, backend, concept, config
+        )
+    elif backend.conditioning == "class":
+        retain_images, retain_conditions = backend.real_images(concept.retain, config.num_retain)
+    else:
+        retain_images, retain_conditions = generated_set(
             backend, "retain", concept.retain, config.num_retain, config, folder
         )
-        return ConceptData(
-            forget_images, forget_conditions, retain_images, retain_prompts, "folder"
-        )
-    if backend.conditioning == "class":
-        forget_images, forget_labels = backend.real_images(concept.forget, config.num_forget)
-        retain_images, retain_labels = backend.real_images(concept.retain, config.num_retain)
-        return ConceptData(forget_images, forget_labels, retain_images, retain_labels, "dataset")
-    folder = cache_folder(backend, concept, config)
-    forget_images, forget_prompts = generated_set(
-        backend, "forget", concept.forget, config.num_forget, config, folder
-    )
-    retain_images, retain_prompts = generated_set(
-        backend, "retain", concept.retain, config.num_retain, config, folder
-    )
-    return ConceptData(
-        forget_images, forget_prompts, retain_images, retain_prompts, f"generated:{folder}"
-    )
+    if config.concept_images or config.retain_images:
+        source = "folder"
+    else:
+        source = "dataset" if backend.conditioning == "class" else f"generated:{folder}"
+    return ConceptData(forget_images, forget_conditions, retain_images, retain_conditions, source)
 
 
 def load_retain_folder(folder: str, backend: Backend, concept: Concept, config: DataConfig):

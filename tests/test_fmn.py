@@ -198,3 +198,19 @@ def test_fmn_needs_the_concept_word_in_its_prompts(backend):
     )
     with pytest.raises(EraseError, match="forget-prompt"):
         get_method("fmn")(backend, concept, FMNConfig())
+
+
+def test_several_concepts_get_their_own_tokens(tiny_sd_dir):
+    from erase.concepts import union
+
+    backend = load_backend(tiny_sd_dir)
+    nudity = resolve_concept("nudity", conditioning="text")
+    church = resolve_concept("church", conditioning="text")
+    method = get_method("fmn")(backend, union([nudity, church]), FMNConfig(fmn_ti_steps=1))
+    prompts = [PROMPT, "an image of a church"]
+    latents = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    method.prepare(latents, prompts, torch.Generator())
+    nude_tokens, church_tokens = method.concept_tokens
+    steered, words = method.steered(prompts)
+    assert steered == [f"a photo of a {nude_tokens} person", f"an image of a {church_tokens}"]
+    assert words == nude_tokens.split() + church_tokens.split() and len(words) == 8
