@@ -97,7 +97,9 @@ class SalUn:
             # A testbed may carry settings it measured (docs/methods.md says which and why).
             settings.update(getattr(backend, "method_defaults", {}).get("salun", {}))
             return settings
-        class_wise = concept.kind == "class"  # SD/train-scripts/random_label.py
+        # SD/train-scripts/random_label.py; several remap targets (sd-digits' other digits'
+        # captions, --remap random) are class-wise remapping too.
+        class_wise = concept.kind == "class" or len(concept.remap) > 1
         epochs = 5 if class_wise else 1
         batch_size = 8
         return dict(
