@@ -228,6 +228,9 @@ class ClassDDPMBackend:
         self.guidance_scale = guidance_scale
         self.classifier = classifier
         self.sample_batch_size = sample_batch_size
+        # DDIM's eta: 1.0 samples stochastically, as the reference does (DDPM/sample.py --eta).
+        # Deterministic DDIM (0.0) lost quality with more steps on ddpm-digits (docs/methods.md).
+        self.sampling_eta = 1.0
         self._dataset_loader = dataset
         self._dataset: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -310,7 +313,7 @@ class ClassDDPMBackend:
         unet: torch.nn.Module | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """One image per class and seed by guided DDIM (eta 0): (B, 3, H, W) in [0, 1]."""
+        """One image per class and seed by guided DDIM (eta `sampling_eta`): (B, 3, H, W) in [0, 1]."""
         if len(conditions) != len(seeds):
             raise ValueError("sample needs one seed per condition")
         unet = unet if unet is not None else self.unet
@@ -320,34 +323,46 @@ class ClassDDPMBackend:
         shape = (self.latent_shape[0], size, size)
         chunks = []
         for start in range(0, len(labels), self.sample_batch_size):
-            chunk_seeds = seeds[start : start + self.sample_batch_size]
-            noise = torch.stack(
-                [
-                    torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-                    for s in chunk_seeds
-                ]
-            )  # (b, C, H, W), one generator per seed: an image does not depend on its batch
+            # One generator per seed for the start noise and every step's noise: an image does
+            # not depend on its batch.
+            generators = [
+                torch.Generator().manual_seed(int(s))
+                for s in seeds[start : start + self.sample_batch_size]
+            ]
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
             chunks.append(
                 self.denoise(
                     unet,
                     noise,
-                    labels[start : start + len(chunk_seeds)],
+                    labels[start : start + len(generators)],
                     num_steps,
                     guidance,
                     progress,
+                    generators,
                 )
             )
         images = (torch.cat(chunks).clamp(-1, 1) + 1) / 2  # (B, C, H, W)
         return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
-    def denoise(self, unet, noise, labels, num_steps, guidance_scale, progress=False):
-        """Run guided DDIM from `noise` (b, C, H, W) to images in [-1, 1] (on the CPU)."""
+    def denoise(
+        self, unet, noise, labels, num_steps, guidance_scale, progress=False, generators=None
+    ):
+        """Run guided DDIM from `noise` (b, C, H, W) to images in [-1, 1] (on the CPU); with
+        `sampling_eta` > 0 each step adds fresh noise drawn from the samples' `generators`."""
         sampler = self.make_sampler(num_steps)
         sample = noise.to(self.device)
+        eta = self.sampling_eta
+        if eta and generators is None:
+            generators = [torch.Generator().manual_seed(i) for i in range(len(sample))]
         for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
             timesteps = torch.full((len(sample),), int(t), device=self.device, dtype=torch.long)
             eps = self.guided_noise(unet, sample, timesteps, labels, guidance_scale)
-            sample = sampler.step(eps, t, sample).prev_sample
+            step_noise = None
+            if eta:
+                step_noise = torch.stack(
+                    [torch.randn(sample.shape[1:], generator=g) for g in generators]
+                ).to(self.device, sample.dtype)  # (b, C, H, W)
+            sample = sampler.step(eps, t, sample, eta=eta, variance_noise=step_noise).prev_sample
         return sample.float().cpu()
 
     # -- data ---------------------------------------------------------------------------------
