@@ -48,7 +48,13 @@ class SalUnConfig:
             "unlearning pass (reference DDPM: 0.1, as in its training; SD: 0)"
         },
     )
-    antithetic: bool | None = None  # timesteps t and T - t - 1 in pairs (reference DDPM: yes)
+    antithetic: bool | None = field(
+        default=None,
+        metadata={
+            "help": "SalUn: draw timesteps in antithetic pairs t and T - t - 1 (reference DDPM: "
+            "yes; SD: no)"
+        },
+    )
     clip_before_mask: float | None = field(
         default=None,
         metadata={
