@@ -141,3 +141,24 @@ def test_methods_doc_names_every_registered_method():
     text = DOCS.read_text()
     for name in METHODS:
         assert f"`{name}`" in text, name
+
+
+def test_salun_clips_the_whole_ddpm_gradient_before_the_trainer_masks_it():
+    from erase.methods.salun import SalUn, SalUnConfig
+
+    backend = class_backend()
+    backend.unet.train().requires_grad_(True)
+    concept = resolve_concept("3", conditioning="class", class_names=CIFAR10)
+    settings = SalUn.defaults(backend, concept, 10)
+    config = SalUnConfig(
+        **{k: settings[k] for k in ("alpha", "retain_reduction", "cond_drop", "antithetic")},
+        clip_before_mask=1e-3,
+    )
+    method = SalUn(backend, concept, config)
+    forget = Batch(torch.rand(4, 3, 8, 8) * 2 - 1, [3] * 4)
+    retain = Batch(torch.rand(4, 3, 8, 8) * 2 - 1, [0, 1, 2, 4])
+    loss, _ = method.loss(backend.unet, forget, retain, torch.Generator().manual_seed(0))
+    loss.backward()  # what the trainer does next, before it multiplies by the mask
+    norm = torch.cat([p.grad.flatten() for p in backend.unet.parameters()]).norm()
+    assert norm.item() == pytest.approx(1e-3, rel=1e-3)
+    assert not method.clipper.handles  # every weight's gradient arrived; the hooks are gone
