@@ -73,8 +73,9 @@ class DDPMConfig:
     seed: int = 0
 
 
-# The SalUn DDPM/ reference model for CIFAR-10 (DESIGN.md): 128 channels x (1, 2, 2, 2), two
-# res blocks per level, attention at 16x16, dropout 0.1, class dropped with probability 0.1.
+# The SalUn reference model for CIFAR-10 (DDPM/configs/cifar10_train.yml, docs/methods.md):
+# 128 channels x (1, 2, 2, 2), two res blocks per level, attention at 16x16, dropout 0.1, class
+# dropped with probability 0.1.
 CIFAR10_CONFIG = DDPMConfig(
     image_size=32,
     channels=3,
