@@ -101,7 +101,7 @@ def test_two_concepts_in_one_run_lower_both_forget_terms(tiny_sd_dir, tiny_sd_ar
         forget_distance(result.backend, latents),
         forget_distance(result.backend, latents, 0, *church),
     ]
-    assert after[0] < 0.5 * before[0] and after[1] < 0.5 * before[1]
+    assert after[0] < 0.7 * before[0] and after[1] < 0.7 * before[1]
     concept = result.metadata["concept"]
     assert [part["name"] for part in concept["parts"]] == ["nudity", "church"]
     assert concept["forget"] == ["a photo of a nude person", "an image of a church"]
