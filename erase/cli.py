@@ -51,9 +51,18 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     model.add_argument(
         "--concept",
         required=True,
+        action="append",
         help="nudity, an Imagenette class (e.g. "
         "'church'), an artist style, a class index or name for class-conditional "
-        "models, or any name with --forget-prompt/--retain-prompt",
+        "models, or any name with --forget-prompt/--retain-prompt; repeat it to erase several "
+        "concepts in one run",
+    )
+    model.add_argument(
+        "--remap",
+        default="next",
+        choices=["next", "random"],
+        help="SalUn's remap target of a forgotten class: the next class, (c + 1) %% K, as both "
+        "references do, or a random other class per sample",
     )
     model.add_argument(
         "--forget-prompt",
@@ -86,10 +95,17 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     data.add_argument(
         "--num-forget",
         type=positive(int),
-        default=800,
-        help="images of the concept (SalUn reference: 800)",
+        default=None,
+        help="images of the concept (default: the reference's, 800 generated images; the whole "
+        "class on class-conditional models)",
     )
-    data.add_argument("--num-retain", type=positive(int), default=800, help="retain images")
+    data.add_argument(
+        "--num-retain",
+        type=positive(int),
+        default=None,
+        help="retain images (default: 800 generated; every other class's images on "
+        "class-conditional models)",
+    )
     data.add_argument(
         "--resolution",
         type=positive(int),
@@ -119,6 +135,13 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         default=None,
         metavar="DIR",
         help="a folder of images of the concept to use as the forget set",
+    )
+    data.add_argument(
+        "--retain-images",
+        default=None,
+        metavar="DIR",
+        help="a folder of images to keep, as the retain set (class subfolders named by class "
+        "pair each image with its class's prompt)",
     )
 
     training = parser.add_argument_group("training (defaults: the method's reference settings)")
@@ -172,6 +195,10 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         help_text = config_field.metadata.get("help", "")
         if config_field.type in (bool, "bool"):
             methods.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif config_field.type == "bool | None":
+            methods.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             kind = {"int": int, "int | None": int}.get(str(config_field.type), float)
             kind = str if "str" in str(config_field.type) else kind
@@ -188,7 +215,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         "--eval-steps",
         type=positive(int),
         default=None,
-        help="DDIM steps per evaluation image (default: the model's, 50 or 25 for ddpm-digits)",
+        help="DDIM steps per evaluation image (default: the model's, 50)",
     )
 
 

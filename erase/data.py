@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,8 +27,10 @@ from erase.models.base import Backend, Batch, Condition
 class DataConfig:
     """How the forget and retain sets are made (SalUn reference: 800 + 800 images at 512 px)."""
 
-    num_forget: int = 800
-    num_retain: int = 800
+    # None: the reference's sets, 800 generated images each (SD) or the whole forgotten class and
+    # all the other classes' images (class-conditional DDPM); see docs/methods.md.
+    num_forget: int | None = None
+    num_retain: int | None = None
     resolution: int | None = None  # None: the model's native resolution
     gen_steps: int = 50  # DDIM steps per generated image
     guidance_scale: float = 7.5
@@ -36,6 +38,7 @@ class DataConfig:
     seed: int = 0
     cache_dir: str | None = None  # None: $ERASE_HOME/data
     concept_images: str | None = None  # a folder of reference images to use as the forget set
+    retain_images: str | None = None  # a folder of images to use as the retain set
 
 
 @dataclass
@@ -50,53 +53,82 @@ class ConceptData:
 
 
 def build_concept_data(backend: Backend, concept: Concept, config: DataConfig) -> ConceptData:
-    """Forget/retain images for `concept`: the dataset's for class backends, generated for text."""
-    if config.num_forget < 1 or config.num_retain < 1:
+    """Forget/retain images for `concept`: the dataset's for class backends, generated for text,
+    or the folders of --concept-images / --retain-images."""
+    if (config.num_forget or 1) < 1 or (config.num_retain or 1) < 1:
         raise EraseError("--num-forget and --num-retain must be at least 1.")
     if backend.conditioning == "text" and any(
         not str(prompt).strip() for prompt in [*concept.forget, *concept.retain]
     ):  # an empty prompt is the unconditional one: training on it erases nothing in particular
         raise EraseError(f"The concept '{concept.name}' has an empty prompt: give its text.")
+    if backend.conditioning != "class":  # generated sets: the SD reference's 800 each
+        config = replace(config, num_forget=config.num_forget or 800)
+        config = replace(config, num_retain=config.num_retain or 800)
+    folder = cache_folder(backend, concept, config)
     if config.concept_images:
         forget_images = load_image_folder(config.concept_images, backend, config.resolution)
         forget_conditions = [
             concept.forget[i % len(concept.forget)] for i in range(len(forget_images))
         ]
-        if backend.conditioning == "class":
-            retain_images, retain_labels = backend.real_images(concept.retain, config.num_retain)
-            return ConceptData(
-                forget_images, forget_conditions, retain_images, retain_labels, "folder"
-            )
-        folder = cache_folder(backend, concept, config)
-        retain_images, retain_prompts = generated_set(
+    elif backend.conditioning == "class":
+        forget_images, forget_conditions = backend.real_images(concept.forget, config.num_forget)
+    else:
+        forget_images, forget_conditions = generated_set(
+            backend, "forget", concept.forget, config.num_forget, config, folder
+        )
+    if config.retain_images:
+        retain_images, retain_conditions = load_retain_folder(
+            config.retain_images, backend, concept, config
+        )
+    elif backend.conditioning == "class":
+        retain_images, retain_conditions = backend.real_images(concept.retain, config.num_retain)
+    else:
+        retain_images, retain_conditions = generated_set(
             backend, "retain", concept.retain, config.num_retain, config, folder
         )
-        return ConceptData(
-            forget_images, forget_conditions, retain_images, retain_prompts, "folder"
+    if config.concept_images or config.retain_images:
+        source = "folder"
+    else:
+        source = "dataset" if backend.conditioning == "class" else f"generated:{folder}"
+    return ConceptData(forget_images, forget_conditions, retain_images, retain_conditions, source)
+
+
+def load_retain_folder(folder: str, backend: Backend, concept: Concept, config: DataConfig):
+    """--retain-images: (images, conditions). A folder of class subfolders (Imagenette's
+    layout, named by class) pairs each image with its class's retain condition, as the reference
+    does; a flat folder takes the retain conditions in turn."""
+    if not os.path.isdir(folder):
+        raise EraseError(f"--retain-images '{folder}' is not a folder of images.")
+    subfolders = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not subfolders:
+        images = load_image_folder(folder, backend, config.resolution, "--retain-images")
+        return images, [concept.retain[i % len(concept.retain)] for i in range(len(images))]
+    batches, conditions = [], []
+    for name in subfolders:
+        words = name.replace("_", " ").replace("-", " ").lower()
+        matches = [c for c in concept.retain if str(c).lower().endswith(words)]
+        if not matches:
+            continue  # the forgotten class's folder, or one this run does not keep
+        images = load_image_folder(os.path.join(folder, name), backend, config.resolution)
+        batches.append(images)
+        conditions += [matches[0]] * len(images)
+    if not batches:
+        raise EraseError(
+            f"No subfolder of --retain-images '{folder}' is named after a retained class "
+            f"(e.g. '{concept.retain[0]}'): name them by class, or use a flat folder."
         )
-    if backend.conditioning == "class":
-        forget_images, forget_labels = backend.real_images(concept.forget, config.num_forget)
-        retain_images, retain_labels = backend.real_images(concept.retain, config.num_retain)
-        return ConceptData(forget_images, forget_labels, retain_images, retain_labels, "dataset")
-    folder = cache_folder(backend, concept, config)
-    forget_images, forget_prompts = generated_set(
-        backend, "forget", concept.forget, config.num_forget, config, folder
-    )
-    retain_images, retain_prompts = generated_set(
-        backend, "retain", concept.retain, config.num_retain, config, folder
-    )
-    return ConceptData(
-        forget_images, forget_prompts, retain_images, retain_prompts, f"generated:{folder}"
-    )
+    return torch.cat(batches), conditions
 
 
-def load_image_folder(folder: str, backend: Backend, resolution: int | None) -> torch.Tensor:
+def load_image_folder(
+    folder: str, backend: Backend, resolution: int | None, flag: str = "--concept-images"
+) -> torch.Tensor:
     """All images of a folder, resized to the model's resolution: (N, C, H, W) in [0, 1]."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     if not os.path.isdir(folder):
-        raise EraseError(f"--concept-images '{folder}' is not a folder of images.")
+        raise EraseError(f"{flag} '{folder}' is not a folder of images.")
     size = resolution or backend.resolution
     channels = backend.latent_shape[0] if backend.conditioning == "class" else 3
     images = []
@@ -118,7 +150,7 @@ def load_image_folder(folder: str, backend: Backend, resolution: int | None) -> 
         except (UnidentifiedImageError, OSError):
             raise EraseError(f"'{path}' is not a readable image.") from None
     if not images:
-        raise EraseError(f"--concept-images '{folder}' holds no .png/.jpg/.webp images.")
+        raise EraseError(f"{flag} '{folder}' holds no .png/.jpg/.webp images.")
     return torch.stack(images).float() / 255
 
 

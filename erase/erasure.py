@@ -24,7 +24,7 @@ from erase.artifact import (
 )
 from erase.checkpoint import check_resume, file_digest, record_settings
 from erase.cliargs import MAX_SEED
-from erase.concepts import Concept, resolve_concept, slug
+from erase.concepts import Concept, resolve_concept, slug, union
 from erase.data import (
     ConceptData,
     DataConfig,
@@ -48,7 +48,9 @@ from erase.train import (
 MAX_RESOLUTION = 8192  # beyond any released model; each backend also allows at most 4 x its own
 
 
-def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
+def settings_from_args(
+    args: argparse.Namespace, defaults: dict, method_class, num_forget: int | None = None
+):
     """TrainConfig and the method's Config: flags first, then the method's reference defaults."""
     train_config = TrainConfig(
         lr=args.lr,
@@ -68,7 +70,7 @@ def settings_from_args(args: argparse.Namespace, defaults: dict, method_class):
             setattr(train_config, name, defaults.get(name))
     if train_config.steps is None:
         if args.epochs:
-            per_epoch = -(-args.num_forget // train_config.batch_size)
+            per_epoch = -(-(num_forget or args.num_forget or 800) // train_config.batch_size)
             train_config.steps = max(1, round(args.epochs * per_epoch))
         else:
             train_config.steps = defaults["steps"]
@@ -93,22 +95,45 @@ class ErasureResult:
 def default_output(args: argparse.Namespace) -> str:
     """outputs/<model>-<concept>-<method>."""
     model_name = os.path.basename(os.path.normpath(args.model))
-    return os.path.join("outputs", f"{slug(model_name)}-{slug(args.concept)}-{args.method}")
+    concept = slug("-".join(concept_names(args)))
+    return os.path.join("outputs", f"{slug(model_name)}-{concept}-{args.method}")
+
+
+def concept_names(args: argparse.Namespace) -> list[str]:
+    """The --concept values of this run (one string from library callers, a list from the CLI)."""
+    return [args.concept] if isinstance(args.concept, str) else list(args.concept)
 
 
 def resolve_run_concept(backend, args) -> Concept:
-    """The concept of this run; backends with their own prompt sets (sd-digits) resolve it first."""
-    if not args.forget_prompt and hasattr(backend, "concept_prompts"):
-        prompts = backend.concept_prompts(args.concept)
-        if prompts is not None:
-            return prompts
-    return resolve_concept(
-        args.concept,
-        conditioning=backend.conditioning,
-        class_names=backend.class_names,
-        forget_prompts=args.forget_prompt,
-        retain_prompts=args.retain_prompt,
-    )
+    """The concept(s) of this run, as one Concept (the union of several); backends with their own
+    prompt sets (sd-digits) resolve a name first."""
+    concepts = []
+    for name in concept_names(args):
+        prompts = None
+        if not args.forget_prompt and hasattr(backend, "concept_prompts"):
+            prompts = backend.concept_prompts(name)
+        concepts.append(
+            prompts
+            or resolve_concept(
+                name,
+                conditioning=backend.conditioning,
+                class_names=backend.class_names,
+                forget_prompts=args.forget_prompt,
+                retain_prompts=args.retain_prompt,
+                remap=getattr(args, "remap", "next"),
+            )
+        )
+    return union(concepts)
+
+
+def forget_count(backend, concept: Concept, args: argparse.Namespace) -> int:
+    """--num-forget, or the reference's forget set size: the whole class on class-conditional
+    models (DDPM/datasets), 800 generated images otherwise (SD/train-scripts)."""
+    if args.num_forget:
+        return args.num_forget
+    if backend.conditioning == "class":
+        return len(backend.real_images(concept.forget, None)[1])
+    return 800
 
 
 def run_erasure(args: argparse.Namespace, backend=None, on_phase=None) -> ErasureResult:
@@ -233,8 +258,9 @@ def erase_into(
     if hasattr(backend, "gen_precision"):
         backend.gen_precision = getattr(args, "gen_precision", "auto")
     concept = resolve_run_concept(backend, args)
-    defaults = method_class.defaults(backend, concept, args.num_forget)
-    train_config, method_config = settings_from_args(args, defaults, method_class)
+    num_forget = forget_count(backend, concept, args)
+    defaults = method_class.defaults(backend, concept, num_forget)
+    train_config, method_config = settings_from_args(args, defaults, method_class, num_forget)
     method = method_class(backend, concept, method_config)  # fails early on an unfit backend
     if hasattr(backend, "set_gradient_checkpointing"):  # for the mask's backward as well
         backend.set_gradient_checkpointing(
@@ -258,6 +284,7 @@ def erase_into(
         seed=args.seed,
         cache_dir=args.cache_dir,
         concept_images=args.concept_images,
+        retain_images=getattr(args, "retain_images", None),
     )
     if getattr(method, "needs_images", True):
         with accelerator.main_process_first():  # one process generates, the others read it

@@ -113,8 +113,12 @@ def make_optimizer(
     raise EraseError(f"Unknown optimizer '{name}': use adam or adamw.")
 
 
-def masked_state_fallback(config: TrainConfig) -> str | None:
+def masked_state_fallback(config: TrainConfig, clip_before_mask: float | None) -> str | None:
     """Why a masked run must keep dense state, or None when the masked optimizer applies."""
+    if clip_before_mask:
+        # The norm is that of the whole (unmasked) gradient of the batch, which the masked
+        # optimizer never holds; the reference DDPM model that clips so is small.
+        return "clipping before the mask needs the whole gradient"
     if config.mixed_precision == "fp16":
         # fp16's GradScaler unscales and checks the parameters' .grad for inf, which the masked
         # optimizer frees as soon as it has gathered them; bf16 needs no scaler.
@@ -176,13 +180,16 @@ class DenseUpdate:
     """torch's Adam/AdamW over whole parameters through accelerate (fp16 loss scaling, DDP);
     a mask, if any, is multiplied into the gradients."""
 
-    def __init__(self, accelerator, optimizer, parameters, dense_masks):
+    def __init__(self, accelerator, optimizer, parameters, dense_masks, clip_before_mask=None):
         self.accelerator, self.optimizer = accelerator, optimizer
         self.parameters, self.dense_masks = parameters, dense_masks
+        self.clip_before_mask = clip_before_mask
         self.gradient_bytes = 0
 
     def update(self, max_grad_norm: float | None) -> None:
-        """Mask, clip, step and clear the gradients of the batch."""
+        """(Clip the whole gradient,) mask, clip, step and clear the gradients of the batch."""
+        if self.clip_before_mask:  # reference DDPM: clip_grad_norm_ first, then grad *= mask
+            self.accelerator.clip_grad_norm_(self.parameters, self.clip_before_mask)
         for param, param_mask in self.dense_masks:
             if param.grad is not None:
                 param.grad.mul_(param_mask)
@@ -241,14 +248,16 @@ def check_sharding(accelerator, method, mask) -> None:
 
 
 def make_update(
-    accelerator, unet, method, config: TrainConfig, parameters, mask: PackedMask | None
-):
+    accelerator, unet, method, config: TrainConfig, parameters, mask: PackedMask | None,
+    clip_before_mask: float | None = None,
+):  # fmt: skip
     """The update of this run, leanest first: masked Adam (state only for masked weights), the
     optimizer stepped inside backward (no full set of gradients), or torch's optimizer through
-    accelerate. Returns (update, prepared unet, state name)."""
+    accelerate; `clip_before_mask` clips the whole gradient before the mask (dense path).
+    Returns (update, prepared unet, state name)."""
     trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     check_sharding(accelerator, method, mask)
-    if mask is not None and masked_state_fallback(config) is None:
+    if mask is not None and masked_state_fallback(config, clip_before_mask) is None:
         update = MaskedAdam(trained, mask, config.lr)
         wrapped_unet = accelerator.prepare(unet)
         accelerator.register_for_checkpointing(update)
@@ -268,7 +277,8 @@ def make_update(
     dense_masks = [(p, mask.unpack(n).to(p.device)) for n, p in trained] if mask else []
     optimizer = make_optimizer(config.optimizer, parameters, config.lr, config.weight_decay)
     wrapped_unet, optimizer = accelerator.prepare(unet, optimizer)
-    return DenseUpdate(accelerator, optimizer, parameters, dense_masks), wrapped_unet, "dense"
+    update = DenseUpdate(accelerator, optimizer, parameters, dense_masks, clip_before_mask)
+    return update, wrapped_unet, "dense"
 
 
 def train(
@@ -290,9 +300,13 @@ def train(
         )
     if mask is not None and not isinstance(mask, PackedMask):
         mask = pack_bool_mask(mask)
-    parameters = select_parameters(unet, method, mask)
+    # A masked method may ask for the whole gradient to be clipped before the mask is applied
+    # (SalUn on the DDPM, as its reference): the norm then counts the weights the mask keeps
+    # none of, so they take part in backward too (their masked gradient is zero: they stay put).
+    clip_before_mask = getattr(method, "clip_before_mask", None) if mask is not None else None
+    parameters = select_parameters(unet, method, None if clip_before_mask else mask)
     update, wrapped_unet, state_name = make_update(
-        accelerator, unet, method, config, parameters, mask
+        accelerator, unet, method, config, parameters, mask, clip_before_mask
     )
 
     start = resume(accelerator, checkpoint_dir)

@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept", default="3", help="digit to erase (index or name)")
     parser.add_argument("--method", default="salun")
     parser.add_argument("--eval-per-class", type=int, default=100)
-    # 25: guided DDIM samples of the small digits DDPM are classified right 98 % at 10-25 steps
-    # but 82 % at 50 (the exact ODE path shows its artefacts), so the testbed evaluates at 25.
-    parser.add_argument("--eval-steps", type=int, default=25, help="DDIM steps per image")
+    parser.add_argument(
+        "--eval-steps", type=int, default=None, help="DDIM steps per image (default: the model's)"
+    )
     parser.add_argument("--fresh", action="store_true", help="train everything in a new ERASE_HOME")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--output", default=None, help="erase-concept output folder")
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     erase_args = [
         "--model", "ddpm-digits", "--concept", args.concept, "--method", args.method,
         "--output", output, "--overwrite",
-        "--eval-per-class", str(args.eval_per_class), "--eval-steps", str(args.eval_steps),
+        "--eval-per-class", str(args.eval_per_class),
+        *(["--eval-steps", str(args.eval_steps)] if args.eval_steps else []),
         *args.extra,
     ]  # fmt: skip
     code = timed("erase_concept", lambda: erase_concept_main(erase_args))
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "classifier_test_accuracy": classifier_accuracy,
         "train_config": metadata["train_config"],
         "method_config": metadata["method_config"],
-        "eval": {"per_class": args.eval_per_class, "ddim_steps": args.eval_steps},
+        "eval": {"per_class": args.eval_per_class, "ddim_steps": before.get("num_steps")},
         "phases": phases,
         "erase_concept_phases_wall_s": metadata["timings_s"],
         "total_wall_s": round(time.perf_counter() - started_wall, 1),

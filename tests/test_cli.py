@@ -197,3 +197,39 @@ def test_existing_output_is_refused_unless_overwrite(tiny_sd_args, tmp_path, cap
     assert "already exists" in err and (output / "stale.txt").exists()
     assert erase_concept_main([*tiny_sd_args, "--output", str(output), "--overwrite"]) == 0
     assert (output / "unet").is_dir() and not (output / "stale.txt").exists()
+
+
+def write_images(folder, count, size=16):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for index in range(count):
+        Image.new("RGB", (size, size), (index * 40, 0, 0)).save(folder / f"{index}.png")
+
+
+def test_retain_images_pair_each_class_folder_with_its_prompt(tiny_sd_dir, tmp_path):
+    from erase.concepts import resolve_concept
+    from erase.data import DataConfig, build_concept_data
+    from erase.models import load_backend
+
+    write_images(tmp_path / "forget", 2)
+    write_images(tmp_path / "train" / "tench", 3)
+    write_images(tmp_path / "train" / "golf_ball", 2)
+    write_images(tmp_path / "train" / "church", 4)  # the forgotten class: not retained
+    concept = resolve_concept("church", conditioning="text")
+    config = DataConfig(
+        concept_images=str(tmp_path / "forget"), retain_images=str(tmp_path / "train")
+    )
+    data = build_concept_data(load_backend(tiny_sd_dir), concept, config)
+    assert data.forget_conditions == ["an image of a church"] * 2
+    assert data.retain_conditions == ["an image of a golf ball"] * 2 + ["an image of a tench"] * 3
+    assert data.retain_images.shape[0] == 5 and data.source == "folder"
+
+
+def test_retain_images_flag_reaches_the_run(tiny_sd_args, tmp_path):
+    write_images(tmp_path / "keep", 3)
+    args = [*tiny_sd_args, "--retain-images", str(tmp_path / "keep"), "--method", "salun"]
+    assert erase_concept_main([*args, "--output", str(tmp_path / "out")]) == 0
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert metadata["data_config"]["retain_images"] == str(tmp_path / "keep")
+    assert metadata["data_source"] == "folder"

@@ -239,3 +239,28 @@ def test_erasure_writes_the_class_report(erased):
 
 def test_ddpm_info_names_the_dataset(tiny_folder):
     assert read_ddpm_info(tiny_folder)["dataset"] == "digits"
+
+
+def test_forget_and_retain_sets_are_the_whole_class_and_all_the_rest(backend):
+    from erase.concepts import resolve_concept
+    from erase.data import DataConfig, build_concept_data
+
+    concept = resolve_concept("3", conditioning="class", class_names=DIGIT_NAMES)
+    data = build_concept_data(backend, concept, DataConfig())  # reference DDPM/datasets
+    _, labels = digits_dataset(8, split="train")
+    assert len(data.forget_conditions) == int((labels == 3).sum())
+    assert set(data.forget_conditions) == {3}
+    assert len(data.retain_conditions) == int((labels != 3).sum())
+
+
+def test_erasure_records_the_reference_ddpm_settings(erased):
+    metadata = json.load(open(os.path.join(erased, "metadata.json")))
+    method = metadata["method_config"]
+    assert (method["alpha"], method["retain_reduction"], method["cond_drop"]) == (1e-3, "sum", 0.1)
+    assert method["antithetic"] is True and method["clip_before_mask"] == 1.0
+    assert metadata["concept"]["remap"] == [4]  # next class
+
+
+def test_ddim_sampling_does_not_clip_the_predicted_x0(backend):
+    # The reference's generalized steps (DDPM/functions/denoising.py) never clip x0.
+    assert backend.make_sampler(10).config.clip_sample is False

@@ -11,7 +11,7 @@ from erase.concepts import resolve_concept
 from erase.erasure import run_erasure
 from erase.errors import EraseError
 from erase.methods import get_method
-from erase.methods.esd import ESDConfig
+from erase.methods.esd import NOXATTN_EXCLUDED_PREFIXES, ESDConfig
 from erase.models import load_backend
 from erase.models.ddpm import ClassDDPMBackend, DDPMConfig, build_class_unet
 from erase.train import TrainConfig, make_accelerator, train
@@ -145,7 +145,8 @@ def test_esd_u_trains_a_class_conditional_unet():
     assert result.last_terms["esd"] > 0
     changed = {n for n, p in backend.unet.named_parameters() if not torch.equal(p, base[n])}
     assert "class_embedding.weight" in changed
-    assert len(changed) == len(base)  # no cross-attention here: esd-u trains everything
+    # no cross-attention here: esd-u trains everything but the time embedding and output layer
+    assert changed == {n for n in base if not n.startswith(NOXATTN_EXCLUDED_PREFIXES)}
 
 
 @pytest.mark.parametrize("name", ["esd-x", "esd-x-strict"])
@@ -164,3 +165,78 @@ def test_esd_generates_no_forget_set(tiny_sd_args, tmp_path, monkeypatch):
     monkeypatch.setattr(StableDiffusionBackend, "sample", no_sampling)
     result = erase([*tiny_sd_args, "--method", "esd-u", "--steps", "1"], tmp_path / "out")
     assert result.metadata["data_source"].startswith("none")
+
+
+def sd_v1_unet_parameter_names() -> list[str]:
+    """Parameter names of SD v1.x's UNet (diffusers' default config), built without weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel()  # the default config is SD v1.x's 860 M UNet
+    return [name for name, _ in unet.named_parameters()]
+
+
+# The reference train-esd.py selects on CompVis names: `noxattn` skips names with "attn2" or
+# "time_embed" and names starting with "out." (the final GroupNorm out.0 and conv out.2). Its
+# top-level CompVis modules and their diffusers names, after diffusers' conversion script:
+COMPVIS_TOP_LEVEL = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+    "input_blocks.0.0": "conv_in",
+}
+
+
+def reference_noxattn(diffusers_name: str) -> bool:
+    """The reference's noxattn rule, applied to the CompVis name of a diffusers parameter."""
+    module, _, leaf = diffusers_name.rpartition(".")
+    compvis = {v: k for k, v in COMPVIS_TOP_LEVEL.items()}.get(module)
+    name = f"{compvis}.{leaf}" if compvis else diffusers_name  # blocks keep attn1/attn2 names
+    return not (name.startswith("out.") or "attn2" in name or "time_embed" in name)
+
+
+def test_esd_u_trains_the_reference_noxattn_selection_on_the_sd_v1_unet():
+    names = sd_v1_unet_parameter_names()
+    method = get_method("esd-u")
+    trained = {n for n in names if method.trainable(method, n)}
+    assert trained == {n for n in names if reference_noxattn(n)}
+    assert "time_embedding.linear_1.weight" not in trained and "conv_out.weight" not in trained
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight" in trained
+    assert "down_blocks.0.resnets.0.time_emb_proj.weight" in trained  # not time_embed
+
+
+def test_selfattn_and_full_variants_select_as_the_reference():
+    names = sd_v1_unet_parameter_names()
+    selfattn, full = get_method("esd-selfattn"), get_method("esd-full")
+    assert {n for n in names if selfattn.trainable(selfattn, n)} == {
+        n for n in names if "attn1" in n
+    }
+    assert all(full.trainable(full, n) for n in names)
+
+
+def test_esd_trains_on_the_bare_concept_word():
+    assert resolve_concept("nudity", conditioning="text").terms == ["nudity"]
+    assert resolve_concept("Van Gogh", conditioning="text").terms == ["Van Gogh"]
+
+
+def test_esd_loss_conditions_on_the_terms_of_every_concept(tiny_sd_dir, monkeypatch):
+    from erase.concepts import union
+    from erase.models.base import Batch
+
+    backend = load_backend(tiny_sd_dir)
+    concept = union([resolve_concept(c, conditioning="text") for c in ("nudity", "church")])
+    method = get_method("esd-u")(backend, concept, ESDConfig())
+    seen = []
+    monkeypatch.setattr(
+        method,
+        "partial_sample",
+        lambda unet, conditions, shape, generator: (
+            seen.extend(conditions) or torch.zeros(shape),
+            torch.zeros(shape[0], dtype=torch.long),
+        ),
+    )
+    batch = Batch(torch.zeros(8, *backend.latent_shape), ["x"] * 8)
+    for seed in range(4):
+        method.loss(backend.unet, batch, batch, torch.Generator().manual_seed(seed))
+    assert set(seen) == {"nudity", "church"}

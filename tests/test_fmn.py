@@ -12,10 +12,10 @@ from erase.erasure import run_erasure
 from erase.errors import EraseError
 from erase.methods import get_method, noised
 from erase.methods.fmn import (
-    PLACEHOLDER,
+    OBJECT_TEMPLATE,
     AttentionRecorder,
     FMNConfig,
-    learn_concept_token,
+    learn_concept_tokens,
     recording_attention,
 )
 from erase.models import load_backend
@@ -36,7 +36,8 @@ def backend(tiny_sd_dir):
 
 @pytest.fixture(scope="module")
 def fmn(backend):
-    return get_method("fmn")(backend, resolve_concept("nudity", conditioning="text"), FMNConfig())
+    concept = resolve_concept("nudity", conditioning="text")
+    return get_method("fmn")(backend, concept, FMNConfig(fmn_ti_steps=0))  # steers the word
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +48,24 @@ def forget_batch(backend):
 
 def test_fmn_lowers_attention_on_concept_tokens(backend, fmn, forget_batch, tiny_sd_args, tmp_path):
     before = fmn.attention_mass(backend.unet, forget_batch, torch.Generator().manual_seed(0))
-    args = [*tiny_sd_args, "--method", "fmn", "--lr", "1e-2", "--steps", "10"]
+    args = [
+        *tiny_sd_args,
+        "--method",
+        "fmn",
+        "--lr",
+        "1e-2",
+        "--steps",
+        "10",
+        "--fmn-ti-steps",
+        "0",
+    ]
     erased_unet = erase(args, tmp_path / "out").backend.unet
     after = fmn.attention_mass(erased_unet, forget_batch, torch.Generator().manual_seed(0))
     assert after < 0.5 * before
 
 
 def test_fmn_writes_a_plain_loadable_unet(tiny_sd_dir, tiny_sd_args, tmp_path):
-    result = erase([*tiny_sd_args, "--method", "fmn"], tmp_path / "out")
+    result = erase([*tiny_sd_args, "--method", "fmn", "--fmn-ti-steps", "2"], tmp_path / "out")
     processors = {type(p).__name__ for p in result.backend.unet.attn_processors.values()}
     assert "RecordingAttnProcessor" not in processors
     loaded = load_backend(tiny_sd_dir).load_unet(str(tmp_path / "out"))
@@ -65,6 +76,7 @@ def test_fmn_writes_a_plain_loadable_unet(tiny_sd_dir, tiny_sd_args, tmp_path):
 def test_fmn_cross_attention_only_changes_only_attn2(tiny_sd_dir, tiny_sd_args, tmp_path):
     base = load_backend(tiny_sd_dir).unet.state_dict()
     args = [*tiny_sd_args, "--method", "fmn", "--fmn-cross-attention-only", "--lr", "1e-3"]
+    args += ["--fmn-ti-steps", "2"]
     result = erase(args, tmp_path / "out")
     changed = {n for n, p in result.backend.unet.named_parameters() if not torch.equal(p, base[n])}
     assert changed
@@ -90,12 +102,21 @@ def test_loss_call_restores_the_attention_processors(backend, fmn, forget_batch)
     assert {name: type(p) for name, p in backend.unet.attn_processors.items()} == before
 
 
-def test_concept_positions_are_the_word_and_end_of_text(backend, fmn):
+def test_concept_positions_are_the_word_and_every_end_of_text(backend, fmn):
+    # A v1.x-style tokenizer pads with the end-of-text token: the reference's use_pooler marks
+    # the end of the text and every padding position after it.
+    tokenizer = backend.pipe.tokenizer
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
     positions = fmn.concept_positions([PROMPT], 16)[0]
-    expected = set(backend.token_positions(PROMPT, ["nude"]))
-    expected.add(backend.end_of_text_position(PROMPT))
+    end = backend.end_of_text_position(PROMPT)
+    expected = set(backend.token_positions(PROMPT, ["nude"])) | set(range(end, 16))
     assert set(positions.nonzero().flatten().tolist()) == expected
-    assert len(expected) == 2
+    assert len(expected) == 1 + 16 - end and 16 - end > 1
+
+
+def test_ti_stage_is_on_by_default_with_four_tokens():
+    config = FMNConfig()  # reference attn.yaml use_ti: true; ti.yaml <s1>|<s2>|<s3>|<s4>, 500 steps
+    assert (config.fmn_ti_steps, config.fmn_ti_tokens) == (500, 4)
 
 
 def test_recorder_reads_each_sample_at_its_own_positions():
@@ -115,9 +136,9 @@ def test_fmn_on_a_class_backend_is_an_error():
         get_method("fmn")(backend, concept, FMNConfig())
 
 
-def denoising_loss_with(backend, latents, token) -> float:
-    """Denoising loss of the concept images under a prompt holding `token`, at fixed noise."""
-    prompts = [f"a photo of a {token} person"] * len(latents)
+def denoising_loss_with(backend, latents, snippet) -> float:
+    """Denoising loss of the concept images under a prompt holding `snippet`, at fixed noise."""
+    prompts = [OBJECT_TEMPLATE.format(snippet)] * len(latents)
     noise, timesteps, noisy = noised(
         backend, Batch(latents, prompts), torch.Generator().manual_seed(5)
     )
@@ -129,27 +150,32 @@ def denoising_loss_with(backend, latents, token) -> float:
 def test_textual_inversion_lowers_the_denoising_loss(tiny_sd_dir):
     backend = load_backend(tiny_sd_dir)
     latents = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
-    prompts = [f"a photo of a {PLACEHOLDER} person"] * 2
-    initial = learn_concept_token(backend, latents, prompts, ["nude"], 0, torch.Generator())
-    learned = learn_concept_token(backend, latents, prompts, ["nude"], 30, torch.Generator())
+    learn = learn_concept_tokens  # (backend, latents, template, words, tokens, steps, generator)
+    initial = learn(backend, latents, OBJECT_TEMPLATE, ["nude"], 4, 0, torch.Generator())
+    learned = learn(backend, latents, OBJECT_TEMPLATE, ["nude"], 4, 30, torch.Generator())
+    assert len(learned.split()) == 4
     repeated = latents.repeat(8, 1, 1, 1)
     assert denoising_loss_with(backend, repeated, learned) < denoising_loss_with(
         backend, repeated, initial
     )
 
 
-def test_ti_stage_steers_attention_from_the_learned_token(tiny_sd_dir, forget_batch):
+def test_ti_stage_steers_attention_from_the_learned_tokens(tiny_sd_dir, forget_batch):
     backend = load_backend(tiny_sd_dir)
     concept = resolve_concept("nudity", conditioning="text")
     method = get_method("fmn")(backend, concept, FMNConfig(fmn_ti_steps=2))
     method.prepare(forget_batch.latents, forget_batch.conditions, torch.Generator())
     prompts, words = method.steered([PROMPT])
-    assert prompts == [f"a photo of a {method.concept_token} person"] and "nude" not in prompts[0]
+    (snippet,) = method.concept_tokens
+    assert prompts == [f"a photo of a {snippet} person"] and "nude" not in prompts[0]
     positions = method.concept_positions(prompts, 16, words)[0].nonzero().flatten().tolist()
-    token_id = backend.pipe.tokenizer.convert_tokens_to_ids(method.concept_token)
-    token_position = backend.tokenize(prompts)[0].tolist().index(token_id)
-    assert token_position == backend.token_positions(PROMPT, ["nude"])[0]  # where "nude" was
-    assert positions == [token_position, backend.end_of_text_position(prompts[0])]
+    ids = backend.tokenize(prompts)[0].tolist()
+    token_ids = backend.pipe.tokenizer.convert_tokens_to_ids(snippet.split())
+    token_positions = [ids.index(token_id) for token_id in token_ids]
+    start = backend.token_positions(PROMPT, ["nude"])[0]  # where "nude" was
+    assert token_positions == [start, start + 1, start + 2, start + 3]
+    end = ids.index(backend.pipe.tokenizer.eos_token_id)
+    assert positions == token_positions + list(range(end, 16))
 
 
 def test_ti_steps_without_prepare_is_an_error(backend, forget_batch):
@@ -172,3 +198,19 @@ def test_fmn_needs_the_concept_word_in_its_prompts(backend):
     )
     with pytest.raises(EraseError, match="forget-prompt"):
         get_method("fmn")(backend, concept, FMNConfig())
+
+
+def test_several_concepts_get_their_own_tokens(tiny_sd_dir):
+    from erase.concepts import union
+
+    backend = load_backend(tiny_sd_dir)
+    nudity = resolve_concept("nudity", conditioning="text")
+    church = resolve_concept("church", conditioning="text")
+    method = get_method("fmn")(backend, union([nudity, church]), FMNConfig(fmn_ti_steps=1))
+    prompts = [PROMPT, "an image of a church"]
+    latents = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    method.prepare(latents, prompts, torch.Generator())
+    nude_tokens, church_tokens = method.concept_tokens
+    steered, words = method.steered(prompts)
+    assert steered == [f"a photo of a {nude_tokens} person", f"an image of a {church_tokens}"]
+    assert words == nude_tokens.split() + church_tokens.split() and len(words) == 8

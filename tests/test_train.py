@@ -92,7 +92,9 @@ def trained_weights(tiny_sd_dir, method="salun", mask=True, lr=1e-3, **settings)
 
 def dense_masked(monkeypatch):
     """Force the dense path (dense gradients multiplied by the mask, torch's Adam)."""
-    monkeypatch.setattr(erase.train, "masked_state_fallback", lambda config: "test")
+    monkeypatch.setattr(
+        erase.train, "masked_state_fallback", lambda config, clip_before_mask: "test"
+    )
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3])

@@ -53,29 +53,71 @@ def get_method(name: str) -> type:
     return METHODS[name]
 
 
-def random_remap(concept: Concept, count: int, generator: torch.Generator) -> list:
-    """One random remap condition per sample (SalUn's "random label" / other prompt)."""
-    picks = torch.randint(0, len(concept.remap), (count,), generator=generator).tolist()
-    return [concept.remap[i] for i in picks]
+def remap_conditions(concept: Concept, conditions, generator: torch.Generator) -> list:
+    """Each forget sample's remap condition (SalUn's pseudo label / other prompt): one of the
+    remap targets of the concept the sample belongs to, drawn at random when there are several."""
+    remapped = []
+    for condition in conditions:
+        targets = concept.remap_for(condition)
+        remapped.append(targets[int(torch.randint(0, len(targets), (1,), generator=generator))])
+    return remapped
 
 
-def noised(backend: Backend, batch: Batch, generator: torch.Generator):
+def sample_timesteps(count: int, num_train_timesteps: int, generator, antithetic: bool = False):
+    """(B,) uniform timesteps; antithetic: the first half t, the rest T - t - 1 (the reference
+    DDPM/runners/diffusion.py pairs them to lower the loss's variance)."""
+    if not antithetic:
+        return torch.randint(0, num_train_timesteps, (count,), generator=generator)
+    half = torch.randint(0, num_train_timesteps, (count // 2 + 1,), generator=generator)
+    return torch.cat([half, num_train_timesteps - half - 1])[:count]
+
+
+def noised(backend: Backend, batch: Batch, generator: torch.Generator, antithetic: bool = False):
     """Fresh noise, uniform timesteps and the noised latents of a batch: (noise, t, x_t)."""
     latents = batch.latents.to(backend.device)  # (B, C, h, w)
     noise = torch.randn(latents.shape, generator=generator).to(backend.device, latents.dtype)
     num_train_timesteps = backend.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = sample_timesteps(len(latents), num_train_timesteps, generator, antithetic)
     timesteps = timesteps.to(backend.device)
     return noise, timesteps, backend.noise_scheduler.add_noise(latents, noise, timesteps)
 
 
+def dropped_to_null(backend: Backend, cond: torch.Tensor, probability: float, generator):
+    """`cond` with each sample replaced by the unconditional one with `probability`, as the
+    class-conditional reference does in every training pass (classifier-free guidance)."""
+    if not probability:
+        return cond
+    dropped = torch.rand(len(cond), generator=generator) < probability  # (B,)
+    dropped = dropped.to(cond.device).view(-1, *[1] * (cond.dim() - 1))
+    return torch.where(dropped, backend.unconditional(len(cond)).to(cond.dtype), cond)
+
+
+def squared_error(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):
+    """'mean': the mean over every element (ldm, diffusers); 'sum': summed over each sample's
+    pixels, then the batch mean (the reference DDPM/functions/losses.py)."""
+    error = (prediction.float() - target.float()).square()  # (B, C, h, w)
+    if reduction == "sum":
+        return error.flatten(1).sum(1).mean()
+    if reduction == "mean":
+        return error.mean()
+    raise EraseError(f"The loss reduction must be 'mean' or 'sum', got '{reduction}'.")
+
+
 def denoising_loss(
-    backend: Backend, unet: torch.nn.Module, batch: Batch, generator
+    backend: Backend,
+    unet: torch.nn.Module,
+    batch: Batch,
+    generator,
+    *,
+    reduction: str = "mean",
+    cond_drop: float = 0.0,
+    antithetic: bool = False,
 ) -> torch.Tensor:
-    """The ordinary diffusion loss MSE(eps(x_t, c, t), noise) on a batch."""
-    noise, timesteps, noisy = noised(backend, batch, generator)
-    prediction = backend.predict_noise(unet, noisy, timesteps, backend.encode(batch.conditions))
-    return torch.nn.functional.mse_loss(prediction.float(), noise.float())
+    """The ordinary diffusion loss between eps(x_t, c, t) and the noise on a batch."""
+    noise, timesteps, noisy = noised(backend, batch, generator, antithetic)
+    cond = dropped_to_null(backend, backend.encode(batch.conditions), cond_drop, generator)
+    prediction = backend.predict_noise(unet, noisy, timesteps, cond)
+    return squared_error(prediction, noise, reduction)
 
 
 # Registry lines: importing a module registers its method.

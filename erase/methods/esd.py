@@ -3,9 +3,12 @@
 The model learns to predict, under the concept's condition c, what the frozen original predicts
 with c guided *away*: eps*(x_t, "") - eta * (eps*(x_t, c) - eps*(x_t, "")). No images are needed:
 x_t comes from partially sampling fresh noise under c with the model being trained (50-step
-DDIM, guidance 3, stopped at a random step). The three variants differ only in the weights they
-train: ESD-u everything but cross-attention (`attn2`, the paper's choice for nudity), ESD-x
-cross-attention only (objects, styles), ESD-x-strict only cross-attention's keys and values.
+DDIM, guidance 3, stopped at a random step). c is the bare concept text ("nudity", "Van Gogh"),
+as the reference trains it; with several concepts, each step draws one of them. The variants
+differ only in the weights they train, as the reference's `train_method` selections do
+(docs/methods.md): ESD-u (`noxattn`) everything but cross-attention, the time embedding and the
+output layer; ESD-x (`xattn`) cross-attention; ESD-x-strict its keys and values; `selfattn`
+self-attention; `full` everything.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class ESD:
             )
         if not any(self.trainable(name) for name, _ in backend.unet.named_parameters()):
             raise EraseError(
-                f"{self.name} finds no cross-attention (attn2) weight in the UNet of "
+                f"{self.name} finds no weight it trains (e.g. attn1/attn2) in the UNet of "
                 f"{backend.identity}: use --method esd-u."
             )
         self.backend, self.concept, self.config = backend, concept, config
@@ -107,7 +110,9 @@ class ESD:
 
     def loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
         """MSE between the trained eps(x_t, c, t) and the negatively guided target."""
-        conditions = forget.conditions  # the concept's prompts (or class), one per sample
+        terms = self.concept.terms  # reference train-esd.py: a random word per iteration
+        picks = torch.randint(0, len(terms), (len(forget.conditions),), generator=generator)
+        conditions = [terms[i] for i in picks.tolist()]
         # The forget latents give only the batch's shape (it follows --resolution).
         noisy, timesteps = self.partial_sample(unet, conditions, forget.latents.shape, generator)
         target = self.target(noisy, timesteps, conditions)
@@ -157,18 +162,26 @@ def mixed_precision_dtype() -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+# Reference train-esd.py `noxattn` leaves out `attn2`, `time_embed` and the output layer `out.`;
+# in diffusers' names those are `time_embedding` and `conv_norm_out`/`conv_out`.
+NOXATTN_EXCLUDED_PREFIXES = ("time_embedding.", "conv_norm_out.", "conv_out.")
+
+
 @register("esd-u")
 class ESDUnconditional(ESD):
-    """ESD-u: every weight except cross-attention (the paper's setting for nudity)."""
+    """ESD-u: every weight except cross-attention, time embedding and output layer (`noxattn`,
+    the paper's setting for nudity)."""
 
     def trainable(self, parameter_name: str) -> bool:
-        """Everything outside `attn2` (the repository's diffusers script also freezes norms)."""
-        return "attn2" not in parameter_name
+        """Everything outside `attn2`, `time_embedding`, `conv_norm_out` and `conv_out`."""
+        return "attn2" not in parameter_name and not parameter_name.startswith(
+            NOXATTN_EXCLUDED_PREFIXES
+        )
 
 
 @register("esd-x")
 class ESDCrossAttention(ESD):
-    """ESD-x: cross-attention weights only (objects and artist styles)."""
+    """ESD-x: cross-attention weights only (`xattn`; objects and artist styles)."""
 
     needs_cross_attention = True
 
@@ -186,3 +199,21 @@ class ESDCrossAttentionStrict(ESD):
     def trainable(self, parameter_name: str) -> bool:
         """Only `attn2.to_k` and `attn2.to_v` weights."""
         return "attn2.to_k" in parameter_name or "attn2.to_v" in parameter_name
+
+
+@register("esd-selfattn")
+class ESDSelfAttention(ESD):
+    """ESD with the reference's `selfattn` selection: self-attention (`attn1`) weights only."""
+
+    def trainable(self, parameter_name: str) -> bool:
+        """Only `attn1` weights."""
+        return "attn1" in parameter_name
+
+
+@register("esd-full")
+class ESDFull(ESD):
+    """ESD with the reference's `full` selection: every UNet weight."""
+
+    def trainable(self, parameter_name: str) -> bool:
+        """Every weight."""
+        return True

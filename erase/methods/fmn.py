@@ -1,10 +1,14 @@
 """Forget-Me-Not: attention re-steering (Zhang et al., 2023; SHI-Labs/Forget-Me-Not, attn.yaml).
 
-Over noised images of the concept seen under the concept's prompt, every cross-attention layer
-records its attention probabilities, and the loss is their norm on the concept's token positions
-(plus the end-of-text token, the reference's `use_pooler`): the UNet learns to stop looking at
-the words that name the concept. With --fmn-ti-steps, a first stage learns a new token for the
-concept from its images (textual inversion) and the attention is steered away from that token.
+Two stages, as the reference runs them (`use_ti: true`). First, textual inversion learns four
+new tokens for each concept from its images (configs/ti.yaml: AdamW, lr 1e-3, weight decay 0.1,
+500 steps, prompts "a photo of {}" / "a photo in the style of {}"). Then, over noised images of
+the concept seen under its prompt with the concept's words replaced by those tokens, every
+cross-attention layer records its attention probabilities, and the loss is their norm on the
+tokens' positions plus every end-of-text position (`use_pooler`; on SD v1.x the padding is the
+end-of-text token, so every padding position too): the UNet learns to stop looking at the
+concept. `--fmn-ti-steps 0` skips the first stage and steers the concept's own words. Every
+setting and its source: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -33,11 +37,18 @@ class FMNConfig:
         },
     )
     fmn_ti_steps: int = field(
-        default=0,
+        default=500,
         metadata={
-            "help": "Forget-Me-Not: steps of the optional textual-inversion first stage, which "
-            "learns a token for the concept from its images and then steers attention away from "
-            "that token (reference: 500, at lr 1e-3; 0 skips it)"
+            "help": "Forget-Me-Not: steps of the textual-inversion first stage, which learns "
+            "tokens for the concept from its images; attention is then steered away from those "
+            "tokens (reference ti.yaml: 500; 0 skips the stage and steers the concept's words)"
+        },
+    )
+    fmn_ti_tokens: int = field(
+        default=4,
+        metadata={
+            "help": "Forget-Me-Not: tokens learned per concept by textual inversion "
+            "(reference ti.yaml: <s1>|<s2>|<s3>|<s4>)"
         },
     )
 
@@ -143,12 +154,15 @@ class ForgetMeNot:
                 "Forget-Me-Not re-steers attention on prompt tokens, which a class-conditional "
                 "model does not have: use --method salun or esd-u."
             )
-        if config.fmn_ti_steps < 0:
-            raise EraseError(f"--fmn-ti-steps must be 0 or more, got {config.fmn_ti_steps}.")
+        if config.fmn_ti_steps < 0 or config.fmn_ti_tokens < 1:
+            raise EraseError(
+                "--fmn-ti-steps must be 0 or more and --fmn-ti-tokens 1 or more, got "
+                f"{config.fmn_ti_steps} and {config.fmn_ti_tokens}."
+            )
         if config.fmn_ti_steps and not hasattr(backend, "pipe"):
             raise EraseError(
-                "--fmn-ti-steps needs a Stable Diffusion text encoder to learn a token in: "
-                "leave it at 0 for this model."
+                "Forget-Me-Not's textual-inversion stage needs a Stable Diffusion text encoder "
+                "to learn tokens in: pass --fmn-ti-steps 0 for this model."
             )
         if not any(backend.token_positions(str(p), concept.words) for p in concept.forget):
             raise EraseError(
@@ -156,37 +170,60 @@ class ForgetMeNot:
                 "give --forget-prompt texts that contain the concept's name."
             )
         self.backend, self.concept, self.config = backend, concept, config
-        self.concept_token: str | None = None  # the learned token, after textual inversion
+        self.parts = concept.parts or [concept]
+        self.concept_tokens: list[str] | None = None  # per part, after textual inversion
 
     def prepare(self, forget_latents: torch.Tensor, forget_conditions, generator) -> None:
-        """Before training, with the whole forget set: the optional textual-inversion stage."""
-        if self.config.fmn_ti_steps:
-            self.concept_token = learn_concept_token(
-                self.backend,
-                forget_latents,
-                [self.with_token(str(p), PLACEHOLDER) for p in forget_conditions],
-                self.concept.words,
-                self.config.fmn_ti_steps,
-                generator,
+        """Before training, with the whole forget set: textual inversion, one snippet of
+        `fmn_ti_tokens` new tokens per concept, learned from that concept's images."""
+        if not self.config.fmn_ti_steps:
+            return
+        snippets = []
+        for part in self.parts:
+            chosen = [i for i, c in enumerate(forget_conditions) if c in part.forget]
+            chosen = chosen or list(range(len(forget_conditions)))
+            template = STYLE_TEMPLATE if part.kind == "style" else OBJECT_TEMPLATE
+            snippets.append(
+                learn_concept_tokens(
+                    self.backend,
+                    forget_latents[chosen],
+                    template,
+                    part.words,
+                    self.config.fmn_ti_tokens,
+                    self.config.fmn_ti_steps,
+                    generator,
+                )
             )
+        self.concept_tokens = snippets
 
-    def with_token(self, prompt: str, token: str | None) -> str:
-        """`prompt` with the concept's words replaced by one `token` (unchanged for None)."""
+    def part_of(self, prompt) -> int:
+        """Index of the concept (of a several-concept run) a forget prompt belongs to."""
+        return next((i for i, p in enumerate(self.parts) if prompt in p.forget), 0)
+
+    def with_token(self, prompt: str, token: str | None, words=None) -> str:
+        """`prompt` with the concept's words replaced by `token` (unchanged for None)."""
         if token is None:
             return prompt
-        words = "|".join(re.escape(word) for word in self.concept.words)
+        words = "|".join(re.escape(word) for word in (words or self.concept.words))
         return re.sub(rf"\b(?:{words})\b(?:\s+\b(?:{words})\b)*", token, prompt, flags=re.I)
 
     def steered(self, prompts) -> tuple[list[str], list[str]]:
         """The prompts the attention is measured on, and the words whose tokens are steered."""
-        if self.config.fmn_ti_steps and self.concept_token is None:
+        if self.config.fmn_ti_steps and self.concept_tokens is None:
             raise EraseError(
                 "Forget-Me-Not's textual-inversion stage has not run: call the method's "
-                "prepare() with the forget set before training, or leave --fmn-ti-steps at 0."
+                "prepare() with the forget set before training, or pass --fmn-ti-steps 0."
             )
-        if self.concept_token is None:
+        if self.concept_tokens is None:
             return [str(p) for p in prompts], self.concept.words
-        return [self.with_token(str(p), self.concept_token) for p in prompts], [self.concept_token]
+        steered = []
+        for prompt in prompts:
+            part = self.part_of(prompt)
+            steered.append(
+                self.with_token(str(prompt), self.concept_tokens[part], self.parts[part].words)
+            )
+        tokens = [token for snippet in self.concept_tokens for token in snippet.split()]
+        return steered, tokens
 
     @staticmethod
     def defaults(backend: Backend, concept: Concept, num_forget: int) -> dict:
@@ -201,12 +238,12 @@ class ForgetMeNot:
         return not self.config.fmn_cross_attention_only or "attn2" in parameter_name
 
     def concept_positions(self, prompts, length: int, words=None) -> torch.Tensor:
-        """(B, L) bool: the concept's word tokens and the end-of-text token of each prompt."""
+        """(B, L) bool: the concept's tokens and every end-of-text token of each prompt."""
         words = self.concept.words if words is None else words
         positions = torch.zeros(len(prompts), length, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
             positions[row, self.backend.token_positions(str(prompt), words)] = True
-            positions[row, self.backend.end_of_text_position(str(prompt))] = True
+            positions[row, end_of_text_positions(self.backend, str(prompt))] = True
         return positions.to(self.backend.device)
 
     def attention(self, unet, forget: Batch, generator: torch.Generator) -> AttentionRecorder:
@@ -231,44 +268,77 @@ class ForgetMeNot:
         return self.attention(unet, forget, generator).mass()
 
 
-# Textual inversion (reference configs/ti.yaml: lr 1e-3, batch 1, initialised from the concept's
-# words). The reference learns up to four tokens with lora_pti; one token is learned here.
-PLACEHOLDER = "<fmn-placeholder>"
+def end_of_text_positions(backend, prompt: str) -> list[int]:
+    """Every position of the end-of-text token in `prompt`'s padded ids: on SD v1.x, whose
+    tokenizer pads with it, the padding too (the reference's `use_pooler` matches them all)."""
+    ids = backend.tokenize([prompt])[0].tolist()
+    end_of_text = backend.pipe.tokenizer.eos_token_id
+    return [position for position, token in enumerate(ids) if token == end_of_text]
+
+
+# Textual inversion, reference configs/ti.yaml and src/train_ti.py: AdamW, lr 1e-3, weight decay
+# 0.1, batch 1; the first tokens start from the concept's words, the rest from N(0, 0.017^2);
+# after each step the embeddings' norms are pulled toward 0.4 (`clip_ti_decay`).
+OBJECT_TEMPLATE = "a photo of {}"  # reference src/dataset.py OBJECT_TEMPLATE
+STYLE_TEMPLATE = "a photo in the style of {}"  # and STYLE_TEMPLATE
 TI_LR = 1e-3
+TI_WEIGHT_DECAY = 0.1
+TI_RANDOM_INIT_STD = 0.017
+TI_TARGET_NORM = 0.4
 
 
-def learn_concept_token(backend, latents, prompts, init_words, steps: int, generator) -> str:
-    """Add a token to the SD backend's tokenizer and learn its embedding from `latents` (the
-    concept's images) under `prompts` (holding PLACEHOLDER) by the denoising loss; returns it."""
+def learn_concept_tokens(
+    backend, latents, template: str, init_words, num_tokens: int, steps: int, generator
+) -> str:
+    """Add `num_tokens` tokens to the SD backend's tokenizer and learn their embeddings from
+    `latents` (the concept's images) under `template` by the denoising loss; returns the snippet
+    of the tokens, space-separated, to put where the concept's words were."""
     tokenizer, text_encoder = backend.pipe.tokenizer, backend.pipe.text_encoder
-    token = f"<fmn-concept-{len(tokenizer)}>"  # new on every call: no stale cached embeddings
-    tokenizer.add_tokens([token])
-    token_id = tokenizer.convert_tokens_to_ids(token)
+    first = len(tokenizer)  # new names on every call: no stale cached prompt embeddings
+    tokens = [f"<fmn-{first + i}>" for i in range(num_tokens)]
+    tokenizer.add_tokens(tokens)
+    token_ids = tokenizer.convert_tokens_to_ids(tokens)
     text_encoder.resize_token_embeddings(len(tokenizer))
     embedding = text_encoder.get_input_embeddings().requires_grad_(False)
     init_ids = tokenizer(" ".join(init_words), add_special_tokens=False).input_ids
-    vector = torch.nn.Parameter(embedding.weight[init_ids].detach().mean(0).clone())  # (D,)
+    initial = TI_RANDOM_INIT_STD * torch.randn(
+        num_tokens, embedding.weight.shape[1], generator=generator
+    )  # (K, D)
+    for i, token_id in enumerate(init_ids[:num_tokens]):
+        initial[i] = embedding.weight[token_id].detach().float().cpu()
+    vectors = torch.nn.Parameter(initial.to(embedding.weight.device))  # (K, D)
+    id_tensor = torch.tensor(token_ids, device=embedding.weight.device)
 
-    def insert_vector(module, inputs, output):  # (B, L, D): the learned vector at the token
-        return torch.where((inputs[0] == token_id)[..., None], vector.to(output.dtype), output)
+    def insert_vectors(module, inputs, output):  # (B, L, D): the learned vectors at the tokens
+        where = inputs[0][..., None] == id_tensor  # (B, L, K)
+        learned = where.to(output.dtype) @ vectors.to(output.dtype)  # (B, L, D)
+        return torch.where(where.any(-1, keepdim=True), learned, output)
 
-    prompts = [prompt.replace(PLACEHOLDER, token) for prompt in prompts]
-    optimizer = torch.optim.Adam([vector], lr=TI_LR)
+    snippet = " ".join(tokens)
+    prompt = template.format(snippet)
+    optimizer = torch.optim.AdamW([vectors], lr=TI_LR, weight_decay=TI_WEIGHT_DECAY)
     order = torch.randperm(len(latents), generator=generator).tolist()
-    hook = embedding.register_forward_hook(insert_vector)
+    hook = embedding.register_forward_hook(insert_vectors)
     try:
         for step in range(steps):
             index = order[step % len(order)]
-            batch = Batch(latents[index : index + 1], [prompts[index]])
+            batch = Batch(latents[index : index + 1], [prompt])
             noise, timesteps, noisy = noised(backend, batch, generator)
             cond = text_encoder(backend.tokenize(batch.conditions).to(backend.device))[0]
             prediction = backend.predict_noise(backend.unet, noisy, timesteps, cond)
             loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-            (gradient,) = torch.autograd.grad(loss, [vector])  # the UNet gets no gradient
-            vector.grad = gradient
+            (gradient,) = torch.autograd.grad(loss, [vectors])  # the UNet gets no gradient
+            vectors.grad = gradient
             optimizer.step()
+            with torch.no_grad():  # clip_ti_decay: norms drift toward 0.4
+                norms = vectors.norm(dim=-1, keepdim=True)
+                pull = min(1.0, 100 * TI_LR)
+                vectors.copy_(
+                    torch.nn.functional.normalize(vectors, dim=-1)
+                    * (norms + pull * (TI_TARGET_NORM - norms))
+                )
     finally:
         hook.remove()
     with torch.no_grad():
-        embedding.weight[token_id] = vector.to(embedding.weight.dtype)
-    return token
+        embedding.weight[token_ids] = vectors.to(embedding.weight.dtype)
+    return snippet

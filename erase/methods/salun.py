@@ -1,20 +1,28 @@
 """SalUn: saliency unlearning (Fan et al., ICLR 2024; OPTML-Group/Unlearn-Saliency).
 
 Forget images seen under the forget condition are pushed to what the model itself predicts for
-them under a remap condition (the retain prompt, or a random other class), while the ordinary
+them under a remap condition (the retain prompt, or the next class), while the ordinary
 denoising loss on retain images keeps the rest intact. Only the salient weights move: the
-trainer multiplies every gradient by the saliency mask.
+trainer multiplies every gradient by the saliency mask. Every setting and its reference source
+is listed in docs/methods.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from erase.concepts import Concept
 from erase.errors import EraseError
-from erase.methods import denoising_loss, noised, random_remap, register
+from erase.methods import (
+    denoising_loss,
+    dropped_to_null,
+    noised,
+    register,
+    remap_conditions,
+    squared_error,
+)
 from erase.models.base import Backend, Batch
 
 
@@ -25,6 +33,35 @@ class SalUnConfig:
     alpha: float | None = None  # retain-loss weight: 0.1 nudity, 0.5 class-wise, 1e-3 DDPM
     mask_ratio: float = 0.5  # share of weights kept by the saliency mask (reference: top 50 %)
     mask_guidance: float | None = None  # guidance of the mask's loss: 7.5 SD, 2.0 DDPM
+    retain_reduction: str | None = field(
+        default=None,
+        metadata={
+            "help": "SalUn: the retain loss's squared error, 'sum' over each image's pixels "
+            "(reference DDPM/functions/losses.py, the default on class-conditional models) or "
+            "'mean' over all elements (the SD reference's ldm loss)"
+        },
+    )
+    cond_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "SalUn: probability that a class is dropped to the null class in each "
+            "unlearning pass (reference DDPM: 0.1, as in its training; SD: 0)"
+        },
+    )
+    antithetic: bool | None = field(
+        default=None,
+        metadata={
+            "help": "SalUn: draw timesteps in antithetic pairs t and T - t - 1 (reference DDPM: "
+            "yes; SD: no)"
+        },
+    )
+    clip_before_mask: float | None = field(
+        default=None,
+        metadata={
+            "help": "SalUn: clip the whole gradient to this norm before the saliency mask is "
+            "applied (reference DDPM: 1.0; SD: no clipping)"
+        },
+    )
 
 
 @register("salun")
@@ -37,30 +74,51 @@ class SalUn:
     def __init__(self, backend: Backend, concept: Concept, config: SalUnConfig):
         if not 0 < config.mask_ratio <= 1:
             raise EraseError(f"--mask-ratio must be in (0, 1], got {config.mask_ratio}.")
+        if config.retain_reduction not in (None, "mean", "sum"):
+            raise EraseError(
+                f"--retain-reduction must be mean or sum, got '{config.retain_reduction}'."
+            )
+        if config.cond_drop is not None and not 0 <= config.cond_drop < 1:
+            raise EraseError(f"--cond-drop must be in [0, 1), got {config.cond_drop}.")
         self.backend, self.concept, self.config = backend, concept, config
+
+    @property
+    def clip_before_mask(self) -> float | None:
+        """The norm the trainer clips the whole gradient to before it applies the mask."""
+        return self.config.clip_before_mask
 
     @staticmethod
     def defaults(backend: Backend, concept: Concept, num_forget: int) -> dict:
-        """Reference settings (DESIGN.md) for this backend and concept."""
-        if backend.conditioning == "class":  # reference DDPM/ on CIFAR-10
+        """Reference settings (docs/methods.md) for this backend and concept."""
+        if backend.conditioning == "class":  # DDPM/ on CIFAR-10: cifar10_saliency_unlearn.yml
             settings = dict(
-                alpha=1e-3,
+                alpha=1e-3,  # DDPM/README.md's command, on the pixel-summed retain loss
                 mask_guidance=2.0,
+                retain_reduction="sum",
+                cond_drop=0.1,
+                antithetic=True,
+                clip_before_mask=1.0,  # optim.grad_clip, applied before the mask
                 lr=1e-4,
                 batch_size=128,
-                steps=500,
-                max_grad_norm=1.0,
+                steps=1000,  # training.n_iters
+                max_grad_norm=None,  # the clipping happens before the mask instead
                 optimizer="adam",
             )
-            # A small testbed may have measured its own (ddpm-digits: the reference collapses it).
+            # A testbed may carry settings it measured (docs/methods.md says which and why).
             settings.update(getattr(backend, "method_defaults", {}).get("salun", {}))
             return settings
-        class_wise = len(concept.remap) > 1  # a random other class per sample
+        # SD/train-scripts/random_label.py; several remap targets (sd-digits' other digits'
+        # captions, --remap random) are class-wise remapping too.
+        class_wise = concept.kind == "class" or len(concept.remap) > 1
         epochs = 5 if class_wise else 1
         batch_size = 8
         return dict(
-            alpha=0.5 if class_wise else 0.1,
+            alpha=0.5 if class_wise else 0.1,  # SD/README.md's commands
             mask_guidance=7.5,
+            retain_reduction="mean",
+            cond_drop=0.0,
+            antithetic=False,
+            clip_before_mask=None,
             lr=1e-5,
             batch_size=batch_size,
             steps=epochs * -(-num_forget // batch_size),
@@ -74,19 +132,28 @@ class SalUn:
 
     def forget_term(self, unet: torch.nn.Module, forget: Batch, generator: torch.Generator):
         """MSE between eps(x_t, c_forget) and the stop-gradient eps(x_t, c_remap)."""
-        backend = self.backend
-        _, timesteps, noisy = noised(backend, forget, generator)
-        remap = random_remap(self.concept, len(forget.conditions), generator)
+        backend, drop = self.backend, self.config.cond_drop or 0.0
+        _, timesteps, noisy = noised(backend, forget, generator, bool(self.config.antithetic))
+        remap = remap_conditions(self.concept, forget.conditions, generator)
         with torch.no_grad():
-            target = backend.predict_noise(unet, noisy, timesteps, backend.encode(remap))
-        prediction = backend.predict_noise(
-            unet, noisy, timesteps, backend.encode(forget.conditions)
-        )
-        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+            remap_cond = dropped_to_null(backend, backend.encode(remap), drop, generator)
+            target = backend.predict_noise(unet, noisy, timesteps, remap_cond)
+        forget_cond = dropped_to_null(backend, backend.encode(forget.conditions), drop, generator)
+        prediction = backend.predict_noise(unet, noisy, timesteps, forget_cond)
+        return squared_error(prediction, target, "mean")  # both references: nn.MSELoss()
 
     def loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
         """forget remapping + alpha * retain denoising loss."""
+        config = self.config
+        retain_loss = denoising_loss(
+            self.backend,
+            unet,
+            retain,
+            generator,
+            reduction=config.retain_reduction or "mean",
+            cond_drop=config.cond_drop or 0.0,
+            antithetic=bool(config.antithetic),
+        )
         forget_loss = self.forget_term(unet, forget, generator)
-        retain_loss = denoising_loss(self.backend, unet, retain, generator)
-        total = forget_loss + self.config.alpha * retain_loss
+        total = forget_loss + config.alpha * retain_loss
         return total, {"forget": forget_loss.item(), "retain": retain_loss.item()}

@@ -42,7 +42,7 @@ SCHEDULER_CONFIG = {
     "beta_start": 1e-4,
     "beta_end": 0.02,
     "beta_schedule": "linear",
-    "clip_sample": True,  # pixel space: the predicted x0 is clipped to [-1, 1]
+    "clip_sample": True,  # ancestral DDPM steps only: DDIM sampling does not clip (make_sampler)
     "prediction_type": "epsilon",
 }
 
@@ -73,8 +73,9 @@ class DDPMConfig:
     seed: int = 0
 
 
-# The SalUn DDPM/ reference model for CIFAR-10 (DESIGN.md): 128 channels x (1, 2, 2, 2), two
-# res blocks per level, attention at 16x16, dropout 0.1, class dropped with probability 0.1.
+# The SalUn reference model for CIFAR-10 (DDPM/configs/cifar10_train.yml, docs/methods.md):
+# 128 channels x (1, 2, 2, 2), two res blocks per level, attention at 16x16, dropout 0.1, class
+# dropped with probability 0.1.
 CIFAR10_CONFIG = DDPMConfig(
     image_size=32,
     channels=3,
@@ -228,6 +229,9 @@ class ClassDDPMBackend:
         self.guidance_scale = guidance_scale
         self.classifier = classifier
         self.sample_batch_size = sample_batch_size
+        # DDIM's eta: 1.0 samples stochastically, as the reference does (DDPM/sample.py --eta).
+        # Deterministic DDIM (0.0) lost quality with more steps on ddpm-digits (docs/methods.md).
+        self.sampling_eta = 1.0
         self._dataset_loader = dataset
         self._dataset: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -288,8 +292,13 @@ class ClassDDPMBackend:
         return images * 2 - 1
 
     def make_sampler(self, num_steps: int) -> DDIMScheduler:
-        """A DDIM scheduler on the training noise schedule with `num_steps` steps set."""
-        sampler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        """A DDIM scheduler on the training noise schedule with `num_steps` steps set.
+
+        It does not clip the predicted x0, as the reference's sampler does not
+        (DDPM/functions/denoising.py): diffusers' DDIM clips x0 but keeps the unclipped eps, and
+        the mismatch, under guidance, grows with the number of steps (docs/methods.md).
+        """
+        sampler = DDIMScheduler.from_config(self.noise_scheduler.config, clip_sample=False)
         sampler.set_timesteps(num_steps, device=self.device)
         return sampler
 
@@ -305,7 +314,7 @@ class ClassDDPMBackend:
         unet: torch.nn.Module | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """One image per class and seed by guided DDIM (eta 0): (B, 3, H, W) in [0, 1]."""
+        """One image per class and seed by guided DDIM (eta `sampling_eta`): (B, 3, H, W) in [0, 1]."""
         if len(conditions) != len(seeds):
             raise ValueError("sample needs one seed per condition")
         unet = unet if unet is not None else self.unet
@@ -315,34 +324,46 @@ class ClassDDPMBackend:
         shape = (self.latent_shape[0], size, size)
         chunks = []
         for start in range(0, len(labels), self.sample_batch_size):
-            chunk_seeds = seeds[start : start + self.sample_batch_size]
-            noise = torch.stack(
-                [
-                    torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-                    for s in chunk_seeds
-                ]
-            )  # (b, C, H, W), one generator per seed: an image does not depend on its batch
+            # One generator per seed for the start noise and every step's noise: an image does
+            # not depend on its batch.
+            generators = [
+                torch.Generator().manual_seed(int(s))
+                for s in seeds[start : start + self.sample_batch_size]
+            ]
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
             chunks.append(
                 self.denoise(
                     unet,
                     noise,
-                    labels[start : start + len(chunk_seeds)],
+                    labels[start : start + len(generators)],
                     num_steps,
                     guidance,
                     progress,
+                    generators,
                 )
             )
         images = (torch.cat(chunks).clamp(-1, 1) + 1) / 2  # (B, C, H, W)
         return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
-    def denoise(self, unet, noise, labels, num_steps, guidance_scale, progress=False):
-        """Run guided DDIM from `noise` (b, C, H, W) to images in [-1, 1] (on the CPU)."""
+    def denoise(
+        self, unet, noise, labels, num_steps, guidance_scale, progress=False, generators=None
+    ):
+        """Run guided DDIM from `noise` (b, C, H, W) to images in [-1, 1] (on the CPU); with
+        `sampling_eta` > 0 each step adds fresh noise drawn from the samples' `generators`."""
         sampler = self.make_sampler(num_steps)
         sample = noise.to(self.device)
+        eta = self.sampling_eta
+        if eta and generators is None:
+            generators = [torch.Generator().manual_seed(i) for i in range(len(sample))]
         for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
             timesteps = torch.full((len(sample),), int(t), device=self.device, dtype=torch.long)
             eps = self.guided_noise(unet, sample, timesteps, labels, guidance_scale)
-            sample = sampler.step(eps, t, sample).prev_sample
+            step_noise = None
+            if eta:
+                step_noise = torch.stack(
+                    [torch.randn(sample.shape[1:], generator=g) for g in generators]
+                ).to(self.device, sample.dtype)  # (b, C, H, W)
+            sample = sampler.step(eps, t, sample, eta=eta, variance_noise=step_noise).prev_sample
         return sample.float().cpu()
 
     # -- data ---------------------------------------------------------------------------------
@@ -534,11 +555,6 @@ def load_ddpm_digits(
         scheduler_config=info.get("scheduler"),
         classifier=classifier,
     )
-    # Measured on this testbed (scripts/bench_digits.py): the CIFAR-10 reference (lr 1e-4,
-    # alpha 1e-3, 500 x 128) wrecks a 0.6 M-weight model; these keep the other digits intact.
-    backend.method_defaults = {"salun": {"lr": 5e-5, "alpha": 0.5, "batch_size": 64, "steps": 100}}
-    # Its samples get worse with more DDIM steps: 100 % classified at 10, 98 % at 25, 82 % at 50.
-    backend.eval_steps = 25
     return backend
 
 
