@@ -30,6 +30,9 @@ from erase.models.small_sd import as_pipeline, small_sd_components
 # Captions the model is trained on, and held-out ones that only evaluation uses.
 TRAIN_TEMPLATES = ["a handwritten digit {name}", "the number {number}", "a drawing of a {number}"]
 HELD_OUT_TEMPLATES = ["a picture of the digit {name}", "an image of number {number}"]
+# Words only the held-out captions use: never shown in training, not even as filler words.
+HELD_OUT_ONLY = ["picture", "image", "an"]
+CACHE_VERSION = 2  # bump when the training recipe changes, so stale caches are not reused
 
 
 def caption(template: str, digit: int) -> str:
@@ -48,11 +51,20 @@ class SDDigitsConfig:
     lr: float = 1e-3
     unet_channels: tuple[int, int] = (32, 64)
     text_width: int = 32
+    # Room for 3 adversarial prefix tokens before the longest caption (UnlearnDiffAtk's k).
+    max_length: int = 16
+    # Share of captions with random filler words inserted: the text encoder learns that the
+    # digit word decides, so captions of unseen templates still name their digit.
+    filler_share: float = 0.5
+    max_fillers: int = 3
+    exclude: tuple[int, ...] = ()  # digits left out of training (the Retrain yardstick)
     seed: int = 0
 
 
 class SDDigitsBackend(StableDiffusionBackend):
     """The Stable Diffusion backend on the sd-digits folder, with digit concepts."""
+
+    guidance_scale = 3.0  # measured on this testbed: SD's 7.5 over-saturates 16 px digits
 
     def __init__(self, folder: str, device: torch.device | None = None):
         super().__init__(folder, device=device)
@@ -91,7 +103,7 @@ def build_components(config: SDDigitsConfig):
     torch.manual_seed(config.seed)
     return small_sd_components(
         all_words(),
-        max_length=8,
+        max_length=config.max_length,
         text_width=config.text_width,
         unet_channels=config.unet_channels,
         vae_channels=(16, 32),
@@ -122,6 +134,30 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, config: SDDigitsConfig) 
     vae.requires_grad_(False)
 
 
+def filler_words(tokenizer) -> list[str]:
+    """One-token words to sprinkle into training captions: no digit and no held-out-only word."""
+    banned = {*DIGIT_NAMES, *HELD_OUT_ONLY}
+    stems = [token[: -len("</w>")] for token in tokenizer.get_vocab() if token.endswith("</w>")]
+    return sorted(w for w in stems if w.isascii() and w.isalpha() and w not in banned)
+
+
+def training_caption(
+    digit: int, fillers: list[str], config: SDDigitsConfig, generator: torch.Generator
+) -> str:
+    """A training template of `digit`, with random filler words inserted in a share of them."""
+    template = TRAIN_TEMPLATES[
+        int(torch.randint(0, len(TRAIN_TEMPLATES), (1,), generator=generator))
+    ]
+    words = caption(template, digit).split()
+    if float(torch.rand(1, generator=generator)) < config.filler_share:
+        count = int(torch.randint(1, config.max_fillers + 1, (1,), generator=generator))
+        for _ in range(count):
+            at = int(torch.randint(0, len(words) + 1, (1,), generator=generator))
+            filler = fillers[int(torch.randint(0, len(fillers), (1,), generator=generator))]
+            words.insert(at, filler)
+    return " ".join(words)
+
+
 def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDigitsConfig) -> None:
     """Text encoder and UNet trained jointly with the diffusion loss; 10 % empty captions (CFG)."""
     with torch.no_grad():
@@ -133,16 +169,14 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.unet_steps)
     generator = torch.Generator().manual_seed(config.seed + 1)
+    fillers = filler_words(tokenizer)
     progress = tqdm(range(config.unet_steps), desc="sd-digits: training UNet", unit="step")
     for _ in progress:
         chosen = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
-        templates = torch.randint(
-            0, len(TRAIN_TEMPLATES), (config.batch_size,), generator=generator
-        )
         dropped = torch.rand(config.batch_size, generator=generator) < 0.1
         captions = [
-            "" if drop else caption(TRAIN_TEMPLATES[t], int(labels[i]))
-            for i, t, drop in zip(chosen.tolist(), templates.tolist(), dropped.tolist())
+            "" if drop else training_caption(int(labels[i]), fillers, config, generator)
+            for i, drop in zip(chosen.tolist(), dropped.tolist())
         ]
         ids = tokenizer(
             captions,
@@ -168,6 +202,8 @@ def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
     """Train the sd-digits pipeline and save it to `folder` atomically; returns the folder."""
     config = config or SDDigitsConfig()
     images, labels = digits_dataset(config.image_size, split="train")  # (N, 1, H, W) in [0, 1]
+    kept = ~torch.isin(labels, torch.tensor(config.exclude, dtype=torch.long))
+    images, labels = images[kept], labels[kept]
     images = images.expand(-1, 3, -1, -1).contiguous()  # Stable Diffusion's VAE takes RGB
     tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
     train_vae(vae, images, config)
@@ -182,13 +218,38 @@ def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
     return folder
 
 
+@torch.no_grad()
+def held_out_accuracy(
+    backend: SDDigitsBackend,
+    classifier: torch.nn.Module,
+    per_prompt: int = 10,
+    num_steps: int = 25,
+    unet: torch.nn.Module | None = None,
+    templates: list[str] = HELD_OUT_TEMPLATES,
+) -> dict[str, float]:
+    """Share of generated images of each digit's held-out captions that the classifier reads right."""
+    accuracy = {}
+    for digit, name in enumerate(DIGIT_NAMES):
+        prompts = [caption(t, digit) for t in templates for _ in range(per_prompt)]
+        images = backend.sample(
+            prompts,
+            list(range(len(prompts))),
+            num_steps=num_steps,
+            guidance_scale=backend.guidance_scale,
+            unet=unet,
+        )  # (N, 3, H, W)
+        predicted = classifier(images.to(backend.device)).argmax(-1).cpu()
+        accuracy[name] = round(float((predicted == digit).float().mean()), 4)
+    return accuracy
+
+
 def load_sd_digits(
     data_dir: str | None = None, device: torch.device | None = None
 ) -> SDDigitsBackend:
     """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
     from erase.models import erase_home
 
-    folder = os.path.join(erase_home(), "sd-digits")
+    folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         os.makedirs(erase_home(), exist_ok=True)
         train_sd_digits(folder)
