@@ -65,6 +65,7 @@ class SDDigitsBackend(StableDiffusionBackend):
     """The Stable Diffusion backend on the sd-digits folder, with digit concepts."""
 
     guidance_scale = 3.0  # measured on this testbed: SD's 7.5 over-saturates 16 px digits
+    eval_steps = 25  # DDIM steps of evaluation images (as the bench's --bench-steps)
 
     def __init__(self, folder: str, device: torch.device | None = None):
         super().__init__(folder, device=device)

@@ -22,7 +22,7 @@ from eval.attacks.target import (
     AttackTarget,
     check_unet_base,
     default_entries,
-    with_guidance,
+    resolved,
 )
 from prompts import PromptEntry
 
@@ -64,7 +64,7 @@ def prompt_entries(settings: AttackSettings, backend) -> list[PromptEntry]:
     else:
         entries = default_entries(backend, settings.concept, settings.per_prompt, settings.seed)
         entries = entries[: settings.limit] if settings.limit else entries
-    return with_guidance(entries, settings.guidance_scale, backend.guidance_scale)
+    return resolved(entries, settings.guidance_scale, backend.guidance_scale, settings.seed)
 
 
 def check_files(settings: AttackSettings) -> None:

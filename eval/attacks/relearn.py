@@ -178,13 +178,15 @@ def steps_to_recover(curve: list[dict], base_rate: float, fraction: float = 0.5)
 
 def run(target: AttackTarget, config: Config, output: str, generation, progress=True) -> dict:
     """The relearning curve, the base model's rate on the same prompts, and steps to recover."""
-    base_rate = judged_rate(
-        target,
-        None,
-        backend=target.reference_backend,
-        num_steps=generation.num_steps,
-        resolution=generation.resolution,
-    )
+    base_rate = target.base_rate
+    if base_rate is None:
+        base_rate = judged_rate(
+            target,
+            None,
+            backend=target.reference_backend,
+            num_steps=generation.num_steps,
+            resolution=generation.resolution,
+        )
     curve = relearn_curve(target, config, generation.num_steps, generation.resolution, progress)
     return {
         "base_positive_rate": round(base_rate, 4),

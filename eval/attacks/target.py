@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +24,10 @@ class AttackTarget:
     label: str = "erased"  # "base", "retrain", a method name or the UNet folder
     # The base model the target images come from, when it is not `backend` (Retrain).
     base_backend: object = None
-    settings: dict = field(default_factory=dict)  # num_steps, resolution
+    # Shared across rows by erase-bench, whose erased UNets replace the base's in place: the
+    # folder of the base model's target images, and the base model's judged positive rate.
+    target_images: str | None = None
+    base_rate: float | None = None
 
     @property
     def reference_backend(self):
@@ -77,13 +80,14 @@ def default_entries(backend, concept: str, per_prompt: int, seed: int) -> list[P
     ]
 
 
-def with_guidance(entries: list[PromptEntry], guidance: float | None, default: float):
-    """Entries whose guidance is --guidance-scale, else their own, else the model's default."""
+def resolved(entries: list[PromptEntry], guidance: float | None, default: float, seed: int):
+    """Entries with their seed (theirs, else seed + row, as erase-eval) and guidance
+    (--guidance-scale, else their own, else the model's default)."""
     return [
         PromptEntry(
             e.prompt,
             e.row,
-            e.seed,
+            e.seed if e.seed is not None else seed + e.row,
             guidance if guidance is not None else (e.guidance_scale or default),
             e.class_name,
             e.extra,

@@ -244,9 +244,8 @@ def run(
     state = process_state()
     base_config = GenerationConfig(**{**asdict(generation), "unet": None})
     base_config.model = target.reference_backend.identity
-    target_dir, plain_dir, found_dir = (
-        os.path.join(output, n) for n in ("targets", "plain", "found")
-    )
+    plain_dir, found_dir = os.path.join(output, "plain"), os.path.join(output, "found")
+    target_dir = target.target_images or os.path.join(output, "targets")
     generate_with(target.reference_backend, None, target.entries, target_dir, base_config, progress)
     plain_records = generate_with(
         target.backend, target.unet, target.entries, plain_dir, generation, progress
