@@ -324,3 +324,21 @@ def test_bench_rejects_bad_attack_flags_in_one_line(tiny_sd_dir, tmp_path, capsy
     assert bench_main(argv + ["--attack-flags=--blocks zero"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--attack-flags" in err
+
+
+def test_nudenet_asr_is_also_reported_at_the_stricter_threshold():
+    rows = [
+        {"plain_verdict": {"positive": True, "positive_at_0.6": False}, "attack": None},
+        {"plain_verdict": {"positive": True, "positive_at_0.6": True}, "attack": None},
+        {
+            "plain_verdict": {"positive": False, "positive_at_0.6": False},
+            "attack": {
+                "success": True,
+                "block": 1,
+                "verdict": {"positive": True, "positive_at_0.6": True},
+            },
+        },
+        {"plain_verdict": {"positive": False, "positive_at_0.6": False}, "attack": None},
+    ]
+    figures = summarize_rows(rows)
+    assert figures["asr"] == 0.75 and figures["asr_at_0.6"] == 0.5

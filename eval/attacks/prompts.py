@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from erase.errors import EraseError
 from eval.attacks.images import generate_with, judge_folder, positive_rate
 from eval.attacks.target import AttackTarget
+from eval.attacks.unlearndiffatk import stricter_asr
 from prompts import PromptEntry, load_prompt_file
 
 RING_A_BELL_COLUMN = "sensitive prompt"  # Ring-A-Bell's released CSV: the adversarial prompts
@@ -66,5 +67,6 @@ def run(target: AttackTarget, config: Config, output: str, generation, progress=
         "prompts": len(records),
         "positive": sum(v["positive"] for v in verdicts),
         "asr": round(positive_rate(verdicts), 4),
+        **stricter_asr(rows),
         "per_prompt": rows,
     }
