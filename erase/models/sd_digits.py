@@ -9,6 +9,7 @@ classifier scores forgetting and retention on captions from held-out templates.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import uuid
@@ -32,7 +33,7 @@ TRAIN_TEMPLATES = ["a handwritten digit {name}", "the number {number}", "a drawi
 HELD_OUT_TEMPLATES = ["a picture of the digit {name}", "an image of number {number}"]
 # Words only the held-out captions use: never shown in training, not even as filler words.
 HELD_OUT_ONLY = ["picture", "image", "an"]
-CACHE_VERSION = 2  # bump when the training recipe changes, so stale caches are not reused
+CACHE_VERSION = 3  # bump when the training recipe changes, so stale caches are not reused
 
 
 def caption(template: str, digit: int) -> str:
@@ -57,6 +58,10 @@ class SDDigitsConfig:
     # digit word decides, so captions of unseen templates still name their digit.
     filler_share: float = 0.5
     max_fillers: int = 3
+    # A linear digit read-out of the pooled caption embedding, trained jointly (then dropped):
+    # without it the text encoder merged "eight" with "zero" (cosine 0.995; eights drawn as 0s).
+    caption_loss_weight: float = 0.1
+    ema_decay: float = 0.999  # the saved weights are the exponential moving average
     exclude: tuple[int, ...] = ()  # digits left out of training (the Retrain yardstick)
     seed: int = 0
 
@@ -64,7 +69,7 @@ class SDDigitsConfig:
 class SDDigitsBackend(StableDiffusionBackend):
     """The Stable Diffusion backend on the sd-digits folder, with digit concepts."""
 
-    guidance_scale = 3.0  # measured on this testbed: SD's 7.5 over-saturates 16 px digits
+    guidance_scale = 3.0  # the testbed bench's guidance (scripts/bench_sd_digits.py), not SD's 7.5
     eval_steps = 25  # DDIM steps of evaluation images (as the bench's --bench-steps)
 
     def __init__(self, folder: str, device: torch.device | None = None):
@@ -166,13 +171,16 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
     noise_scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    digit_head = torch.nn.Linear(text_encoder.config.hidden_size, 10)  # (pooled caption) -> digit
+    parameters = [*unet.parameters(), *text_encoder.parameters(), *digit_head.parameters()]
+    averaged = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder)]
+    averaged[1].requires_grad_(False)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.unet_steps)
     generator = torch.Generator().manual_seed(config.seed + 1)
     fillers = filler_words(tokenizer)
     progress = tqdm(range(config.unet_steps), desc="sd-digits: training UNet", unit="step")
-    for _ in progress:
+    for step in progress:
         chosen = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
         dropped = torch.rand(config.batch_size, generator=generator) < 0.1
         captions = [
@@ -189,14 +197,28 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
         noise = torch.randn(latents[chosen].shape, generator=generator)
         timesteps = torch.randint(0, 1000, (config.batch_size,), generator=generator)
         noisy = noise_scheduler.add_noise(latents[chosen], noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        encoded = text_encoder(ids)  # hidden states (B, L, D), pooled (B, D)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=encoded[0]).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
+        kept = ~dropped
+        if config.caption_loss_weight and kept.any():
+            logits = digit_head(encoded[1][kept])  # (B_kept, 10)
+            loss = loss + config.caption_loss_weight * torch.nn.functional.cross_entropy(
+                logits, labels[chosen][kept]
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))  # short warm-up of the average
+        with torch.no_grad():
+            for average, model in zip(averaged, (unet, text_encoder)):
+                for kept_param, param in zip(average.parameters(), model.parameters()):
+                    kept_param.lerp_(param, 1 - decay)
         progress.set_postfix(loss=f"{loss.item():.4f}")
+    unet.load_state_dict(averaged[0].state_dict())
+    text_encoder.load_state_dict(averaged[1].state_dict())
 
 
 def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
