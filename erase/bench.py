@@ -83,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="open_clip model for the CLIP score of retain images on Stable Diffusion models "
         "('none' to skip)",
     )
+    robustness = parser.add_argument_group("robustness (erase-attack on every row)")
+    robustness.add_argument(
+        "--attacks",
+        default="",
+        metavar="LIST",
+        help="attacks on the base and every erased model, e.g. unlearndiffatk,relearn: adds the "
+        "ASR and steps-to-recover columns",
+    )
+    robustness.add_argument(
+        "--attack-flags",
+        default="",
+        metavar="FLAGS",
+        help="erase-attack flags for those attacks, e.g. --attack-flags='--blocks 10 --per-prompt 5'",
+    )
+    robustness.add_argument(
+        "--retrain",
+        action="store_true",
+        help="add a row for the testbed retrained without the concept (trained once, cached)",
+    )
     add_erase_arguments(parser, with_output=False)
     return parser
 
@@ -291,6 +310,70 @@ def grid_samples(forget: torch.Tensor, retain: torch.Tensor, per_prompt: int) ->
     return torch.cat([forget_pick, retain_pick])
 
 
+# -- robustness -------------------------------------------------------------------------------
+
+
+def attack_settings(args: argparse.Namespace, concept: Concept):
+    """erase-attack's settings for --attacks and --attack-flags (None without --attacks)."""
+    if not args.attacks:
+        return None
+    from eval.attacks.cli import build_parser as attack_parser
+    from eval.attacks.cli import settings_from_args
+
+    argv = ["--model", args.model, "--concept", concept.name, "--attack", args.attacks]
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            parsed = attack_parser().parse_args(argv + shlex.split(args.attack_flags))
+    except SystemExit:
+        reason = captured.getvalue().strip().partition("error: ")[2] or "invalid flags"
+        raise EraseError(f"--attacks/--attack-flags: {reason}") from None
+    return settings_from_args(parsed)
+
+
+def attack_columns(backend, label: str, settings, folder: str, shared: dict, base=None) -> dict:
+    """ASR and steps to recover of the backend's current UNet; `shared` carries the base's figures."""
+    import dataclasses
+
+    from eval.attacks.harness import attack_target, load_target
+
+    target = load_target(settings, backend=backend, unet=backend.unet, label=label)
+    target = dataclasses.replace(
+        target,
+        base_backend=base,
+        target_images=os.path.join(folder, "targets"),  # made by the base row, reused after
+        base_rate=shared.get("base_rate"),
+    )
+    figures = attack_target(target, settings, os.path.join(folder, label), progress=False)
+    columns = {}
+    if "unlearndiffatk" in figures:
+        columns["pre_attack_asr"] = figures["unlearndiffatk"]["pre_attack_asr"]
+        columns["asr"] = figures["unlearndiffatk"]["asr"]
+    if "prompts" in figures:
+        columns["prompts_asr"] = figures["prompts"]["asr"]
+    if "relearn" in figures:
+        relearn = figures["relearn"]
+        shared.setdefault("base_rate", relearn["base_positive_rate"])
+        columns["steps_to_recover"] = relearn["steps_to_recover"]
+        columns["relearn_curve"] = " ".join(
+            f"{p['step']}:{p['positive_rate']:.2f}" for p in relearn["curve"]
+        )
+    return columns
+
+
+def retrain_row(backend, concept: Concept, args, settings, folder, shared, samples) -> dict:
+    """The row of the testbed retrained without the concept, scored and attacked like the others."""
+    from erase.models.retrain import load_retrain
+
+    retrained = load_retrain(args.model, concept.name, device=backend.device)
+    clock = time.perf_counter()
+    metrics, samples["retrain"] = Scorer(retrained, concept, args)()
+    row = {"method": "retrain", **metrics, "eval_s": round(time.perf_counter() - clock, 2)}
+    if settings is not None:
+        row.update(attack_columns(retrained, "retrain", settings, folder, shared, base=backend))
+    return row
+
+
 # -- the bench --------------------------------------------------------------------------------
 
 
@@ -334,6 +417,8 @@ def bench_into(args: argparse.Namespace, methods: list[str]) -> dict:
     clock = time.perf_counter()
     backend = load_backend(args.model, data_dir=args.data_dir)
     concept = resolve_run_concept(backend, args)
+    attacks = attack_settings(args, concept)
+    shared: dict = {}  # the base row's attack figures that later rows are measured against
     base_state = {name: value.clone() for name, value in backend.unet.state_dict().items()}
     scorer = Scorer(backend, concept, args)
     load_s = round(time.perf_counter() - clock, 2)
@@ -350,8 +435,15 @@ def bench_into(args: argparse.Namespace, methods: list[str]) -> dict:
                 "peak_memory_mb": round(peak_memory_mb(backend.device), 1),
             }
         )
+        attack_dir = os.path.join(staging, "attacks")
+        if attacks is not None:
+            rows[-1].update(attack_columns(backend, "base", attacks, attack_dir, shared))
+        if args.retrain:
+            rows.append(retrain_row(backend, concept, args, attacks, attack_dir, shared, samples))
         for method in methods:
             rows.append(bench_one(backend, method, args, staging, scorer, samples))
+            if attacks is not None and "error" not in rows[-1]:
+                rows[-1].update(attack_columns(backend, method, attacks, attack_dir, shared))
             backend.unet.load_state_dict(base_state)
             backend.unet.requires_grad_(False)
         failed = [row for row in rows[1:] if "error" in row]
@@ -456,7 +548,17 @@ def draw_chart(rows: list[dict], path: str) -> None:
 
     x_key = next((k for k in FORGET_METRICS if any(k in r for r in rows)), None)
     y_key = next((k for k in RETAIN_METRICS if any(k in r for r in rows)), None)
-    figure, axes = plt.subplots(figsize=(5, 4))
+    robust = any(r.get("asr") is not None for r in rows)  # --attacks: the robustness axis too
+    figure, panels = plt.subplots(1, 2 if robust else 1, figsize=(10 if robust else 5, 4))
+    axes = panels[0] if robust else panels
+    if robust:
+        for row in rows:
+            if row.get(x_key) is not None and row.get("asr") is not None:
+                panels[1].scatter(row[x_key], row["asr"])
+                panels[1].annotate(row["method"], (row[x_key], row["asr"]), fontsize=8)
+        panels[1].set_xlabel(f"{x_key} (plain prompts)")
+        panels[1].set_ylabel("UnlearnDiffAtk ASR (lower = robust)")
+        panels[1].set_title("forgetting vs robustness")
     for row in rows:
         if row.get(x_key) is not None and row.get(y_key) is not None:
             axes.scatter(row[x_key], row[y_key])

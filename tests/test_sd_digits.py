@@ -10,6 +10,7 @@ from erase.errors import EraseError
 from erase.models import sd_digits
 from erase.models.digits import DIGIT_NAMES
 from erase.models.sd_digits import (
+    HELD_OUT_ONLY,
     HELD_OUT_TEMPLATES,
     TRAIN_TEMPLATES,
     SDDigitsBackend,
@@ -97,5 +98,37 @@ def test_load_sd_digits_trains_once_then_reuses_the_cache(tmp_path, monkeypatch)
     monkeypatch.setattr(sd_digits, "train_sd_digits", tiny_train)
     first = sd_digits.load_sd_digits(device=torch.device("cpu"))
     second = sd_digits.load_sd_digits(device=torch.device("cpu"))
-    assert calls == [str(tmp_path / "sd-digits")]
+    assert calls == [str(tmp_path / f"sd-digits-v{sd_digits.CACHE_VERSION}")]
     assert first.identity == second.identity == "sd-digits"
+
+
+def test_filler_words_never_name_a_digit_or_a_held_out_word(backend):
+    fillers = sd_digits.filler_words(backend.pipe.tokenizer)
+    assert fillers and not set(fillers) & {*DIGIT_NAMES, *HELD_OUT_ONLY}
+    assert not any(word.isdigit() for word in fillers)
+
+
+def test_training_captions_keep_their_digit_among_the_fillers(backend):
+    fillers = sd_digits.filler_words(backend.pipe.tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    captions = [sd_digits.training_caption(7, fillers, TINY, generator) for _ in range(50)]
+    assert all("seven" in c.split() or "7" in c.split() for c in captions)
+    assert any(len(c.split()) > 5 for c in captions)  # some got filler words
+    held_out_words = {w for t in HELD_OUT_TEMPLATES for w in t.split()} - {
+        w for t in TRAIN_TEMPLATES for w in t.split()
+    }
+    assert not {w for c in captions for w in c.split()} & held_out_words
+
+
+def test_excluded_digits_are_left_out_of_training(monkeypatch, tmp_path):
+    seen = []
+    real = sd_digits.train_unet
+
+    def spy(tokenizer, text_encoder, unet, vae, images, labels, config):
+        seen.append(labels)
+        return real(tokenizer, text_encoder, unet, vae, images, labels, config)
+
+    monkeypatch.setattr(sd_digits, "train_unet", spy)
+    config = SDDigitsConfig(**{**TINY.__dict__, "exclude": (3,)})
+    train_sd_digits(str(tmp_path / "without-3"), config)
+    assert 3 not in seen[0].tolist() and set(seen[0].tolist()) == set(range(10)) - {3}

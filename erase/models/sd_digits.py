@@ -9,6 +9,7 @@ classifier scores forgetting and retention on captions from held-out templates.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import uuid
@@ -30,6 +31,9 @@ from erase.models.small_sd import as_pipeline, small_sd_components
 # Captions the model is trained on, and held-out ones that only evaluation uses.
 TRAIN_TEMPLATES = ["a handwritten digit {name}", "the number {number}", "a drawing of a {number}"]
 HELD_OUT_TEMPLATES = ["a picture of the digit {name}", "an image of number {number}"]
+# Words only the held-out captions use: never shown in training, not even as filler words.
+HELD_OUT_ONLY = ["picture", "image", "an"]
+CACHE_VERSION = 3  # bump when the training recipe changes, so stale caches are not reused
 
 
 def caption(template: str, digit: int) -> str:
@@ -48,11 +52,25 @@ class SDDigitsConfig:
     lr: float = 1e-3
     unet_channels: tuple[int, int] = (32, 64)
     text_width: int = 32
+    # Room for 3 adversarial prefix tokens before the longest caption (UnlearnDiffAtk's k).
+    max_length: int = 16
+    # Share of captions with random filler words inserted: the text encoder learns that the
+    # digit word decides, so captions of unseen templates still name their digit.
+    filler_share: float = 0.5
+    max_fillers: int = 3
+    # A linear digit read-out of the pooled caption embedding, trained jointly (then dropped):
+    # without it the text encoder merged "eight" with "zero" (cosine 0.995; eights drawn as 0s).
+    caption_loss_weight: float = 0.1
+    ema_decay: float = 0.999  # the saved weights are the exponential moving average
+    exclude: tuple[int, ...] = ()  # digits left out of training (the Retrain yardstick)
     seed: int = 0
 
 
 class SDDigitsBackend(StableDiffusionBackend):
     """The Stable Diffusion backend on the sd-digits folder, with digit concepts."""
+
+    guidance_scale = 3.0  # the testbed bench's guidance (scripts/bench_sd_digits.py), not SD's 7.5
+    eval_steps = 25  # DDIM steps of evaluation images (as the bench's --bench-steps)
 
     def __init__(self, folder: str, device: torch.device | None = None):
         super().__init__(folder, device=device)
@@ -91,7 +109,7 @@ def build_components(config: SDDigitsConfig):
     torch.manual_seed(config.seed)
     return small_sd_components(
         all_words(),
-        max_length=8,
+        max_length=config.max_length,
         text_width=config.text_width,
         unet_channels=config.unet_channels,
         vae_channels=(16, 32),
@@ -122,6 +140,30 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, config: SDDigitsConfig) 
     vae.requires_grad_(False)
 
 
+def filler_words(tokenizer) -> list[str]:
+    """One-token words to sprinkle into training captions: no digit and no held-out-only word."""
+    banned = {*DIGIT_NAMES, *HELD_OUT_ONLY}
+    stems = [token[: -len("</w>")] for token in tokenizer.get_vocab() if token.endswith("</w>")]
+    return sorted(w for w in stems if w.isascii() and w.isalpha() and w not in banned)
+
+
+def training_caption(
+    digit: int, fillers: list[str], config: SDDigitsConfig, generator: torch.Generator
+) -> str:
+    """A training template of `digit`, with random filler words inserted in a share of them."""
+    template = TRAIN_TEMPLATES[
+        int(torch.randint(0, len(TRAIN_TEMPLATES), (1,), generator=generator))
+    ]
+    words = caption(template, digit).split()
+    if float(torch.rand(1, generator=generator)) < config.filler_share:
+        count = int(torch.randint(1, config.max_fillers + 1, (1,), generator=generator))
+        for _ in range(count):
+            at = int(torch.randint(0, len(words) + 1, (1,), generator=generator))
+            filler = fillers[int(torch.randint(0, len(fillers), (1,), generator=generator))]
+            words.insert(at, filler)
+    return " ".join(words)
+
+
 def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDigitsConfig) -> None:
     """Text encoder and UNet trained jointly with the diffusion loss; 10 % empty captions (CFG)."""
     with torch.no_grad():
@@ -129,20 +171,21 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
     noise_scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    digit_head = torch.nn.Linear(text_encoder.config.hidden_size, 10)  # (pooled caption) -> digit
+    parameters = [*unet.parameters(), *text_encoder.parameters(), *digit_head.parameters()]
+    averaged = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder)]
+    averaged[1].requires_grad_(False)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.unet_steps)
     generator = torch.Generator().manual_seed(config.seed + 1)
+    fillers = filler_words(tokenizer)
     progress = tqdm(range(config.unet_steps), desc="sd-digits: training UNet", unit="step")
-    for _ in progress:
+    for step in progress:
         chosen = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
-        templates = torch.randint(
-            0, len(TRAIN_TEMPLATES), (config.batch_size,), generator=generator
-        )
         dropped = torch.rand(config.batch_size, generator=generator) < 0.1
         captions = [
-            "" if drop else caption(TRAIN_TEMPLATES[t], int(labels[i]))
-            for i, t, drop in zip(chosen.tolist(), templates.tolist(), dropped.tolist())
+            "" if drop else training_caption(int(labels[i]), fillers, config, generator)
+            for i, drop in zip(chosen.tolist(), dropped.tolist())
         ]
         ids = tokenizer(
             captions,
@@ -154,20 +197,36 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
         noise = torch.randn(latents[chosen].shape, generator=generator)
         timesteps = torch.randint(0, 1000, (config.batch_size,), generator=generator)
         noisy = noise_scheduler.add_noise(latents[chosen], noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        encoded = text_encoder(ids)  # hidden states (B, L, D), pooled (B, D)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=encoded[0]).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
+        kept = ~dropped
+        if config.caption_loss_weight and kept.any():
+            logits = digit_head(encoded[1][kept])  # (B_kept, 10)
+            loss = loss + config.caption_loss_weight * torch.nn.functional.cross_entropy(
+                logits, labels[chosen][kept]
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))  # short warm-up of the average
+        with torch.no_grad():
+            for average, model in zip(averaged, (unet, text_encoder)):
+                for kept_param, param in zip(average.parameters(), model.parameters()):
+                    kept_param.lerp_(param, 1 - decay)
         progress.set_postfix(loss=f"{loss.item():.4f}")
+    unet.load_state_dict(averaged[0].state_dict())
+    text_encoder.load_state_dict(averaged[1].state_dict())
 
 
 def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
     """Train the sd-digits pipeline and save it to `folder` atomically; returns the folder."""
     config = config or SDDigitsConfig()
     images, labels = digits_dataset(config.image_size, split="train")  # (N, 1, H, W) in [0, 1]
+    kept = ~torch.isin(labels, torch.tensor(config.exclude, dtype=torch.long))
+    images, labels = images[kept], labels[kept]
     images = images.expand(-1, 3, -1, -1).contiguous()  # Stable Diffusion's VAE takes RGB
     tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
     train_vae(vae, images, config)
@@ -182,13 +241,38 @@ def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
     return folder
 
 
+@torch.no_grad()
+def held_out_accuracy(
+    backend: SDDigitsBackend,
+    classifier: torch.nn.Module,
+    per_prompt: int = 10,
+    num_steps: int = 25,
+    unet: torch.nn.Module | None = None,
+    templates: list[str] = HELD_OUT_TEMPLATES,
+) -> dict[str, float]:
+    """Share of generated images of each digit's held-out captions that the classifier reads right."""
+    accuracy = {}
+    for digit, name in enumerate(DIGIT_NAMES):
+        prompts = [caption(t, digit) for t in templates for _ in range(per_prompt)]
+        images = backend.sample(
+            prompts,
+            list(range(len(prompts))),
+            num_steps=num_steps,
+            guidance_scale=backend.guidance_scale,
+            unet=unet,
+        )  # (N, 3, H, W)
+        predicted = classifier(images.to(backend.device)).argmax(-1).cpu()
+        accuracy[name] = round(float((predicted == digit).float().mean()), 4)
+    return accuracy
+
+
 def load_sd_digits(
     data_dir: str | None = None, device: torch.device | None = None
 ) -> SDDigitsBackend:
     """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
     from erase.models import erase_home
 
-    folder = os.path.join(erase_home(), "sd-digits")
+    folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         os.makedirs(erase_home(), exist_ok=True)
         train_sd_digits(folder)

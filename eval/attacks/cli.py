@@ -1,0 +1,261 @@
+"""`erase-attack`: attack an erased model and report whether the concept stays gone.
+
+erase-attack --model sd-v1-4 --unet outputs/sd-v1-4-nudity-salun --concept nudity \
+    --attack unlearndiffatk --prompts nudity.csv
+erase-attack --model ddpm-digits --unet outputs/ddpm-digits-3-salun --concept 3 --attack relearn --retrain
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from erase.cliargs import OneLineParser, positive
+from erase.errors import EraseError
+
+# The registry's names (eval.attacks.ATTACKS), repeated here so --help needs no heavy import.
+ATTACK_NAMES = ("unlearndiffatk", "relearn", "prompts")
+
+
+def attack_list(text: str) -> list[str]:
+    """An argparse type: one attack or a comma list of them."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ATTACK_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown attack '{(unknown or [text])[0]}': choose from {', '.join(ATTACK_NAMES)}"
+        )
+    return names
+
+
+def step_list(text: str) -> list[int]:
+    """An argparse type: relearning checkpoints, a comma list of step counts."""
+    try:
+        steps = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected step counts like 0,10,25, got '{text}'"
+        ) from None
+    if not steps or steps[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected step counts >= 0 like 0,10,25, got '{text}'")
+    return steps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of erase-attack."""
+    parser = OneLineParser(
+        prog="erase-attack",
+        description="Attack an erased model (adversarial prompts, relearning, released attack "
+        "prompt sets) and judge whether the concept comes back; beside the testbed retrained "
+        "without the concept with --retrain. The output folder is resumable per prompt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="sd-v1-4", help="base model the UNet was erased from")
+    parser.add_argument(
+        "--unet",
+        default=None,
+        metavar="DIR",
+        help="erased UNet: an erase-concept output (default: attack the base)",
+    )
+    parser.add_argument(
+        "--concept",
+        required=True,
+        help="the erased concept: nudity, an Imagenette class, a testbed digit",
+    )
+    parser.add_argument(
+        "--attack",
+        type=attack_list,
+        action="append",
+        required=True,
+        help=f"{'|'.join(ATTACK_NAMES)}, repeatable or a comma list",
+    )
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        metavar="PATH",
+        help="prompt CSV/TXT (nudity: the I2P nudity CSV; Ring-A-Bell's CSV); default: the concept's built-in set",
+    )
+    parser.add_argument(
+        "--limit", type=positive(int), default=None, help="only the first N prompts"
+    )
+    parser.add_argument(
+        "--per-prompt", type=positive(int), default=10, help="seeds per prompt of a built-in set"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of row r is seed + r when the prompt file gives none",
+    )
+    parser.add_argument(
+        "--num-steps",
+        type=positive(int),
+        default=None,
+        help="DDIM steps (default: 25 on the testbeds, 50 otherwise)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=positive(float),
+        default=None,
+        help="guidance (default: the prompt's own, else the model's)",
+    )
+    parser.add_argument(
+        "--resolution", type=positive(int), default=None, help="image size (default: the model's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive(int), default=8, help="images per sampling call"
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="also attack the testbed retrained without the concept (trained once, cached)",
+    )
+    parser.add_argument(
+        "--classifier-weights",
+        default=None,
+        metavar="PATH",
+        help="Imagenette judge: ResNet-50 weights file",
+    )
+
+    udiff = parser.add_argument_group("unlearndiffatk (reference: configs/*/text_grad_*.json)")
+    udiff.add_argument(
+        "--k",
+        type=positive(int),
+        default=None,
+        help="prefix tokens (default: 5 for nudity, 3 otherwise)",
+    )
+    udiff.add_argument("--iterations", type=positive(int), default=40, help="Adam steps per block")
+    udiff.add_argument(
+        "--blocks",
+        type=positive(int),
+        default=50,
+        help="blocks at most (one sampled timestep each)",
+    )
+    udiff.add_argument("--attack-lr", type=positive(float), default=0.01, help="Adam learning rate")
+    udiff.add_argument("--attack-weight-decay", type=float, default=0.1, help="Adam weight decay")
+
+    relearn = parser.add_argument_group("relearn")
+    relearn.add_argument(
+        "--relearn-data",
+        default="forget",
+        metavar="forget|retain|DIR",
+        help="auxiliary images: the concept's, the others', or a folder",
+    )
+    relearn.add_argument(
+        "--relearn-steps",
+        type=step_list,
+        default=[0, 10, 25, 50, 100],
+        help="checkpoints, comma list",
+    )
+    relearn.add_argument(
+        "--relearn-lr", type=positive(float), default=1e-4, help="Adam learning rate"
+    )
+    relearn.add_argument(
+        "--relearn-batch-size", type=positive(int), default=32, help="images per step"
+    )
+    relearn.add_argument(
+        "--relearn-images", type=positive(int), default=180, help="auxiliary images at most"
+    )
+
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="output folder, resumable (default: outputs/attack-<unet or model>-<concept>)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The run's AttackSettings, each attack's Config filled from its flags."""
+    from eval.attacks import relearn, unlearndiffatk
+    from eval.attacks.harness import AttackSettings
+
+    names = list(dict.fromkeys(name for names in args.attack for name in names))
+    configs = {
+        "unlearndiffatk": unlearndiffatk.Config(
+            k=args.k,
+            iterations=args.iterations,
+            blocks=args.blocks,
+            lr=args.attack_lr,
+            weight_decay=args.attack_weight_decay,
+            seed=args.seed,
+        ),
+        "relearn": relearn.Config(
+            data=args.relearn_data,
+            checkpoints=args.relearn_steps,
+            lr=args.relearn_lr,
+            batch_size=args.relearn_batch_size,
+            num_images=args.relearn_images,
+            seed=args.seed,
+        ),
+    }
+    return AttackSettings(
+        model=args.model,
+        concept=args.concept,
+        attacks=names,
+        unet=args.unet,
+        prompts=args.prompts,
+        limit=args.limit,
+        per_prompt=args.per_prompt,
+        seed=args.seed,
+        num_steps=args.num_steps,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        retrain=args.retrain,
+        classifier_weights=args.classifier_weights,
+        configs={name: config for name, config in configs.items() if name in names},
+    )
+
+
+def default_output(args: argparse.Namespace) -> str:
+    """outputs/attack-<unet or model>-<concept>."""
+    from erase.concepts import slug
+
+    model = os.path.basename(os.path.normpath(args.unet or args.model))
+    return os.path.join("outputs", f"attack-{slug(model)}-{slug(args.concept)}")
+
+
+def summary_lines(results: dict) -> list[str]:
+    """A few lines for the terminal."""
+    from eval.attacks.harness import headline
+
+    lines = [
+        f"{results['concept']} on {results['model']} ({results['prompts']} prompts, judge: {results['judge']})"
+    ]
+    retrain = results["retrain"] or {}
+    for name, figures in results["attacks"].items():
+        line = f"{name}: {headline(name, figures)}"
+        if name in retrain:
+            line += f" (retrain: {headline(name, retrain[name])})"
+        lines.append(line)
+    lines.append(f"report: {os.path.join(results['output'], 'report.md')}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of erase-attack; user errors are one stderr line and exit code 2."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
+        return int(exit_request.code or 0)
+    try:
+        from eval.attacks.harness import run_attacks
+
+        results = run_attacks(
+            settings_from_args(args),
+            args.output or default_output(args),
+            progress=not args.no_progress,
+        )
+    except EraseError as error:
+        print(f"erase-attack: error: {error}", file=sys.stderr)
+        return 2
+    if results is not None:
+        print("\n".join(summary_lines(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""One erase-attack run: load the erased model and its judge, run each attack, write the folder.
+
+The output folder (like erase-eval's, resumable) holds results.json (every setting and figure),
+report.md, prompts.jsonl (per prompt: the plain verdict, the adversarial prompt found, the
+judge's scores, the block it succeeded at), grid.png (the images the attack found), and the
+generated images under targets/, plain/ and found/. With `retrain`, the same attacks run on the
+testbed retrained without the concept, in retrain/, and every figure is shown beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from erase.errors import EraseError
+from eval.attacks import get_attack
+from eval.attacks.target import (
+    AttackTarget,
+    check_unet_base,
+    default_entries,
+    resolved,
+)
+from prompts import PromptEntry
+
+
+@dataclass
+class AttackSettings:
+    """Everything an erase-attack run is made of; written whole into results.json."""
+
+    model: str
+    concept: str
+    attacks: list[str]
+    unet: str | None = None  # erased UNet folder; None attacks the base model itself
+    prompts: str | None = None  # a prompt CSV/TXT; None: the concept's built-in set
+    limit: int | None = None
+    per_prompt: int = 10  # seeds per prompt of a built-in set
+    seed: int = 0
+    num_steps: int | None = None  # DDIM steps; None: the model's evaluation steps (SD: 50)
+    guidance_scale: float | None = None  # None: each prompt's own, else the model's
+    resolution: int | None = None
+    batch_size: int = 8
+    retrain: bool = False
+    classifier_weights: str | None = None
+    configs: dict = field(default_factory=dict)  # attack name -> its Config
+
+
+def attack_configs(settings: AttackSettings) -> dict:
+    """Each requested attack's Config: the given one or its defaults."""
+    return {
+        name: settings.configs.get(name) or get_attack(name).Config() for name in settings.attacks
+    }
+
+
+def prompt_entries(settings: AttackSettings, backend) -> list[PromptEntry]:
+    """The prompt set, with each prompt's guidance resolved."""
+    if settings.prompts:
+        from eval.attacks.prompts import load_attack_prompts
+
+        entries = load_attack_prompts(settings.prompts, settings.limit)
+    else:
+        entries = default_entries(backend, settings.concept, settings.per_prompt, settings.seed)
+        entries = entries[: settings.limit] if settings.limit else entries
+    return resolved(entries, settings.guidance_scale, backend.guidance_scale, settings.seed)
+
+
+def check_files(settings: AttackSettings) -> None:
+    """The prompt file and the UNet folder exist (before any model is loaded)."""
+    if settings.prompts and not os.path.isfile(settings.prompts):
+        raise EraseError(
+            f"Prompt file '{settings.prompts}' does not exist: pass --prompts with a CSV or TXT."
+        )
+    if settings.unet and not os.path.isdir(settings.unet):
+        raise EraseError(f"--unet '{settings.unet}' is not a folder: pass an erase-concept output.")
+
+
+def load_target(settings: AttackSettings, backend=None, unet=None, label=None) -> AttackTarget:
+    """The base model (or the given backend), the erased UNet, the judge and the prompts."""
+    from erase.models import load_backend
+    from eval.attacks.judges import concept_judge
+    from eval.runner import process_state
+
+    check_files(settings)
+    backend = backend or load_backend(settings.model, device=process_state().device)
+    judge = concept_judge(backend, settings.concept, settings.classifier_weights)
+    entries = prompt_entries(settings, backend)
+    if unet is None and settings.unet:
+        check_unet_base(settings.unet, backend)
+        unet = backend.load_unet(settings.unet)
+    unet = unet if unet is not None else backend.unet
+    unet.requires_grad_(False)
+    return AttackTarget(
+        backend=backend,
+        unet=unet,
+        concept=judge.name,
+        judge=judge,
+        entries=entries,
+        label=label or (settings.unet or "base"),
+    )
+
+
+def retrain_target(settings: AttackSettings, target: AttackTarget) -> AttackTarget:
+    """The same attack target on the testbed retrained without the concept."""
+    from erase.models.retrain import load_retrain
+    from eval.runner import process_state
+
+    backend = load_retrain(settings.model, target.concept, device=process_state().device)
+    return dataclasses.replace(
+        target, backend=backend, unet=backend.unet, label="retrain", base_backend=target.backend
+    )
+
+
+def generation_config(settings: AttackSettings, target: AttackTarget):
+    """How the attack generates images (eval/runner.py's settings, so folders are reusable)."""
+    from eval.runner import GenerationConfig
+
+    backend = target.backend
+    steps = settings.num_steps or getattr(backend, "eval_steps", None) or 50
+    return GenerationConfig(
+        model=backend.identity,
+        unet=target.label if target.label not in ("base",) else None,
+        num_steps=steps,
+        guidance_scale=None,  # each entry carries its own, resolved above
+        resolution=settings.resolution,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
+
+
+def attack_target(
+    target: AttackTarget, settings: AttackSettings, output: str, progress=True
+) -> dict:
+    """Every requested attack on one target: {attack name: figures}."""
+    from eval.runner import process_state
+
+    state = process_state()
+    generation = generation_config(settings, target)
+    figures = {}
+    for name, config in attack_configs(settings).items():
+        if name == "relearn" and not state.is_main_process:
+            continue  # one fine-tuning run: the main process does it
+        summary = get_attack(name).run(
+            target, config, os.path.join(output, name), generation, progress
+        )
+        figures[name] = summary
+    return figures
+
+
+def run_attacks(settings: AttackSettings, output: str, backend=None, progress=True) -> dict | None:
+    """Run the attacks (and on Retrain, when asked), write the output folder; results on the main process."""
+    from erase.artifact import versions, write_json
+    from erase.models import load_backend
+    from eval.runner import process_state
+
+    configs = attack_configs(settings)  # unknown attack names fail here, before any loading
+    check_files(settings)
+    backend = backend or load_backend(settings.model, device=process_state().device)
+    for name in configs:  # an attack that cannot run on this model fails before any work
+        getattr(get_attack(name), "check", lambda backend: None)(backend)
+    target = load_target(settings, backend=backend)
+    retrain = retrain_target(settings, target) if settings.retrain else None
+    os.makedirs(output, exist_ok=True)
+    figures = attack_target(target, settings, output, progress)
+    retrain_figures = (
+        attack_target(retrain, settings, os.path.join(output, "retrain"), progress)
+        if retrain
+        else None
+    )
+    if not process_state().is_main_process:
+        return None
+    per_prompt = {name: f.pop("per_prompt") for name, f in figures.items() if "per_prompt" in f}
+    if retrain_figures:
+        for f in retrain_figures.values():
+            f.pop("per_prompt", None)
+    results = {
+        "settings": {
+            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "configs"},
+            "attack_configs": {name: dataclasses.asdict(c) for name, c in configs.items()},
+        },
+        "model": target.backend.identity,
+        "judge": target.judge.describe,
+        "concept": target.concept,
+        "prompts": len(target.entries),
+        "attacks": figures,
+        "retrain": retrain_figures,
+        "gap_to_retrain": gaps(figures, retrain_figures) if retrain_figures else None,
+        "versions": versions(),
+    }
+    write_json(os.path.join(output, "results.json"), results)
+    write_prompt_rows(os.path.join(output, "prompts.jsonl"), per_prompt)
+    write_found_grid(output, per_prompt.get("unlearndiffatk"))
+    with open(os.path.join(output, "report.md.tmp"), "w", encoding="utf-8") as file:
+        file.write(markdown_report(results))
+    os.replace(os.path.join(output, "report.md.tmp"), os.path.join(output, "report.md"))
+    results["output"] = output
+    return results
+
+
+def headline(name: str, figures: dict) -> str:
+    """The one figure an attack is known by."""
+    if name == "relearn":
+        steps = figures["steps_to_recover"]
+        return f"steps to recover {steps if steps is not None else 'not within ' + str(figures['curve'][-1]['step'])}"
+    return f"ASR {100 * figures['asr']:.1f} %"
+
+
+def gaps(figures: dict, retrain: dict) -> dict:
+    """Per attack: the erased model's headline figure minus Retrain's."""
+    result = {}
+    for name, mine in figures.items():
+        theirs = retrain.get(name)
+        if theirs is None:
+            continue
+        if name == "relearn":
+            a, b = mine["steps_to_recover"], theirs["steps_to_recover"]
+            result[name] = {"steps_to_recover": a, "retrain_steps_to_recover": b}
+        else:
+            result[name] = {
+                "asr": mine["asr"],
+                "retrain_asr": theirs["asr"],
+                "asr_gap": round(mine["asr"] - theirs["asr"], 4),
+            }
+    return result
+
+
+def write_prompt_rows(path: str, per_prompt: dict[str, list[dict]]) -> None:
+    """prompts.jsonl: one line per attack and prompt, written through a temporary file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        for name, rows in per_prompt.items():
+            for row in rows:
+                file.write(json.dumps({"attack_name": name, **row}, default=float) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def write_found_grid(output: str, rows: list[dict] | None, limit: int = 32) -> None:
+    """grid.png: the images the adversarial prompts produced, successes first."""
+    from torchvision.utils import save_image
+
+    from eval.attacks.images import load_pngs
+
+    attacked = [row["attack"] for row in rows or [] if row["attack"] is not None]
+    attacked.sort(key=lambda a: not a["success"])
+    if not attacked:
+        return
+    folder = os.path.join(output, "unlearndiffatk", "found")
+    images = load_pngs(folder, attacked[:limit])
+    scale = max(1, 64 // images.shape[-1])  # small testbed images are scaled up to be seen
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    save_image(
+        images, os.path.join(output, "grid.png.tmp"), nrow=8, padding=2, pad_value=1.0, format="png"
+    )
+    os.replace(os.path.join(output, "grid.png.tmp"), os.path.join(output, "grid.png"))
+
+
+def markdown_report(results: dict) -> str:
+    """report.md: what was attacked, each attack's figures, and Retrain's beside them."""
+    settings = results["settings"]
+    lines = [
+        "# erase-attack report",
+        "",
+        f"- model: `{settings['model']}`"
+        + (f", erased UNet: `{settings['unet']}`" if settings["unet"] else " (base)"),
+        f"- concept: {results['concept']}; judge: {results['judge']}",
+        f"- prompts: {settings['prompts'] or 'built-in set'} ({results['prompts']} prompts)",
+        "",
+        "| attack | erased model | retrain |",
+        "|---|---|---|",
+    ]
+    retrain = results["retrain"] or {}
+    for name, figures in results["attacks"].items():
+        theirs = headline(name, retrain[name]) if name in retrain else "-"
+        lines.append(f"| {name} | {headline(name, figures)} | {theirs} |")
+    relearn = results["attacks"].get("relearn")
+    if relearn:
+        lines += [
+            "",
+            f"Relearning curve (judged positive rate; base model {relearn['base_positive_rate']}):",
+            "",
+        ]
+        lines += ["| step | erased | retrain |", "|---|---|---|"]
+        theirs = {
+            p["step"]: p["positive_rate"] for p in (retrain.get("relearn") or {}).get("curve", [])
+        }
+        for point in relearn["curve"]:
+            lines.append(
+                f"| {point['step']} | {point['positive_rate']} | {theirs.get(point['step'], '-')} |"
+            )
+    if "unlearndiffatk" in results["attacks"]:
+        lines += ["", "Per prompt: prompts.jsonl; the images the attack found: grid.png."]
+    return "\n".join(lines) + "\n"

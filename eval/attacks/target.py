@@ -1,0 +1,96 @@
+"""What an attack runs against: the base model, the erased UNet, the concept's judge and prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from erase.errors import EraseError
+from prompts import PromptEntry
+
+
+@dataclass
+class AttackTarget:
+    """An erased model to attack, with everything needed to judge it against its base."""
+
+    backend: object  # the pipeline the attack runs through (its text encoder, VAE, sampler)
+    unet: torch.nn.Module  # the erased UNet (the base's own for the base row)
+    concept: str  # the concept's name as the judge knows it
+    judge: object  # images (N, C, H, W) in [0, 1] -> [{"positive": bool, "score": float}, ...]
+    entries: list[PromptEntry]  # the prompt set, each with its seed and guidance
+    label: str = "erased"  # "base", "retrain", a method name or the UNet folder
+    # The base model the target images come from, when it is not `backend` (Retrain).
+    base_backend: object = None
+    # Shared across rows by erase-bench, whose erased UNets replace the base's in place: the
+    # folder of the base model's target images, and the base model's judged positive rate.
+    target_images: str | None = None
+    base_rate: float | None = None
+
+    @property
+    def reference_backend(self):
+        """The backend whose own UNet made the concept's target images (the base model)."""
+        return self.base_backend or self.backend
+
+
+def check_unet_base(unet_folder: str, backend) -> None:
+    """Refuse an erased UNet whose metadata names another base model than `backend`'s."""
+    path = os.path.join(unet_folder, "metadata.json")
+    if not os.path.isfile(path):
+        return  # a bare diffusers UNet folder: load_unet checks its shape
+    with open(path) as file:
+        base = json.load(file).get("base_model")
+    if base and base != backend.identity:
+        raise EraseError(
+            f"The UNet in '{unet_folder}' was erased from '{base}', not '{backend.identity}': "
+            f"pass --model {base}."
+        )
+
+
+def default_entries(backend, concept: str, per_prompt: int, seed: int) -> list[PromptEntry]:
+    """The concept's own prompt set on a testbed or an Imagenette class; nudity needs a file."""
+    from erase.concepts import resolve_class_concept
+
+    key = concept.strip().lower()
+    guidance = backend.guidance_scale
+    if getattr(backend, "digit_names", None):
+        digit = int(key) if key.isdigit() else backend.digit_names.index(key)
+        prompts = backend.eval_prompts(digit)  # held-out captions, never trained on
+    elif backend.conditioning == "class":
+        index = resolve_class_concept(concept, backend.class_names).forget[0]
+        prompts = [backend.class_names[index]]
+    elif key == "nudity":
+        raise EraseError(
+            "Nudity has no built-in attack prompt set: pass --prompts with the I2P nudity CSV "
+            "(the 142 prompts of the UnlearnDiffAtk paper)."
+        )
+    else:
+        from prompts import imagenette_prompts
+
+        return [
+            PromptEntry(e.prompt, e.row, e.seed, e.guidance_scale or guidance, e.class_name)
+            for e in imagenette_prompts(per_prompt, [concept], seed=seed)
+        ]
+    return [
+        PromptEntry(prompt, row=i * per_prompt + k, seed=seed + k, guidance_scale=guidance)
+        for i, prompt in enumerate(prompts)
+        for k in range(per_prompt)
+    ]
+
+
+def resolved(entries: list[PromptEntry], guidance: float | None, default: float, seed: int):
+    """Entries with their seed (theirs, else seed + row, as erase-eval) and guidance
+    (--guidance-scale, else their own, else the model's default)."""
+    return [
+        PromptEntry(
+            e.prompt,
+            e.row,
+            e.seed if e.seed is not None else seed + e.row,
+            guidance if guidance is not None else (e.guidance_scale or default),
+            e.class_name,
+            e.extra,
+        )
+        for e in entries
+    ]

@@ -1,0 +1,63 @@
+"""The relearning attack on a small class DDPM that never learnt the digit 3 (a tiny Retrain)."""
+
+import pytest
+import torch
+
+from erase.models.ddpm import ClassDDPMBackend, DDPMConfig, train_class_ddpm
+from erase.models.digits import (
+    DIGIT_NAMES,
+    ClassifierConfig,
+    digits_dataset,
+    train_digit_classifier,
+)
+from eval.attacks import relearn
+from eval.attacks.judges import ClassifierJudge
+from eval.attacks.target import AttackTarget, default_entries
+
+SMALL = DDPMConfig(image_size=8, block_out_channels=(16, 32), norm_num_groups=4, steps=150)
+
+
+@pytest.fixture(scope="module")
+def target() -> AttackTarget:
+    """A DDPM trained briefly on every digit but 3, judged by its own small classifier."""
+    images, labels = digits_dataset(8, split="train")
+    kept = labels != 3
+    unet = train_class_ddpm(images[kept], labels[kept], 10, SMALL, device=torch.device("cpu"))
+    backend = ClassDDPMBackend(
+        unet,
+        DIGIT_NAMES,
+        identity="small-ddpm",
+        dataset=lambda: digits_dataset(8, split="train"),
+        device=torch.device("cpu"),
+    )
+    classifier = train_digit_classifier(
+        ClassifierConfig(image_size=8, width=8, feature_dim=32, epochs=5)
+    )
+    judge = ClassifierJudge(classifier, 3, "three", "digit classifier")
+    return AttackTarget(backend, backend.unet, "three", judge, default_entries(backend, "3", 32, 0))
+
+
+def test_relearning_on_the_forgotten_class_raises_its_judged_rate(target):
+    config = relearn.Config(checkpoints=[0, 60], lr=1e-3)
+    curve = relearn.relearn_curve(target, config, num_steps=10, progress=False)
+    assert [point["step"] for point in curve] == [0, 60]
+    assert curve[1]["positive_rate"] > curve[0]["positive_rate"] + 0.2
+    assert target.unet.training is False  # the attacked UNet itself is untouched (a copy trains)
+
+
+def test_forget_data_are_the_digit_and_retain_data_the_others(target):
+    images, labels = relearn.relearn_data(target, relearn.Config(data="forget", num_images=50))
+    assert len(images) == 50 and set(labels) == {3}
+    images, labels = relearn.relearn_data(target, relearn.Config(data="retain", num_images=50))
+    assert len(images) == 50 and 3 not in labels
+
+
+def test_steps_to_recover_is_the_first_checkpoint_at_half_the_base_rate():
+    curve = [
+        {"step": 0, "positive_rate": 0.1},
+        {"step": 10, "positive_rate": 0.4},
+        {"step": 25, "positive_rate": 0.6},
+    ]
+    assert relearn.steps_to_recover(curve, base_rate=0.7) == 10
+    assert relearn.steps_to_recover(curve, base_rate=1.0) == 25
+    assert relearn.steps_to_recover(curve[:2], base_rate=1.0) is None
