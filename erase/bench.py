@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "('none' to skip)",
     )
     add_erase_arguments(parser, with_output=False)
+    for action in parser._actions:  # the bench sets these itself for every method: not shown
+        if action.dest in ("method", "no_eval"):
+            action.help = action.default = argparse.SUPPRESS
     return parser
 
 
@@ -302,6 +305,11 @@ def run_bench(args: argparse.Namespace) -> dict:
         raise EraseError(
             f"Unknown method(s) {', '.join(unknown) or '(none given)'} in --methods: choose "
             f"from {', '.join(sorted(METHODS))}."
+        )
+    if hasattr(args, "method") or hasattr(args, "no_eval"):  # given, though hidden
+        raise EraseError(
+            "--method and --no-eval are erase-concept's: erase-bench takes --methods and scores "
+            "every model itself."
         )
     check_method_flags(args, methods)
     check_output(args.output, args.overwrite)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from erase.artifact import check_output, staged_output, versions, write_json
+from erase.card import write_model_card
 from erase.concepts import Concept, resolve_concept, slug
 from erase.data import ConceptData, DataConfig, build_concept_data, encode_images
 from erase.methods import get_method
@@ -134,6 +135,12 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
     evaluate = backend.conditioning == "class" and not args.no_eval
     before = evaluate and class_evaluation(backend, concept, args)
     lap("eval_before")
+    grid = backend.conditioning == "text" and not getattr(args, "no_grid", False)
+    if grid:  # text backends: before/after images of a few prompts (class ones: the evaluation)
+        from eval.before_after import grid_prompts, sample_grid_images, save_before_after
+
+        grid_before = sample_grid_images(backend, grid_prompts(concept), args)
+    lap("grid_before")
 
     if method.uses_mask and mask is None:
         gradients = forget_loss_gradients(
@@ -169,6 +176,12 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
         lap("train")
         after = evaluate and class_evaluation(backend, concept, args)
         lap("eval_after")
+        if grid:
+            grid_after = sample_grid_images(backend, grid_prompts(concept), args)
+            save_before_after(
+                os.path.join(staging, "grid.png"), grid_prompts(concept), grid_before, grid_after
+            )
+        lap("grid_after")
         changed = sum(
             int((p.detach() != base_state[n]).sum()) for n, p in backend.unet.named_parameters()
         )
@@ -210,6 +223,7 @@ def run_erasure(args: argparse.Namespace, backend=None) -> ErasureResult:
                 )
             timings["write"] = round(time.perf_counter() - clock, 3)
             write_json(os.path.join(staging, "metadata.json"), metadata)
+            write_model_card(staging, metadata)
     return ErasureResult(output, metadata, backend)
 
 
