@@ -14,6 +14,7 @@ _API = ("erase_concept", "evaluate", "export_model", "ErasedModel")
 
 
 def __getattr__(name: str):
+    """erase.erase_concept, erase.evaluate, erase.export_model: imported from erase.api on use."""
     if name in _API:
         from erase import api
 
