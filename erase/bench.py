@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a row for the testbed retrained without the concept (trained once, cached)",
     )
     add_erase_arguments(parser, with_output=False)
+    for action in parser._actions:  # the bench sets these itself for every method: not shown
+        if action.dest in ("method", "no_eval"):
+            action.help = action.default = argparse.SUPPRESS
     return parser
 
 
@@ -389,6 +392,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
         raise EraseError(f"--methods names {', '.join(repeated)} more than once: name each once.")
+    if hasattr(args, "method") or hasattr(args, "no_eval"):  # given, though hidden
+        raise EraseError(
+            "--method and --no-eval are erase-concept's: erase-bench takes --methods and scores "
+            "every model itself."
+        )
     check_method_flags(args, methods)
     for method in methods:  # every method's flags, before the base is even loaded
         check_arguments(method_arguments(args, method, os.path.join(args.output, method)))

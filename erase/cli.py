@@ -90,6 +90,12 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
             help="output folder (default: outputs/<model>-<concept>-<method>)",
         )
         output.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        output.add_argument(
+            "--push-to-hub",
+            default=None,
+            metavar="REPO_ID",
+            help="upload the output (with its model card) to this Hugging Face model repository",
+        )
 
     data = parser.add_argument_group("forget and retain data")
     data.add_argument(
@@ -209,6 +215,12 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         "--no-eval", action="store_true", help="skip the before/after class-removal evaluation"
     )
     evaluation.add_argument(
+        "--no-grid",
+        action="store_true",
+        help="text models: skip grid.png (a few forget and retain prompts, same seeds, "
+        "before | after)",
+    )
+    evaluation.add_argument(
         "--eval-per-class", type=positive(int), default=100, help="generated images per class"
     )
     evaluation.add_argument(
@@ -245,11 +257,19 @@ def erase_concept_main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a usage error already printed on one line
         return int(exit_request.code or 0)
     try:
+        if args.push_to_hub:
+            from erase.card import check_can_push
+
+            check_can_push(args.push_to_hub)  # before the work, not after it
         result = run_erasure(args)
+        print(summary(result))
+        if args.push_to_hub:
+            from erase.card import push_folder
+
+            print(f"pushed to {push_folder(result.output, args.push_to_hub)}")
     except EraseError as error:
         print(f"erase-concept: error: {error}", file=sys.stderr)
         return 2
-    print(summary(result))
     return 0
 
 

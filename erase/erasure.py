@@ -22,6 +22,7 @@ from erase.artifact import (
     versions,
     write_json,
 )
+from erase.card import write_model_card
 from erase.checkpoint import check_resume, file_digest, record_settings
 from erase.cliargs import MAX_SEED
 from erase.concepts import Concept, resolve_concept, slug, union
@@ -299,6 +300,12 @@ def erase_into(
     evaluate = backend.conditioning == "class" and not args.no_eval
     before = evaluate and class_evaluation(backend, concept, args)
     lap("eval_before")
+    grid = backend.conditioning == "text" and not getattr(args, "no_grid", False)
+    if grid:  # text backends: before/after images of a few prompts (class ones: the evaluation)
+        from eval.before_after import grid_prompts, sample_grid_images, save_before_after
+
+        grid_before = sample_grid_images(backend, grid_prompts(concept), args)
+    lap("grid_before")
 
     if method.uses_mask and mask is None:
         gradients = forget_loss_gradients(
@@ -344,6 +351,13 @@ def erase_into(
         lap("train")
         after = evaluate and class_evaluation(backend, concept, args)
         lap("eval_after")
+        if grid:
+            grid_after = sample_grid_images(backend, grid_prompts(concept), args)
+        if grid and accelerator.is_main_process:
+            save_before_after(
+                os.path.join(staging, "grid.png"), grid_prompts(concept), grid_before, grid_after
+            )
+        lap("grid_after")
         changed = 0
         if accelerator.is_main_process:
             changed = count_changed_weights(backend.unet, method.trainable, base_weights)
@@ -387,6 +401,7 @@ def erase_into(
                 )
             timings["write"] = round(time.perf_counter() - clock, 3)
             write_json(os.path.join(staging, "metadata.json"), metadata)
+            write_model_card(staging, metadata)
     if on_phase:
         on_phase("write")
     return ErasureResult(output, metadata, backend)

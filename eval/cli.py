@@ -41,10 +41,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def metric_list(text: str) -> list[str]:
     """An argparse type: one metric or a comma list of them."""
     names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["none"]:  # generation only: no metric model is loaded (offline users)
+        return []
     unknown = [name for name in names if name not in METRIC_NAMES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown metric '{(unknown or [text])[0]}': choose from {', '.join(METRIC_NAMES)}"
+            f"unknown metric '{(unknown or [text])[0]}': choose from {', '.join(METRIC_NAMES)} "
+            "or none"
         )
     return names
 
@@ -135,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=metric_list,
         action="append",
         default=None,
-        help=f"{'|'.join(METRIC_NAMES)}, repeatable or a comma list (default: nudity for I2P, "
-        "classify for imagenette, clip otherwise; fid too with --reference)",
+        help=f"{'|'.join(METRIC_NAMES)}, repeatable or a comma list, or none to only generate "
+        "(default: nudity for I2P, classify for imagenette, clip otherwise; fid too with "
+        "--reference)",
     )
     metrics.add_argument("--nudity-threshold", type=float, default=0.6, help="NudeNet score")
     metrics.add_argument(
@@ -204,7 +208,7 @@ def load_prompt_set(args: argparse.Namespace) -> list[PromptEntry]:
 
 def chosen_metrics(args: argparse.Namespace) -> list[str]:
     """--metric values in order without repeats, or the prompt set's usual metric."""
-    if args.metric:
+    if args.metric is not None:
         return list(dict.fromkeys(name for names in args.metric for name in names))
     if args.prompts.startswith("i2p") or args.category or args.min_nudity_percentage is not None:
         names = ["nudity"]

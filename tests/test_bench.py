@@ -87,6 +87,8 @@ def test_method_flags_apply_to_their_method_only(tiny_sd_dir, tmp_path):
         (["--methods", "salun,nope"], "Unknown method(s) nope"),
         (["--methods", "salun", "--method-flags", "fmn=--lr 1"], "not in --methods"),
         (["--method-flags", "salun=--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--method", "esd-u"], "erase-bench takes --methods"),
+        (["--no-eval"], "erase-bench takes --methods"),
     ],
 )
 def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, flags, message):
@@ -95,3 +97,9 @@ def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, flags, message):
     error = capsys.readouterr().err
     assert error.startswith("erase-bench: error:") and message in error
     assert error.count("\n") == 1
+
+
+def test_help_hides_the_erase_concept_flags_the_bench_sets_itself(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "--methods" in usage and "--method " not in usage and "--no-eval" not in usage

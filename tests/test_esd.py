@@ -163,7 +163,8 @@ def test_esd_generates_no_forget_set(tiny_sd_args, tmp_path, monkeypatch):
         raise AssertionError("ESD samples its own x_t; no forget/retain set is needed")
 
     monkeypatch.setattr(StableDiffusionBackend, "sample", no_sampling)
-    result = erase([*tiny_sd_args, "--method", "esd-u", "--steps", "1"], tmp_path / "out")
+    argv = [*tiny_sd_args, "--method", "esd-u", "--steps", "1", "--no-grid"]
+    result = erase(argv, tmp_path / "out")
     assert result.metadata["data_source"].startswith("none")
 
 

@@ -162,6 +162,13 @@ def test_unknown_metric_is_a_usage_error(tiny_sd_dir, prompt_csv, tmp_path, caps
     assert "unknown metric 'beauty'" in stderr and stderr.count("\n") == 1
 
 
+def test_metric_none_only_generates(tiny_sd_dir, prompt_csv, tmp_path):
+    output = tmp_path / "eval"
+    assert main([*base_args(tiny_sd_dir, prompt_csv, output), "--metric", "none"]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["metrics"] == {} and results["generation"]["generated"] == 3
+
+
 def test_subprocess_missing_prompt_file_exits_2(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "eval.cli", "--prompts", str(tmp_path / "none.csv")],

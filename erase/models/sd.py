@@ -92,8 +92,8 @@ class StableDiffusionBackend:
     guidance_scale = 7.5
     gen_precision = "auto"  # fp16 on CUDA, fp32 on the CPU (see generation_dtype)
 
-    def __init__(self, spec: str, device: torch.device | None = None):
-        self.pipe = load_pipeline(spec)
+    def __init__(self, spec: str, device: torch.device | None = None, pipe=None):
+        self.pipe = pipe if pipe is not None else load_pipeline(spec)
         self.identity = SD_ALIASES.get(spec, spec)
         self.device = device or default_device()
         self.pipe.to(self.device)
@@ -110,6 +110,13 @@ class StableDiffusionBackend:
             self.unet.config.sample_size,
         )
         self._embeds: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pipeline(
+        cls, pipe: StableDiffusionPipeline, identity: str | None = None, device=None
+    ) -> StableDiffusionBackend:
+        """The backend on a pipeline already in memory; its UNet is the one that gets erased."""
+        return cls(identity or pipe.name_or_path or "in-memory pipeline", device=device, pipe=pipe)
 
     # -- conditioning -------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:

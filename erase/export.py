@@ -1,0 +1,384 @@
+"""`erase-export`: an erased model in the formats other tools load.
+
+erase-export outputs/sd-v1-4-nudity-salun --format single-file --output erased.safetensors
+erase-export outputs/sd-v1-4-nudity-salun --format unet --output erased-unet.safetensors --half
+erase-export outputs/sd-v1-4-nudity-salun --format pipeline --output erased-pipeline/
+
+- single-file: text encoder + VAE of the base and the erased UNet in the original CompVis / A1111
+  key layout, one .safetensors: what the checkpoint loaders of A1111, Forge and ComfyUI read, and
+  diffusers' `StableDiffusionPipeline.from_single_file`;
+- unet: the erased UNet alone in that layout (ComfyUI's UNet loader, `from_single_file` of
+  `UNet2DConditionModel`);
+- pipeline: a complete diffusers folder, `StableDiffusionPipeline.from_pretrained(folder)`.
+
+diffusers converts the original layout to its own (`diffusers.loaders.single_file_utils`) but
+not back; the inverse here follows those converters name by name, and the tests check that
+diffusers' own loader reads every exported weight back bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from erase.cliargs import OneLineParser
+from erase.errors import EraseError
+
+FORMATS = ("single-file", "unet", "pipeline")
+UNET_PREFIX = "model.diffusion_model."  # the original layout's prefixes of each model
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+
+# diffusers ResnetBlock2D names -> the original ResBlock's (the inverse of diffusers'
+# update_unet_resnet_ldm_to_diffusers).
+UNET_RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+# diffusers VAE attention names -> the original AttnBlock's (update_vae_attentions_ldm_to_diffusers).
+VAE_ATTENTION_NAMES = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+
+# -- key layout: diffusers -> original --------------------------------------------------------
+
+
+def rename_first(rest: str, names: dict[str, str]) -> str:
+    """`rest` with its leading module name replaced through `names` (longest match first)."""
+    for name in sorted(names, key=len, reverse=True):
+        if rest.startswith(name + "."):
+            return names[name] + rest[len(name) :]
+    return rest
+
+
+def original_unet_state_dict(state_dict: dict, layers_per_block: int) -> dict:
+    """A diffusers UNet2DConditionModel state dict in the original (ldm openaimodel) key layout."""
+    up_with_attention = {
+        int(key.split(".")[1])
+        for key in state_dict
+        if key.startswith("up_blocks.") and ".attentions." in key
+    }
+    return {
+        original_unet_key(key, layers_per_block + 1, up_with_attention): tensor
+        for key, tensor in state_dict.items()
+    }
+
+
+def original_unet_key(key: str, per_level: int, up_with_attention: set[int]) -> str:
+    """One UNet key in the original layout; `per_level`: ldm blocks per resolution level."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # conv_in, time_embed, out
+    if key in fixed:
+        return fixed[key]
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block = 1 + int(match[1]) * per_level + int(match[3])  # input_blocks.0 is conv_in
+        return f"input_blocks.{block}.{original_block_part(match[2], match[4])}"
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(match[1]) + 1) * per_level}.0.op.{match[2]}"
+    if match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(match[1])}.{rename_first(match[2], UNET_RESNET_NAMES)}"
+    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{match[1]}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block = int(match[1]) * per_level + int(match[3])
+        return f"output_blocks.{block}.{original_block_part(match[2], match[4])}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(match[1])
+        block = level * per_level + per_level - 1  # the level's last block
+        slot = 2 if level in up_with_attention else 1  # after its resnet (and attention)
+        return f"output_blocks.{block}.{slot}.conv.{match[2]}"
+    raise EraseError(
+        f"The UNet weight '{key}' has no place in the original Stable Diffusion layout: "
+        "export this model with --format pipeline."
+    )
+
+
+def original_block_part(kind: str, rest: str) -> str:
+    """Index 0 (the resnet, renamed) or 1 (the transformer, same names) inside an ldm block."""
+    return f"0.{rename_first(rest, UNET_RESNET_NAMES)}" if kind == "resnets" else f"1.{rest}"
+
+
+def original_vae_state_dict(state_dict: dict) -> dict:
+    """A diffusers AutoencoderKL state dict in the original (ldm autoencoder) key layout."""
+    up_levels = 1 + max(
+        int(key.split(".")[2]) for key in state_dict if key.startswith("decoder.up_blocks.")
+    )
+    converted = {}
+    for key, tensor in state_dict.items():
+        if ".mid_block.attentions." in key and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # the original attention projections are 1x1 convs
+        converted[original_vae_key(key, up_levels)] = tensor
+    return converted
+
+
+def original_vae_key(key: str, up_levels: int) -> str:
+    """One VAE key in the original layout; the original decoder counts levels from the bottom."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]  # conv_in/out, norm_out, quant convs
+    if key in fixed:
+        return fixed[key]
+    if match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{match[1]}.block.{match[2]}.{vae_resnet_part(match[3])}"
+    if match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{match[1]}.downsample.conv.{match[2]}"
+    if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        level = up_levels - 1 - int(match[1])
+        return f"decoder.up.{level}.block.{match[2]}.{vae_resnet_part(match[3])}"
+    if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{up_levels - 1 - int(match[1])}.upsample.conv.{match[2]}"
+    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{match[1]}.mid.block_{int(match[2]) + 1}.{vae_resnet_part(match[3])}"
+    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
+        return f"{match[1]}.mid.attn_1.{rename_first(match[2], VAE_ATTENTION_NAMES)}"
+    raise EraseError(
+        f"The VAE weight '{key}' has no place in the original Stable Diffusion layout: "
+        "export this model with --format pipeline."
+    )
+
+
+def vae_resnet_part(rest: str) -> str:
+    """A VAE resnet's parameter name: only the shortcut is named differently."""
+    return rename_first(rest, {"conv_shortcut": "nin_shortcut"})
+
+
+def original_text_encoder_state_dict(state_dict: dict) -> dict:
+    """A transformers CLIPTextModel state dict as SD v1 checkpoints hold it (`text_model.*`)."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("position_ids"):  # a buffer, rebuilt by every loader
+            continue
+        converted["text_model." + key.removeprefix("text_model.")] = tensor
+    return converted
+
+
+def single_file_state_dict(pipe) -> dict:
+    """The whole pipeline (UNet, VAE, CLIP text encoder) in one original-layout state dict."""
+    if pipe.text_encoder.config.hidden_size == 1024:  # SD 2.x: OpenCLIP-H, another layout
+        raise EraseError(
+            "Single-file export covers Stable Diffusion v1.x bases (CLIP ViT-L text encoder); "
+            "for this model use --format unet (ComfyUI) or --format pipeline."
+        )
+    unet = original_unet_state_dict(pipe.unet.state_dict(), pipe.unet.config.layers_per_block)
+    vae = original_vae_state_dict(pipe.vae.state_dict())
+    text = original_text_encoder_state_dict(pipe.text_encoder.state_dict())
+    return {
+        **{UNET_PREFIX + k: v for k, v in unet.items()},
+        **{VAE_PREFIX + k: v for k, v in vae.items()},
+        **{TEXT_ENCODER_PREFIX + k: v for k, v in text.items()},
+    }
+
+
+# -- loading an artifact ----------------------------------------------------------------------
+
+
+def read_metadata(artifact: str) -> dict:
+    """metadata.json of an erase-concept output folder, with a clear error for anything else."""
+    path = os.path.join(artifact, "metadata.json")
+    if not os.path.isfile(path):
+        raise EraseError(
+            f"'{artifact}' is not an erase-concept output (no metadata.json): pass the folder "
+            "erase-concept wrote."
+        )
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def load_erased_pipeline(artifact: str, base: str | None = None):
+    """The base pipeline with the artifact's erased UNet in place, and the artifact's metadata."""
+    import torch
+
+    from erase.models import load_backend
+
+    metadata = read_metadata(artifact)
+    with open(os.path.join(artifact, "unet", "config.json"), encoding="utf-8") as file:
+        unet_class = json.load(file).get("_class_name")
+    if unet_class != "UNet2DConditionModel":
+        raise EraseError(
+            f"'{artifact}' holds a {unet_class} (a class-conditional model), not Stable Diffusion: "
+            "its unet/ folder is already what diffusers loads; erase-export writes SD models."
+        )
+    spec = base or metadata.get("base_model")
+    backend = load_backend(spec, device=torch.device("cpu"))
+    backend.pipe.unet = backend.load_unet(artifact)
+    return backend.pipe, metadata
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def export_artifact(
+    artifact: str,
+    export_format: str,
+    output: str,
+    *,
+    half: bool = False,
+    base: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write `artifact` as `export_format` to `output`, atomically; returns what was written."""
+    if export_format not in FORMATS:
+        raise EraseError(f"Unknown format '{export_format}': choose from {', '.join(FORMATS)}.")
+    if os.path.exists(output) and not overwrite:
+        raise EraseError(f"'{output}' already exists: pass --overwrite or another --output.")
+    if export_format != "pipeline" and not output.endswith(".safetensors"):
+        raise EraseError(f"--format {export_format} writes one file: name it *.safetensors.")
+    import torch
+
+    pipe, metadata = load_erased_pipeline(artifact, base)
+    dtype = torch.float16 if half else torch.float32
+    if export_format == "pipeline":
+        write_pipeline_folder(pipe.to(dtype), metadata, output, overwrite)
+    else:
+        if export_format == "unet":  # prefixed as in a checkpoint: ComfyUI and diffusers read it
+            layers = pipe.unet.config.layers_per_block
+            unet = original_unet_state_dict(pipe.unet.state_dict(), layers)
+            state = {UNET_PREFIX + k: v for k, v in unet.items()}
+        else:
+            state = single_file_state_dict(pipe)
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+        write_safetensors_atomically(tensors, output, file_metadata(metadata, export_format))
+    return {
+        "output": output,
+        "format": export_format,
+        "dtype": str(dtype).removeprefix("torch."),
+        "bytes": path_size(output),
+        "metadata": metadata,
+    }
+
+
+def write_pipeline_folder(pipe, metadata: dict, output: str, overwrite: bool) -> None:
+    """save_pretrained into a staged folder with the model card, renamed into place."""
+    from erase.artifact import check_output, staged_output
+    from erase.card import write_model_card
+
+    check_output(output, overwrite)
+    with staged_output(output) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        write_model_card(staging, metadata, export_format="pipeline")
+
+
+def write_safetensors_atomically(tensors: dict, output: str, metadata: dict[str, str]) -> None:
+    """One .safetensors file, written under a temporary name and renamed when complete."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    partial = output + ".partial"
+    try:
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, output)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+
+
+def file_metadata(metadata: dict, export_format: str) -> dict[str, str]:
+    """The safetensors header's string metadata: what the file is and where it comes from."""
+    concept = metadata.get("concept", {})
+    return {
+        "format": "pt",
+        "erase.format": export_format,
+        "erase.base_model": str(metadata.get("base_model")),
+        "erase.concept": str(concept.get("name")),
+        "erase.method": str(metadata.get("method")),
+        "erase.version": str(metadata.get("versions", {}).get("erase")),
+    }
+
+
+def path_size(path: str) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of erase-export."""
+    parser = OneLineParser(
+        prog="erase-export",
+        description="Write an erase-concept output as one checkpoint file for AUTOMATIC1111, "
+        "Forge and ComfyUI (single-file), the erased UNet alone (unet: ComfyUI's UNet loader), "
+        "or a complete diffusers folder (pipeline).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("artifact", help="an erase-concept output folder")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
+    parser.add_argument(
+        "--output", required=True, help="a .safetensors file (single-file, unet) or a folder"
+    )
+    parser.add_argument("--half", action="store_true", help="write fp16 weights")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="the base model when the one in metadata.json cannot be loaded here "
+        "(e.g. the artifact came from a pipeline in memory)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO_ID",
+        help="also upload the export and its model card to this Hugging Face model repository",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of erase-export."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
+        return int(exit_request.code or 0)
+    try:
+        if args.push_to_hub:
+            from erase.card import check_can_push
+
+            check_can_push(args.push_to_hub)
+        written = export_artifact(
+            args.artifact,
+            args.export_format,
+            args.output,
+            half=args.half,
+            base=args.base,
+            overwrite=args.overwrite,
+        )
+        print(
+            f"wrote {written['output']} ({written['format']}, {written['dtype']}, "
+            f"{written['bytes'] / 2**20:.1f} MiB)"
+        )
+        if args.push_to_hub:
+            from erase.card import push_export
+
+            url = push_export(
+                args.output, args.export_format, written["metadata"], args.push_to_hub
+            )
+            print(f"pushed to {url}")
+    except EraseError as error:
+        print(f"erase-export: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
