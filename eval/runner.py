@@ -54,7 +54,10 @@ def process_state() -> PartialState:
 
 def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> list[dict]:
     """One index record per image to generate, in prompt order (deterministic seeds and files)."""
-    unet_key = unet_digest(config.unet) if config.unet else None
+    # A UNet folder is keyed by its content; a name (an attack's UNet held in memory) as given.
+    unet_key = config.unet
+    if config.unet and os.path.isdir(config.unet):
+        unet_key = unet_digest(config.unet)
     records = []
     for entry in entries:
         base_seed = entry.seed if entry.seed is not None else config.seed + entry.row

@@ -14,7 +14,7 @@ from eval.attacks import relearn
 from eval.attacks.judges import ClassifierJudge
 from eval.attacks.target import AttackTarget, default_entries
 
-SMALL = DDPMConfig(image_size=8, block_out_channels=(16, 32), norm_num_groups=4, steps=150)
+SMALL = DDPMConfig(image_size=8, block_out_channels=(16, 32), norm_num_groups=4, steps=500)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def target() -> AttackTarget:
         device=torch.device("cpu"),
     )
     classifier = train_digit_classifier(
-        ClassifierConfig(image_size=8, width=8, feature_dim=32, epochs=5)
+        ClassifierConfig(image_size=8, width=8, feature_dim=32, epochs=15)
     )
     judge = ClassifierJudge(classifier, 3, "three", "digit classifier")
     return AttackTarget(backend, backend.unet, "three", judge, default_entries(backend, "3", 32, 0))
@@ -41,7 +41,8 @@ def test_relearning_on_the_forgotten_class_raises_its_judged_rate(target):
     config = relearn.Config(checkpoints=[0, 60], lr=1e-3)
     curve = relearn.relearn_curve(target, config, num_steps=10, progress=False)
     assert [point["step"] for point in curve] == [0, 60]
-    assert curve[1]["positive_rate"] > curve[0]["positive_rate"] + 0.2
+    rates = [point["positive_rate"] for point in curve]
+    assert rates[1] > rates[0] + 0.2, rates
     assert target.unet.training is False  # the attacked UNet itself is untouched (a copy trains)
 
 

@@ -73,7 +73,10 @@ def trained_weights(tiny_sd_dir, method="salun", mask=True, lr=1e-3, **settings)
     else:
         concept = resolve_concept("nudity", conditioning="text")
         method_class = get_method(method)
-        settings_of_method = {"alpha": 0.1, "mask_guidance": 7.5} if method == "salun" else {}
+        settings_of_method = {
+            "salun": {"alpha": 0.1, "mask_guidance": 7.5},
+            "fmn": {"fmn_ti_steps": 0},  # the attention loss alone: no textual-inversion stage
+        }.get(method, {})
         method = method_class(backend, concept, method_class.Config(**settings_of_method))
     settings.setdefault("optimizer", "adam")
     config = TrainConfig(lr=lr, steps=3, batch_size=4, **settings)
