@@ -218,6 +218,8 @@ def test_empty_prompt_file_is_one_line(capsys, tiny_sd_dir, tmp_path):
 
 
 def test_unet_of_another_base_model_is_one_line(capsys, tiny_sd_dir, tmp_path):
+    # The hub id is only a name in metadata.json: nothing is loaded (tests run offline,
+    # HF_HUB_OFFLINE=1 from conftest.py).
     erased = tmp_path / "erased"
     (erased / "unet").mkdir(parents=True)
     (erased / "metadata.json").write_text(
