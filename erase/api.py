@@ -61,6 +61,17 @@ def as_backend(model, device: torch.device | None = None):
     )
 
 
+def model_backend(model, args: argparse.Namespace):
+    """Set `args.model` from a name, a path or a pipeline object; the backend of an object (None
+    for a name or path, which the run loads itself)."""
+    if isinstance(model, str | os.PathLike):
+        args.model = str(model)
+        return None
+    backend = as_backend(model)
+    args.model = backend.identity
+    return backend
+
+
 def erase_concept(
     model, concept: str, method: str = "salun", output: str | None = None, **settings
 ) -> ErasedModel:
@@ -79,12 +90,7 @@ def erase_concept(
     args = namespace(
         build_parser(), ["--concept", concept, "--method", method], settings, "erase-concept"
     )
-    backend = None
-    if isinstance(model, str | os.PathLike):
-        args.model = str(model)
-    else:
-        backend = as_backend(model)
-        args.model = backend.identity
+    backend = model_backend(model, args)
     if args.push_to_hub and output is None:
         raise EraseError("push_to_hub needs an output folder: pass output=PATH.")
     if args.push_to_hub:
@@ -124,12 +130,7 @@ def evaluate(
             args.metric = [metric_list(names)]
         except argparse.ArgumentTypeError as error:
             raise EraseError(f"metrics: {error}.") from None
-    backend = None
-    if isinstance(model, str | os.PathLike):
-        args.model = str(model)
-    else:
-        backend = as_backend(model)
-        args.model = backend.identity
+    backend = model_backend(model, args)
     return run_evaluation(args, backend=backend)
 
 
