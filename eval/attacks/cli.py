@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from erase.cliargs import OneLineParser, positive
+from erase.cliargs import OneLineParser, positive, seed
 from erase.errors import EraseError
 
 # The registry's names (eval.attacks.ATTACKS), repeated here so --help needs no heavy import.
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=seed,  # the range every other erase command checks
         default=0,
         help="seed of row r is seed + r when the prompt file gives none",
     )
