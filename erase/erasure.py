@@ -42,6 +42,7 @@ from erase.train import (
     count_changed_weights,
     make_accelerator,
     peak_memory_mb,
+    release_freed_memory,
     train,
     write_base_weights,
 )
@@ -323,6 +324,7 @@ def erase_into(
                 for name, bits in mask.bits.items()
             }
         del gradients
+        release_freed_memory()
     lap("mask")
 
     if hasattr(method, "prepare"):  # a method's stage before training (FMN's textual inversion)

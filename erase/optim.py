@@ -2,10 +2,11 @@
 
 `MaskedAdam`: Adam with state only where weights can move, the masked entries of a saliency mask.
 
-SalUn moves only the weights its mask keeps (half of them by default), so only those need a
-gradient and Adam moments. Each parameter's gradient is gathered into one flat buffer of masked
-values as soon as backward has accumulated it, and the dense `.grad` is freed at once: at SD
-scale the dense gradient (3.4 GB) and dense moments (6.9 GB) never exist. The update is Adam's
+SalUn moves only the weights its mask keeps (half of them by default), so only those need Adam
+moments. Each parameter's masked entries are stepped from its gradient hook as soon as backward
+has accumulated its gradient (or, under DDP, accumulation or clipping, gathered into one flat
+buffer of masked values), and the dense `.grad` is freed at once: at SD scale the dense gradient
+(3.4 GB) and dense moments (6.9 GB) never exist. The update is Adam's
 (torch.optim.Adam's single-tensor arithmetic), applied to the masked entries in place; the other
 entries are never written, so they stay bit-identical.
 
@@ -24,7 +25,14 @@ from erase.saliency import PackedMask, unpack_mask
 
 
 class MaskedAdam:
-    """Adam (no weight decay) over the masked entries of `parameters`, named as in `mask`."""
+    """Adam (no weight decay) over the masked entries of `parameters`, named as in `mask`.
+
+    Two ways to meet the gradients: `step_in_backward` updates each parameter's masked entries
+    from its hook as soon as backward has accumulated its gradient (one process, one backward per
+    update, no clipping: no gradient buffer at all); otherwise the masked values are gathered
+    into one flat buffer (`gather_in_backward`, or `gather` after a reduced DDP backward) and
+    `update` steps them all.
+    """
 
     def __init__(
         self,
@@ -41,41 +49,72 @@ class MaskedAdam:
             count = mask.count(name)
             self.entries.append((param, mask.bits[name].to(param.device), offset, offset + count))
             offset += count
-        device = named_parameters[0][1].device if named_parameters else torch.device("cpu")
-        self.grad = torch.zeros(offset, device=device)  # masked gradient values, in order
-        self.exp_avg = torch.zeros(offset, device=device)
-        self.exp_avg_sq = torch.zeros(offset, device=device)
+        self.size = offset
+        self.device = named_parameters[0][1].device if named_parameters else torch.device("cpu")
+        self.exp_avg = torch.zeros(offset, device=self.device)
+        self.exp_avg_sq = torch.zeros(offset, device=self.device)
+        self.grad: torch.Tensor | None = None  # the flat masked gradient, when gathered
+        self.stepping_in_backward = False
+        self.largest_gradient = 0  # bytes of the largest masked gradient stepped in backward
         self.step_count = 0
         self.hooks = []
 
     def numel(self) -> int:
         """How many entries can move."""
-        return self.grad.numel()
+        return self.size
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes of the flat gradient, the moments and the packed masks."""
+        """Bytes of the gradient (the flat buffer, or one parameter's when stepping in backward),
+        the moments and the packed masks."""
+        gradients = self.largest_gradient if self.grad is None else self.grad.numel() * 4
         return {
-            "gradients": self.grad.numel() * 4,
+            "gradients": gradients,
             "optimizer": 2 * self.exp_avg.numel() * 4,
             "mask": sum(bits.numel() for _, bits, _, _ in self.entries),
         }
 
+    def flat_gradient(self) -> torch.Tensor:
+        """The flat buffer of masked gradient values, made on first use."""
+        if self.grad is None:
+            self.grad = torch.zeros(self.size, device=self.device)
+        return self.grad
+
     def gather_in_backward(self) -> None:
         """Gather each gradient as soon as backward has accumulated it, and free it (one process:
         under DDP the gradient is reduced only after backward, so call `gather` then instead)."""
+        grad = self.flat_gradient()
         for param, bits, start, stop in self.entries:
 
             def gather_one(param, bits=bits, start=start, stop=stop):
-                self.grad[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
+                grad[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
                 param.grad = None
 
             self.hooks.append(param.register_post_accumulate_grad_hook(gather_one))
 
+    def step_in_backward(self) -> None:
+        """Step each parameter's masked entries from its gradient hook, and free the gradient:
+        the whole update happens inside backward, with no gradient buffer. Exact Adam when every
+        update is one backward of one process, without clipping (which needs every gradient)."""
+        self.stepping_in_backward = True
+        for param, bits, start, stop in self.entries:
+
+            @torch.no_grad()
+            def step_one(param, bits=bits, start=start, stop=stop):
+                selected = unpack_mask(bits, param.shape)
+                grad = param.grad[selected].float()
+                self.largest_gradient = max(self.largest_gradient, grad.numel() * 4)
+                param.grad = None
+                # `update` counts the step once backward is over: this is step step_count + 1
+                self.adam_step(param, selected, grad, start, stop, self.step_count + 1)
+
+            self.hooks.append(param.register_post_accumulate_grad_hook(step_one))
+
     def gather(self) -> None:
         """Add the masked values of every parameter's `.grad` to the flat buffer and free it."""
+        grad = self.flat_gradient()
         for param, bits, start, stop in self.entries:
             if param.grad is not None:
-                self.grad[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
+                grad[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
                 param.grad = None
 
     def remove_hooks(self) -> None:
@@ -87,35 +126,46 @@ class MaskedAdam:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradient to norm <= max_norm, as torch.nn.utils.clip_grad_norm_ does on the
         masked dense gradients (the unmasked entries are zero and add nothing to the norm)."""
-        norm = torch.linalg.vector_norm(self.grad)
-        self.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        grad = self.flat_gradient()
+        norm = torch.linalg.vector_norm(grad)
+        grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One Adam update of the masked entries (torch.optim.Adam's arithmetic, foreach=False)."""
-        self.step_count += 1
+    def adam_step(self, param, selected, grad, start: int, stop: int, step: int) -> None:
+        """Adam's update of one parameter's masked entries (torch.optim.Adam's single-tensor
+        arithmetic, foreach=False) from their gradient `grad`, at step number `step`."""
         beta1, beta2 = self.betas
-        bias_correction1 = 1 - beta1**self.step_count
-        bias_correction2_sqrt = math.sqrt(1 - beta2**self.step_count)
-        step_size = self.lr / bias_correction1
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        step_size = self.lr / (1 - beta1**step)
+        exp_avg, exp_avg_sq = self.exp_avg[start:stop], self.exp_avg_sq[start:stop]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        values = param.data[selected].float()
+        values.addcdiv_(exp_avg, denom, value=-step_size)
+        param.data[selected] = values.to(param.dtype)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One Adam update of the masked entries from the flat gradient."""
+        self.step_count += 1
+        grad = self.flat_gradient()
         for param, bits, start, stop in self.entries:
-            grad = self.grad[start:stop]
-            exp_avg, exp_avg_sq = self.exp_avg[start:stop], self.exp_avg_sq[start:stop]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
             selected = unpack_mask(bits, param.shape)
-            values = param.data[selected].float()
-            values.addcdiv_(exp_avg, denom, value=-step_size)
-            param.data[selected] = values.to(param.dtype)
+            self.adam_step(param, selected, grad[start:stop], start, stop, self.step_count)
 
     def zero_grad(self) -> None:
         """Clear the flat gradient for the next step."""
-        self.grad.zero_()
+        if self.grad is not None:
+            self.grad.zero_()
 
     def update(self, max_grad_norm: float | None) -> None:
-        """After the batch's backward: gather what hooks did not, clip, step, clear."""
+        """After the batch's backward: count the step taken inside backward; or gather what hooks
+        did not, clip, step and clear."""
+        if self.stepping_in_backward:
+            self.step_count += 1
+            return
         self.gather()
         if max_grad_norm:
             self.clip_grad_norm_(max_grad_norm)

@@ -4,8 +4,11 @@ weights, checkpoint/resume, NaN guard. The loop in `train` is the whole training
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -86,6 +89,18 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a finished phase back to the system. glibc's allocator keeps large
+    freed heap blocks (on the CPU at SD scale, ~2 GB of the mask phase's dense gradients) and
+    would carry them through training; CUDA's caching allocator reuses its blocks by itself."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
 
 
 def select_parameters(unet, method, mask) -> list[torch.nn.Parameter]:
@@ -261,6 +276,9 @@ def make_update(
         update = MaskedAdam(trained, mask, config.lr)
         wrapped_unet = accelerator.prepare(unet)
         accelerator.register_for_checkpointing(update)
+        if steps_in_backward(accelerator, unet, config) and not config.max_grad_norm:
+            update.step_in_backward()  # no gradient buffer at all
+            return update, wrapped_unet, "masked, stepped in backward"
         if accelerator.num_processes == 1:
             update.gather_in_backward()  # under DDP: gathered after the reduced backward
         return update, wrapped_unet, "masked"

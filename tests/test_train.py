@@ -100,13 +100,23 @@ def dense_masked(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
-def test_masked_optimizer_equals_dense_masked_adam(tiny_sd_dir, monkeypatch, max_grad_norm):
-    lean, lean_result = trained_weights(tiny_sd_dir, max_grad_norm=max_grad_norm)
+@pytest.mark.parametrize(
+    "max_grad_norm, micro_batch_size, state",
+    [
+        (None, None, "masked, stepped in backward"),  # SalUn's two forwards, checkpointed
+        (1e-3, None, "masked"),  # clipping needs the whole masked gradient: gathered
+        (None, 2, "masked"),  # two backwards per update: gathered
+    ],
+)
+def test_masked_optimizer_equals_dense_masked_adam(
+    tiny_sd_dir, monkeypatch, max_grad_norm, micro_batch_size, state
+):
+    settings = dict(max_grad_norm=max_grad_norm, micro_batch_size=micro_batch_size)
+    lean, lean_result = trained_weights(tiny_sd_dir, **settings)
     with monkeypatch.context() as patch:
         dense_masked(patch)
-        dense, dense_result = trained_weights(tiny_sd_dir, max_grad_norm=max_grad_norm)
-    assert lean_result.optimizer_state == "masked" and dense_result.optimizer_state == "dense"
+        dense, dense_result = trained_weights(tiny_sd_dir, **settings)
+    assert lean_result.optimizer_state == state and dense_result.optimizer_state == "dense"
     base = load_backend(tiny_sd_dir).unet.state_dict()
     mask = random_mask(load_backend(tiny_sd_dir))
     for name in lean:
@@ -134,10 +144,14 @@ def test_stepping_in_backward_equals_dense_adam(tiny_sd_dir, monkeypatch, method
 
 
 def test_masked_state_holds_only_masked_entries(tiny_sd_dir):
-    _, result = trained_weights(tiny_sd_dir)
-    kept = sum(int(m.sum()) for m in random_mask(load_backend(tiny_sd_dir)).values())
-    assert result.state_bytes["gradients"] == 4 * kept
-    assert result.state_bytes["optimizer"] == 2 * 4 * kept
+    mask = random_mask(load_backend(tiny_sd_dir))
+    kept = sum(int(m.sum()) for m in mask.values())
+    _, gathered = trained_weights(tiny_sd_dir, micro_batch_size=2)
+    assert gathered.state_bytes["gradients"] == 4 * kept  # one flat buffer of masked values
+    assert gathered.state_bytes["optimizer"] == 2 * 4 * kept
+    _, stepped = trained_weights(tiny_sd_dir)  # no buffer: one parameter's masked gradient
+    assert stepped.state_bytes["gradients"] == 4 * max(int(m.sum()) for m in mask.values())
+    assert stepped.state_bytes["optimizer"] == 2 * 4 * kept
 
 
 @pytest.mark.parametrize("micro_batch_size", [1, 3])
