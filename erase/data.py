@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from erase.batching import fitting_batches, generation_batch_size
 from erase.concepts import Concept
 from erase.errors import EraseError
 from erase.models.base import Backend, Batch, Condition
@@ -34,7 +35,7 @@ class DataConfig:
     resolution: int | None = None  # None: the model's native resolution
     gen_steps: int = 50  # DDIM steps per generated image
     guidance_scale: float = 7.5
-    gen_batch_size: int = 8
+    gen_batch_size: int | None = None  # None: fill the device (erase/batching.py)
     seed: int = 0
     cache_dir: str | None = None  # None: $ERASE_HOME/data
     concept_images: str | None = None  # a folder of reference images to use as the forget set
@@ -158,19 +159,24 @@ def cache_folder(backend: Backend, concept: Concept, config: DataConfig) -> str:
     """The cache folder of a generated set, named by a hash of everything that shapes it."""
     from erase.models import erase_home
 
-    key = json.dumps(
-        {
-            "model": backend.identity,
-            "unet": unet_fingerprint(backend.unet),
-            "forget": concept.forget,
-            "retain": concept.retain,
-            "resolution": config.resolution,
-            "gen_steps": config.gen_steps,
-            "guidance_scale": config.guidance_scale,
-            "seed": config.seed,
-        },
-        sort_keys=True,
-    )
+    key = {
+        "model": backend.identity,
+        "unet": unet_fingerprint(backend.unet),
+        "forget": concept.forget,
+        "retain": concept.retain,
+        "resolution": config.resolution,
+        "gen_steps": config.gen_steps,
+        "guidance_scale": config.guidance_scale,
+        "seed": config.seed,
+    }
+    precision = getattr(backend, "gen_precision", None)
+    if precision is not None:  # half-precision images differ from fp32 ones (fp32 keys unchanged)
+        from erase.models.sd import generation_dtype
+
+        dtype = generation_dtype(precision, backend.device)
+        if dtype is not None:
+            key["gen_dtype"] = str(dtype)
+    key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(config.cache_dir or os.path.join(erase_home(), "data"), digest)
 
@@ -207,15 +213,18 @@ def generated_set(
         cached, have = None, 0
     batches = [cached] if cached is not None else []
     progress = tqdm(total=count, initial=have, desc=f"generating {split} set", unit="img")
-    for start in range(have, count, config.gen_batch_size):
-        stop = min(start + config.gen_batch_size, count)
-        images = backend.sample(
-            wanted_prompts[start:stop],
-            seeds[start:stop],
+
+    def generate(start: int, stop: int) -> torch.Tensor:  # (b, 3, H, W) in [0, 1]
+        return backend.sample(
+            wanted_prompts[have + start : have + stop],
+            seeds[have + start : have + stop],
             num_steps=config.gen_steps,
             guidance_scale=config.guidance_scale,
             resolution=config.resolution,
-        )  # (b, 3, H, W) in [0, 1]
+        )
+
+    batch_size = generation_batch_size(config.gen_batch_size, backend.device)
+    for start, stop, images in fitting_batches(count - have, batch_size, generate):
         batches.append((images * 255).round().to(torch.uint8))
         progress.update(stop - start)
     progress.close()
