@@ -125,7 +125,13 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         default=7.5,
         help="guidance when generating the forget/retain sets",
     )
-    data.add_argument("--gen-batch-size", type=positive(int), default=8)
+    data.add_argument(
+        "--gen-batch-size",
+        type=positive(int),
+        default=None,
+        help="images per generation call (default: 32 on a CUDA GPU, 8 on the CPU); a batch that "
+        "runs out of GPU memory is halved and retried, and the images do not depend on it",
+    )
     data.add_argument(
         "--gen-precision",
         default="auto",

@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution", type=positive(int), default=None, help="image size (default: the model's)"
     )
     generation.add_argument(
-        "--batch-size", type=positive(int), default=4, help="images per sampling call"
+        "--batch-size",
+        type=positive(int),
+        default=None,
+        help="images per sampling call (default: 32 on a CUDA GPU, 8 on the CPU); a batch that "
+        "runs out of GPU memory is halved and retried, and the images do not depend on it",
     )
     generation.add_argument(
         "--seed",

@@ -24,6 +24,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
+from erase.batching import fitting_batches, generation_batch_size
 from prompts import PromptEntry
 
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's usual guidance when neither flag nor file sets one
@@ -41,7 +42,7 @@ class GenerationConfig:
     num_steps: int = 50  # DDIM steps
     guidance_scale: float | None = None  # None: each prompt's own (I2P), else DEFAULT_GUIDANCE
     resolution: int | None = None  # None: the model's default
-    batch_size: int = 4
+    batch_size: int | None = None  # images per sampling call; None: fill the device
     seed: int = 0  # seed of row r (when the prompt file gives none) is seed + r
     images_per_prompt: int = 1  # sample k of a prompt uses its seed + k
 
@@ -262,16 +263,20 @@ def write_images(backend, unet, records, folder, config, state, progress) -> Non
     with open(part, "a", encoding="utf-8") as index:
         for guidance, group in groupby(by_guidance, key=lambda r: r["guidance_scale"]):
             group = list(group)
-            for start in range(0, len(group), config.batch_size):
-                batch = group[start : start + config.batch_size]
-                images = backend.sample(
-                    [r["prompt"] for r in batch],
-                    [r["seed"] for r in batch],
+
+            def generate(start: int, stop: int, group=group, guidance=guidance) -> torch.Tensor:
+                return backend.sample(
+                    [r["prompt"] for r in group[start:stop]],
+                    [r["seed"] for r in group[start:stop]],
                     num_steps=config.num_steps,
                     guidance_scale=guidance,
                     resolution=config.resolution,
                     unet=unet,
                 )  # (B, 3, H, W) in [0, 1]
+
+            batch_size = generation_batch_size(config.batch_size, backend.device)
+            for start, stop, images in fitting_batches(len(group), batch_size, generate):
+                batch = group[start:stop]
                 for record, image in zip(batch, images):
                     save_png(image, os.path.join(folder, record["file"]))
                     index.write(json.dumps(record) + "\n")

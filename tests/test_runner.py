@@ -35,6 +35,7 @@ class CountingBackend:
 
     def __init__(self, backend):
         self.backend, self.sampled = backend, 0
+        self.device = backend.device
 
     def sample(self, conditions, seeds, **kwargs):
         self.sampled += len(conditions)

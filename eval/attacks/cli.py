@@ -104,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution", type=positive(int), default=None, help="image size (default: the model's)"
     )
     parser.add_argument(
-        "--batch-size", type=positive(int), default=8, help="images per sampling call"
+        "--batch-size",
+        type=positive(int),
+        default=None,
+        help="images per sampling call (default: 32 on a CUDA GPU, 8 on the CPU; halved when "
+        "a batch runs out of GPU memory)",
     )
     parser.add_argument(
         "--retrain",

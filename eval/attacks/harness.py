@@ -42,7 +42,7 @@ class AttackSettings:
     num_steps: int | None = None  # DDIM steps; None: the model's evaluation steps (SD: 50)
     guidance_scale: float | None = None  # None: each prompt's own, else the model's
     resolution: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # images per sampling call; None: fill the device
     retrain: bool = False
     classifier_weights: str | None = None
     configs: dict = field(default_factory=dict)  # attack name -> its Config
