@@ -1,5 +1,6 @@
 """SalUn through the real code path: masked weights only, and the forget term goes down."""
 
+import pytest
 import torch
 
 from erase.cli import build_parser
@@ -105,3 +106,45 @@ def test_two_concepts_in_one_run_lower_both_forget_terms(tiny_sd_dir, tiny_sd_ar
     concept = result.metadata["concept"]
     assert [part["name"] for part in concept["parts"]] == ["nudity", "church"]
     assert concept["forget"] == ["a photo of a nude person", "an image of a church"]
+
+
+def test_one_forward_loss_equals_the_two_terms_computed_apart(tiny_sd_dir):
+    """SalUn's loss puts forget and retain through one UNet call; it must be the reference's
+    remap MSE + alpha * denoising MSE, each computed on its own batch."""
+    from erase.concepts import resolve_concept
+    from erase.methods import get_method
+    from erase.models.base import Batch
+
+    backend = load_backend(tiny_sd_dir)
+    concept = resolve_concept("nudity", conditioning="text")
+    salun = get_method("salun")
+    method = salun(backend, concept, salun.Config(alpha=0.3, mask_guidance=7.5))
+    sample = torch.Generator().manual_seed(4)
+    forget = Batch(torch.randn(3, *backend.latent_shape, generator=sample), [concept.forget[0]] * 3)
+    retain = Batch(torch.randn(2, *backend.latent_shape, generator=sample), [concept.retain[0]] * 2)
+    with torch.no_grad():
+        loss, terms = method.loss(backend.unet, forget, retain, torch.Generator().manual_seed(9))
+
+    def apart(generator):  # the draws in the same order: retain (noise, t), then forget (noise, t)
+        mse, unet = torch.nn.functional.mse_loss, backend.unet
+        retain_noise = torch.randn(retain.latents.shape, generator=generator)
+        retain_t = torch.randint(0, 1000, (2,), generator=generator)
+        forget_noise = torch.randn(forget.latents.shape, generator=generator)
+        forget_t = torch.randint(0, 1000, (3,), generator=generator)
+        add = backend.noise_scheduler.add_noise
+        retain_x = add(retain.latents, retain_noise, retain_t)
+        forget_x = add(forget.latents, forget_noise, forget_t)
+        remap = backend.predict_noise(unet, forget_x, forget_t, backend.encode(concept.retain * 3))
+        forget_eps = backend.predict_noise(
+            unet, forget_x, forget_t, backend.encode(forget.conditions)
+        )
+        retain_eps = backend.predict_noise(
+            unet, retain_x, retain_t, backend.encode(retain.conditions)
+        )
+        return mse(forget_eps, remap), mse(retain_eps, retain_noise)
+
+    with torch.no_grad():
+        forget_term, retain_term = apart(torch.Generator().manual_seed(9))
+    assert terms["forget"] == pytest.approx(forget_term.item(), rel=1e-5)
+    assert terms["retain"] == pytest.approx(retain_term.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(forget_term.item() + 0.3 * retain_term.item(), rel=1e-5)
