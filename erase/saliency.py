@@ -59,10 +59,14 @@ def forget_loss_gradients(
         timesteps = torch.randint(0, num_train_timesteps, (len(latents),), generator=generator)
         timesteps = timesteps.to(backend.device)
         noisy = backend.noise_scheduler.add_noise(latents, noise, timesteps)
-        eps_cond = backend.predict_noise(unet, noisy, timesteps, backend.encode(conditions))
-        eps_uncond = backend.predict_noise(
-            unet, noisy, timesteps, backend.unconditional(len(latents))
-        )
+        # Conditional and unconditional in one UNet call: each weight appears once in the graph,
+        # so backward does not hold a second whole set of gradients until both passes are done.
+        eps_cond, eps_uncond = backend.predict_noise(
+            unet,
+            torch.cat([noisy, noisy]),
+            torch.cat([timesteps, timesteps]),
+            torch.cat([backend.encode(conditions), backend.unconditional(len(latents))]),
+        ).chunk(2)
         guided = (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
         loss = -torch.nn.functional.mse_loss(guided, noise)
         loss.backward()

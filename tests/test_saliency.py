@@ -146,6 +146,28 @@ def test_forget_loss_gradients_cover_every_weight(tiny_sd_dir):
     assert all(p.grad is None for p in backend.unet.parameters())
 
 
+def test_forget_loss_gradients_are_those_of_the_guided_loss(tiny_sd_dir):
+    """The conditional and unconditional passes share one UNet call; the gradient must be that
+    of the reference's loss written with two calls."""
+    backend = load_backend(tiny_sd_dir)
+    latents = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(1))
+    prompts = ["a photo of a nude person"] * 2
+    gradients = forget_loss_gradients(
+        backend, latents, prompts, guidance_scale=7.5, generator=torch.Generator().manual_seed(3)
+    )
+    generator, unet = torch.Generator().manual_seed(3), backend.unet
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (2,), generator=generator)
+    noisy = backend.noise_scheduler.add_noise(latents, noise, timesteps)
+    eps_cond = backend.predict_noise(unet, noisy, timesteps, backend.encode(prompts))
+    eps_uncond = backend.predict_noise(unet, noisy, timesteps, backend.unconditional(2))
+    loss = -torch.nn.functional.mse_loss(8.5 * eps_cond - 7.5 * eps_uncond, noise)
+    loss.backward()
+    for name, param in unet.named_parameters():
+        torch.testing.assert_close(gradients[name], param.grad, rtol=1e-3, atol=1e-6)
+    assert sum(int(g.count_nonzero()) for g in gradients.values()) > 0
+
+
 def test_nan_gradients_are_an_error():
     gradients = {"a": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.ones(5)}
     with pytest.raises(EraseError, match="NaN"):
