@@ -3,6 +3,7 @@
     python scripts/bench_scale.py                      # CPU: 128 px, batch 1, 2 steps, 3 methods
     python scripts/bench_scale.py --device cuda --resolution 512 --batch-size 8 \
         --mixed-precision bf16 --methods salun,esd-u,esd-x,fmn
+    python scripts/bench_scale.py --methods salun --resolution 512 --steps 1 --slope-batch 2
 
 The model is SD v1.4's architecture built in code, with random weights (nothing is downloaded):
 diffusers' UNet2DConditionModel with SD v1.x's config (859.5 M weights), a CLIP ViT-L/14-sized
@@ -14,6 +15,9 @@ tiny generated data (2 DDIM steps per image). Prints JSON per method: peak memor
 (CPU: the process's resident set size sampled every 5 ms by a background thread, so a peak
 shorter than that can be missed; GPU: torch.cuda.max_memory_allocated, reset at each phase),
 the bytes of each part of the training state, seconds per step and the artifact's file sizes.
+With `--slope-batch N` each method runs a second time at batch N: the activation memory per
+sample is then the difference of the two peaks over the difference of the batches (what does not
+grow with the batch cancels), and the projection to `--project-batch` adds it to the first peak.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class PhaseMemory:
         self.samples: list[tuple[float, int]] = []
         self.boundaries: list[tuple[str, float]] = []
         self.cuda_peaks: dict[str, int] = {}
+        self.cuda_ends: dict[str, int] = {}  # memory allocated as each phase ended
         self.running = True
         self.thread = threading.Thread(target=self.sample, daemon=True)
 
@@ -124,6 +129,7 @@ class PhaseMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.cuda_peaks[phase] = torch.cuda.max_memory_allocated(self.device)
+            self.cuda_ends[phase] = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def stop(self) -> None:
@@ -139,7 +145,7 @@ class PhaseMemory:
 
     def report(self) -> dict:
         """Peak MB per phase: RSS on the CPU (and on a GPU, the CUDA peak too)."""
-        peaks, begin = {}, self.start_time
+        peaks, begin, allocated = {}, self.start_time, 0
         for phase, end in self.boundaries:
             inside = [rss for t, rss in self.samples if begin <= t <= end]
             peaks[phase] = {
@@ -148,6 +154,8 @@ class PhaseMemory:
             }
             if phase in self.cuda_peaks:
                 peaks[phase]["cuda_mb"] = round(self.cuda_peaks[phase] / 2**20, 1)
+                peaks[phase]["start_cuda_mb"] = round(allocated / 2**20, 1)
+                allocated = self.cuda_ends[phase]
             begin = end
         return peaks
 
@@ -243,17 +251,42 @@ def run_one(args: argparse.Namespace) -> dict:
     return report
 
 
+def peak_mb(report: dict) -> float:
+    """The run's peak: the CUDA allocator's on a GPU, the resident set's on the CPU."""
+    return report.get("peak_cuda_mb") or report["peak_rss_mb"]
+
+
 def activation_projection(report: dict, batch: int) -> dict:
-    """Activation bytes per sample (the train phase's peak RSS above its starting RSS and the
+    """Activation bytes per sample (the train phase's peak above its starting memory and the
     state training creates: gradients and moments), and the projected total for `batch` samples:
-    the whole state plus `batch` times that."""
+    the whole state plus `batch` times that. An upper bound: whatever else the train phase holds
+    (allocator slack, per-parameter temporaries) counts as activations."""
     train = report["peak_mb"]["train"]
     created = report["state_mb"].get("gradients", 0) + report["state_mb"].get("optimizer", 0)
-    per_sample = (train["rss_mb"] - train["start_rss_mb"] - created) / report["batch_size"]
+    start, peak = train["start_rss_mb"], train["rss_mb"]
+    if "cuda_mb" in train:
+        start, peak = train["start_cuda_mb"], train["cuda_mb"]
+    per_sample = (peak - start - created) / report["batch_size"]
     return {
         "activation_mb_per_sample": round(per_sample, 1),
         f"projected_total_mb_batch_{batch}": round(
             report["state_mb"]["total"] + batch * per_sample
+        ),
+    }
+
+
+def slope_projection(small: dict, large: dict, batch: int) -> dict:
+    """Activation bytes per sample from two batch sizes (the difference of their peaks over the
+    difference of their batches: what does not grow with the batch cancels), and the projected
+    peak for `batch` samples: the smaller run's peak plus the samples it did not have."""
+    extra = large["batch_size"] - small["batch_size"]
+    per_sample = (peak_mb(large) - peak_mb(small)) / extra
+    return {
+        "batches_measured": [small["batch_size"], large["batch_size"]],
+        "peaks_mb": [peak_mb(small), peak_mb(large)],
+        "activation_mb_per_sample": round(per_sample, 1),
+        f"projected_peak_mb_batch_{batch}": round(
+            peak_mb(small) + (batch - small["batch_size"]) * per_sample
         ),
     }
 
@@ -273,6 +306,12 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the cached v1.4-shaped folder")
     parser.add_argument(
         "--project-batch", type=int, default=8, help="project the total for this batch size"
+    )
+    parser.add_argument(
+        "--slope-batch",
+        type=int,
+        default=None,
+        help="also run each method at this batch size and project from the two peaks' slope",
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -295,16 +334,30 @@ def main() -> None:
         env["CUDA_VISIBLE_DEVICES"] = ""
     reports = {}
     for method in args.methods.split(","):
-        command = [sys.executable, __file__, *sys.argv[1:], "--method", method]
-        command += ["--model", args.model, "--num-images", str(args.num_images)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH-JSON ")]
-        if done.returncode or not lines:
-            reports[method] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+        reports[method] = run_child(args, method, env, args.batch_size)
+        if "error" in reports[method]:
             continue
-        reports[method] = json.loads(lines[-1].removeprefix("BENCH-JSON "))
         reports[method]["projection"] = activation_projection(reports[method], args.project_batch)
+        if args.slope_batch:
+            large = run_child(args, method, env, args.slope_batch)
+            reports[method][f"batch_{args.slope_batch}"] = large
+            if "error" not in large:
+                reports[method]["slope_projection"] = slope_projection(
+                    reports[method], large, args.project_batch
+                )
     print(json.dumps(reports, indent=2))
+
+
+def run_child(args: argparse.Namespace, method: str, env: dict, batch_size: int) -> dict:
+    """One method at `batch_size` in a fresh process; its report, or {"error": last line}."""
+    flags = [*sys.argv[1:], "--method", method, "--batch-size", str(batch_size)]
+    flags += ["--model", args.model, "--num-images", str(max(args.num_images, batch_size))]
+    command = [sys.executable, __file__, *flags]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH-JSON ")]
+    if done.returncode or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(lines[-1].removeprefix("BENCH-JSON "))
 
 
 if __name__ == "__main__":
