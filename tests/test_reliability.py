@@ -110,6 +110,8 @@ def test_concept_images_that_is_not_a_folder(tiny_sd_args, tmp_path, capsys, no_
 class CountingBackend:
     """Stands in for a backend in generated_set: counts the images it is asked for."""
 
+    device = torch.device("cpu")
+
     def __init__(self):
         self.sampled = 0
 
