@@ -73,7 +73,8 @@ def load_pipeline(
     except Exception as error:  # diffusers raises OSError, ValueError, hub errors, ...
         if os.path.exists(source):
             raise EraseError(
-                f"Could not load Stable Diffusion from '{source}' ({type(error).__name__}: "
+                f"Could not load a {pipeline_class.__name__} from '{source}' "
+                f"({type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else 'no detail'}): check that the "
                 "files are complete and not corrupt."
             ) from None

@@ -155,10 +155,10 @@ def relearn_curve(
                 generator=generator,
             ).to(clean.device)
             noisy = backend.noise_scheduler.add_noise(clean, noise, timesteps)
-            target = denoising_target(backend.noise_scheduler, clean, noise, timesteps)
+            wanted = denoising_target(backend.noise_scheduler, clean, noise, timesteps)
             condition = backend.encode([conditions[i] for i in chosen.tolist()])
             prediction = backend.predict_noise(unet, noisy, timesteps, condition)
-            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+            loss = torch.nn.functional.mse_loss(prediction.float(), wanted.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

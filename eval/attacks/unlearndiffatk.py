@@ -236,6 +236,11 @@ def check(backend) -> None:
             f"unlearndiffatk optimizes prompt tokens and '{backend.identity}' is class-conditional "
             "(no tokens): use --attack relearn, which works on any model."
         )
+    if getattr(backend.pipe, "text_encoder_2", None) is not None:
+        raise EraseError(
+            "unlearndiffatk optimizes the tokens of one text encoder and SDXL reads the prompt "
+            "with two: use --attack relearn or a released prompt set on SDXL."
+        )
 
 
 def run(
