@@ -59,25 +59,14 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
         return self.pipe.text_encoder_2.config.projection_dim
 
     def text_encoders(self) -> list[tuple]:
-        """The (tokenizer, text encoder) pairs that read a prompt: SDXL's two (or the one an
-        SDXL model without the first encoder keeps)."""
+        """The (tokenizer, text encoder) pairs that read a prompt: SDXL's two. Both split a
+        prompt into the same token positions, so `tokenize` (the first) gives the positions
+        cross-attention sees."""
         pairs = [
             (self.pipe.tokenizer, self.pipe.text_encoder),
             (self.pipe.tokenizer_2, self.pipe.text_encoder_2),
         ]
         return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
-
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids of the first tokenizer padded to its length: (B, L); both tokenizers split a
-        prompt into the same positions, which is what attention over the prompt sees."""
-        tokenizer = self.text_encoders()[0][0]
-        return tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """Both encoders' prompt embeddings (B, L, D) with the pooled one (B, P) packed in as a
