@@ -3,25 +3,24 @@
     python scripts/bench_scale.py                      # CPU: 128 px, batch 1, 2 steps, 3 methods
     python scripts/bench_scale.py --device cuda --resolution 512 --batch-size 8 \
         --mixed-precision bf16 --methods salun,esd-u,esd-x,fmn
-    python scripts/bench_scale.py --arch sdxl          # SDXL base's shape (2.6 B UNet weights)
 
 The model is SD v1.4's architecture built in code, with random weights (nothing is downloaded):
 diffusers' UNet2DConditionModel with SD v1.x's config (859.5 M weights), a CLIP ViT-L/14-sized
 text encoder (hidden 768, 12 layers, vocabulary 49408, 77 positions) with a word-level tokenizer
 made offline, and SD's 4-level VAE. It is saved once under $ERASE_HOME/bench-scale/.
 
+`--arch sdxl` builds SDXL base's architecture instead (diffusers' SDXL UNet config, 2.567 B
+weights; CLIP ViT-L and OpenCLIP bigG-sized text encoders; SDXL's VAE). Every method also gets a
+breakdown counted on the meta device (no memory used): the bytes of each part of its training
+state by the trainer's rules, and the activations one sample's backward keeps, measured by
+saved-tensor hooks on a meta forward at `--breakdown-resolution`. On the CPU a method whose count
+does not fit the memory available is not run: its breakdown is its report.
+
 Each method runs in a fresh process through `run_erasure`, the code path of erase-concept, on
 tiny generated data (2 DDIM steps per image). Prints JSON per method: peak memory per phase
 (CPU: the process's resident set size sampled every 5 ms by a background thread, so a peak
 shorter than that can be missed; GPU: torch.cuda.max_memory_allocated, reset at each phase),
 the bytes of each part of the training state, seconds per step and the artifact's file sizes.
-
-`--arch sdxl` builds SDXL base's architecture instead (diffusers' SDXL UNet config, CLIP ViT-L
-and OpenCLIP bigG-sized text encoders, SDXL's VAE). Every method also gets a breakdown counted on
-the meta device (no memory used): the bytes of each part of its training state by the trainer's
-rules, and the activations one sample's backward keeps, measured by saved-tensor hooks on a meta
-forward at `--breakdown-resolution`. On the CPU a method whose breakdown does not fit the memory
-available is not run: its breakdown is its report.
 """
 
 from __future__ import annotations
@@ -340,6 +339,9 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     if device.type == "cuda":
         report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
+    report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
+        args.method
+    ]
     return report
 
 
@@ -572,6 +574,34 @@ def available_bytes() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
+def breakdown_resolution(args: argparse.Namespace) -> int:
+    """The resolution of the breakdown every report carries: 1024 px SDXL, 512 px SD."""
+    return args.breakdown_resolution or (1024 if args.arch == "sdxl" else 512)
+
+
+def not_run_reports(args: argparse.Namespace) -> dict:
+    """On the CPU, the methods whose counted need at --resolution does not fit this machine's
+    available memory are not run: their reports are their breakdowns. `args.methods` keeps the
+    others."""
+    methods = args.methods.split(",")
+    if args.device != "cpu":
+        return {}
+    here = breakdown(args.arch, methods, args.resolution)
+    room = available_bytes() - 4 * 2**30  # Python, torch, data, allocator retention (1-5 GB)
+    reports = {}
+    for method in methods:
+        needed = here[method]["needed_mb"]
+        if 2**20 * max(needed.get(p, 0) for p in ("train_micro_batch_1", "mask_batch_1")) > room:
+            counted = breakdown(args.arch, [method], breakdown_resolution(args))[method]
+            reports[method] = {
+                "not_run": f"needs more than this machine's {room / 2**30:.1f} GiB to spare",
+                "breakdown_here": here[method],
+                "breakdown": counted,
+            }
+    args.methods = ",".join(m for m in methods if m not in reports)
+    return reports
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="salun,esd-u,fmn")
@@ -605,28 +635,17 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_scale.py: --device cuda but no CUDA GPU is visible")
-    methods = args.methods.split(",")
-    resolution = args.breakdown_resolution or (1024 if args.arch == "sdxl" else 512)
-    counted = breakdown(args.arch, methods, resolution)
-    here = breakdown(args.arch, methods, args.resolution) if args.device == "cpu" else {}
-    runnable = [
-        m for m in methods if not here or 2**20 * max(
-            here[m]["needed_mb"].get(p, 0) for p in ("train_micro_batch_1", "mask_batch_1")
-        ) < available_bytes() - 4 * 2**30  # Python, torch, data, allocator retention (1-5 GB)
-    ]  # fmt: skip
+    reports = not_run_reports(args)  # counted only; args.methods keeps the methods that fit
+    if not args.methods:
+        print(json.dumps(reports, indent=2))
+        return
     args.model = args.model or model_folder(args.arch)
-    if runnable and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         (build_sdxl_shaped if args.arch == "sdxl" else build_sd14_shaped)(args.model)
     env = dict(os.environ)
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    reports = {}
-    for method in methods:
-        if method not in runnable:
-            reports[method] = {"not_run": "does not fit this machine's available memory"}
-            reports[method]["breakdown_here"] = here[method]
-            reports[method]["breakdown"] = counted[method]
-            continue
+    for method in args.methods.split(","):
         command = [sys.executable, __file__, *sys.argv[1:], "--method", method]
         command += ["--model", args.model, "--num-images", str(args.num_images)]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -636,7 +655,6 @@ def main() -> None:
             continue
         reports[method] = json.loads(lines[-1].removeprefix("BENCH-JSON "))
         reports[method]["projection"] = activation_projection(reports[method], args.project_batch)
-        reports[method]["breakdown"] = counted[method]
     print(json.dumps(reports, indent=2))
 
 
