@@ -256,110 +256,6 @@ def module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def estimated_state(backend, metadata: dict) -> dict:
-    """The state as counted from shapes, for code that does not report it (today's main)."""
-    unet = backend.unet
-    weights = module_bytes(unet)
-    trained = metadata["train_result"]["trained_parameters"] * 4
-    state = {"weights": weights, "gradients": trained, "optimizer": 2 * trained}
-    state["base_copy"] = weights  # the full clone that counted changed weights
-    if metadata["method"] == "salun":
-        state["mask"] = metadata["total_weights"]  # one bool per weight
-    if metadata["method"].startswith("esd"):
-        state["frozen_copy"] = trained
-    return state
-
-
-def artifact_sizes(folder: str) -> dict:
-    """Bytes of every file of the output folder, by relative path."""
-    sizes = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
-    return dict(sorted(sizes.items()))
-
-
-def run_one(args: argparse.Namespace) -> dict:
-    """One method through run_erasure in this process; returns its measurements."""
-    from erase.cli import build_parser
-    from erase.erasure import run_erasure
-
-    device = torch.device(args.device)
-    work = tempfile.mkdtemp(prefix="bench-scale-")
-    flags = [
-        "--model", args.model, "--concept", "nudity", "--method", args.method,
-        "--num-forget", str(args.num_images), "--num-retain", str(args.num_images),
-        "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-        "--resolution", str(args.resolution), "--gen-steps", "2",
-        "--mixed-precision", args.mixed_precision,
-        "--output", os.path.join(work, "out"), "--cache-dir", os.path.join(work, "data"),
-    ]  # fmt: skip
-    flags += args.extra
-    erase_args = build_parser().parse_args(flags)
-    memory = PhaseMemory(device)
-    memory.start()
-    hooked = "on_phase" in inspect.signature(run_erasure).parameters
-    if hooked:
-        result = run_erasure(erase_args, on_phase=memory.on_phase)
-    else:
-        result = run_erasure(erase_args)
-    end = time.perf_counter()
-    memory.stop()
-    metadata = result.metadata
-    if not hooked:
-        memory.boundaries_from_timings(metadata["timings_s"], end)
-    backend, train_result = result.backend, metadata["train_result"]
-    state = train_result.get("state_bytes") or estimated_state(backend, metadata)
-    state = dict(state)
-    encoders = [encoder for _, encoder in backend.text_encoders()] + [backend.pipe.vae]
-    state["encoders"] = sum(module_bytes(module) for module in encoders)
-    state["total"] = sum(state.values())
-    step_seconds = train_result.get("step_seconds") or [
-        metadata["timings_s"]["train"] / train_result["steps"]
-    ]
-    report = {
-        "method": args.method,
-        "device": str(device),
-        "resolution": args.resolution,
-        "batch_size": args.batch_size,
-        "micro_batch_size": train_result.get("micro_batch_size"),
-        "mixed_precision": args.mixed_precision,
-        "steps": args.steps,
-        "extra_flags": args.extra,
-        "state_measured": bool(train_result.get("state_bytes")),
-        "peak_mb": memory.report(),
-        "peak_rss_mb": round(max(rss for _, rss in memory.samples) / 2**20, 1),
-        "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
-        "seconds_per_step": [round(s, 2) for s in step_seconds],
-        "timings_s": metadata["timings_s"],
-        "artifact_bytes": artifact_sizes(result.output),
-        "changed_weights": metadata["changed_weights"],
-        "total_weights": metadata["total_weights"],
-    }
-    if device.type == "cuda":
-        report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
-    report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
-        args.method
-    ]
-    return report
-
-
-def activation_projection(report: dict, batch: int) -> dict:
-    """Activation bytes per sample (the train phase's peak RSS above its starting RSS and the
-    state training creates: gradients and moments), and the projected total for `batch` samples:
-    the whole state plus `batch` times that."""
-    train = report["peak_mb"]["train"]
-    created = report["state_mb"].get("gradients", 0) + report["state_mb"].get("optimizer", 0)
-    per_sample = (train["rss_mb"] - train["start_rss_mb"] - created) / report["batch_size"]
-    return {
-        "activation_mb_per_sample": round(per_sample, 1),
-        f"projected_total_mb_batch_{batch}": round(
-            report["state_mb"]["total"] + batch * per_sample
-        ),
-    }
-
-
 # -- the breakdown on the meta device --------------------------------------------------------
 
 
@@ -600,6 +496,110 @@ def not_run_reports(args: argparse.Namespace) -> dict:
             }
     args.methods = ",".join(m for m in methods if m not in reports)
     return reports
+
+
+def estimated_state(backend, metadata: dict) -> dict:
+    """The state as counted from shapes, for code that does not report it (today's main)."""
+    unet = backend.unet
+    weights = module_bytes(unet)
+    trained = metadata["train_result"]["trained_parameters"] * 4
+    state = {"weights": weights, "gradients": trained, "optimizer": 2 * trained}
+    state["base_copy"] = weights  # the full clone that counted changed weights
+    if metadata["method"] == "salun":
+        state["mask"] = metadata["total_weights"]  # one bool per weight
+    if metadata["method"].startswith("esd"):
+        state["frozen_copy"] = trained
+    return state
+
+
+def artifact_sizes(folder: str) -> dict:
+    """Bytes of every file of the output folder, by relative path."""
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+    return dict(sorted(sizes.items()))
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One method through run_erasure in this process; returns its measurements."""
+    from erase.cli import build_parser
+    from erase.erasure import run_erasure
+
+    device = torch.device(args.device)
+    work = tempfile.mkdtemp(prefix="bench-scale-")
+    flags = [
+        "--model", args.model, "--concept", "nudity", "--method", args.method,
+        "--num-forget", str(args.num_images), "--num-retain", str(args.num_images),
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+        "--resolution", str(args.resolution), "--gen-steps", "2",
+        "--mixed-precision", args.mixed_precision,
+        "--output", os.path.join(work, "out"), "--cache-dir", os.path.join(work, "data"),
+    ]  # fmt: skip
+    flags += args.extra
+    erase_args = build_parser().parse_args(flags)
+    memory = PhaseMemory(device)
+    memory.start()
+    hooked = "on_phase" in inspect.signature(run_erasure).parameters
+    if hooked:
+        result = run_erasure(erase_args, on_phase=memory.on_phase)
+    else:
+        result = run_erasure(erase_args)
+    end = time.perf_counter()
+    memory.stop()
+    metadata = result.metadata
+    if not hooked:
+        memory.boundaries_from_timings(metadata["timings_s"], end)
+    backend, train_result = result.backend, metadata["train_result"]
+    state = train_result.get("state_bytes") or estimated_state(backend, metadata)
+    state = dict(state)
+    encoders = [encoder for _, encoder in backend.text_encoders()] + [backend.pipe.vae]
+    state["encoders"] = sum(module_bytes(module) for module in encoders)
+    state["total"] = sum(state.values())
+    step_seconds = train_result.get("step_seconds") or [
+        metadata["timings_s"]["train"] / train_result["steps"]
+    ]
+    report = {
+        "method": args.method,
+        "device": str(device),
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "micro_batch_size": train_result.get("micro_batch_size"),
+        "mixed_precision": args.mixed_precision,
+        "steps": args.steps,
+        "extra_flags": args.extra,
+        "state_measured": bool(train_result.get("state_bytes")),
+        "peak_mb": memory.report(),
+        "peak_rss_mb": round(max(rss for _, rss in memory.samples) / 2**20, 1),
+        "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
+        "seconds_per_step": [round(s, 2) for s in step_seconds],
+        "timings_s": metadata["timings_s"],
+        "artifact_bytes": artifact_sizes(result.output),
+        "changed_weights": metadata["changed_weights"],
+        "total_weights": metadata["total_weights"],
+    }
+    if device.type == "cuda":
+        report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
+    report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
+        args.method
+    ]
+    return report
+
+
+def activation_projection(report: dict, batch: int) -> dict:
+    """Activation bytes per sample (the train phase's peak RSS above its starting RSS and the
+    state training creates: gradients and moments), and the projected total for `batch` samples:
+    the whole state plus `batch` times that."""
+    train = report["peak_mb"]["train"]
+    created = report["state_mb"].get("gradients", 0) + report["state_mb"].get("optimizer", 0)
+    per_sample = (train["rss_mb"] - train["start_rss_mb"] - created) / report["batch_size"]
+    return {
+        "activation_mb_per_sample": round(per_sample, 1),
+        f"projected_total_mb_batch_{batch}": round(
+            report["state_mb"]["total"] + batch * per_sample
+        ),
+    }
 
 
 def main() -> None:
