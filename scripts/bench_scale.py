@@ -403,6 +403,7 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
     the trainer's rules (erase/train.py, erase/optim.py), and the activations, all counted on
     the meta device; `needed_mb` per phase with micro-batches of 1 and the whole batch."""
     from erase.concepts import resolve_concept
+    from erase.optim import MaskedAdam
 
     with torch.device("meta"):
         components = sdxl_shaped_components() if arch == "sdxl" else sd14_shaped_components()
@@ -422,10 +423,14 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
         trained = [(n, w) for n, w in unet.named_parameters() if method.trainable(n)]
         trained_numel = sum(w.numel() for _, w in trained)
         state = {"weights": 4 * numel, "encoders": sum(module_bytes(m) for m in encoders)}
+        masked = round(0.5 * numel)
+        flat_gradient = 4 * masked  # MaskedAdam's buffer of masked gradient values
         if getattr(method, "uses_mask", False):  # MaskedAdam over the top 50 %
-            masked = round(0.5 * numel)
+            # A trainer whose MaskedAdam steps inside backward holds one parameter's masked
+            # gradient at a time (not with micro-batches, which need the buffer).
+            stepped = hasattr(MaskedAdam, "step_in_backward")
             state.update(
-                gradients=4 * masked,
+                gradients=max(2 * w.numel() for w in weights) if stepped else flat_gradient,
                 optimizer=8 * masked,
                 mask=sum(-(-w.numel() // 8) for w in weights),
             )
@@ -444,6 +449,7 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
             f"train_batch_{batch}": train + batch * calls * per_sample,
         }
         if getattr(method, "uses_mask", False):  # the mask: dense gradient, guided (2 calls)
+            phases["train_micro_batch_1"] += flat_gradient - state["gradients"]
             dense = state["weights"] + state["encoders"] + 4 * numel
             phases["mask_batch_8"] = dense + 8 * 2 * per_checkpointing[True]
             phases["mask_batch_1"] = dense + 2 * per_checkpointing[True]
@@ -453,7 +459,7 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
             "resolution": resolution,
             "reference_batch_size": batch,
             "unet_weights": numel,
-            "trained_weights": round(0.5 * numel) if method.uses_mask else trained_numel,
+            "trained_weights": masked if method.uses_mask else trained_numel,
             "gradient_checkpointing": checkpointing,
             "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
             "activation_mb_per_sample_per_unet_call": round(per_sample / 2**20, 1),
