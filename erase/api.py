@@ -47,11 +47,14 @@ def namespace(parser: argparse.ArgumentParser, required: list[str], settings: di
 def as_backend(model, device: torch.device | None = None):
     """A backend for a model name or path, or for a StableDiffusionPipeline object (on `device`,
     default the first GPU, else the CPU)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from erase.models import load_backend
     from erase.models.sd import StableDiffusionBackend
+    from erase.models.sdxl import StableDiffusionXLBackend
 
+    if isinstance(model, StableDiffusionXLPipeline):
+        return StableDiffusionXLBackend.from_pipeline(model, device=device)
     if isinstance(model, StableDiffusionPipeline):
         return StableDiffusionBackend.from_pipeline(model, device=device)
     if isinstance(model, str | os.PathLike):

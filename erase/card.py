@@ -136,9 +136,9 @@ def usage_lines(base: str, export_format: str | None) -> list[str]:
     if export_format == "pipeline":
         return [
             "```python",
-            "from diffusers import StableDiffusionPipeline",
+            "from diffusers import DiffusionPipeline",
             "",
-            'pipe = StableDiffusionPipeline.from_pretrained("THIS_REPO_OR_FOLDER")',
+            'pipe = DiffusionPipeline.from_pretrained("THIS_REPO_OR_FOLDER")  # SD or SDXL',
             'image = pipe("a photo of a person at the beach").images[0]',
             "```",
         ]
@@ -170,10 +170,10 @@ def usage_lines(base: str, export_format: str | None) -> list[str]:
         ]
     return [
         "```python",
-        "from diffusers import StableDiffusionPipeline, UNet2DConditionModel",
+        "from diffusers import DiffusionPipeline, UNet2DConditionModel",
         "",
         'unet = UNet2DConditionModel.from_pretrained("THIS_REPO_OR_FOLDER", subfolder="unet")',
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)',
+        f'pipe = DiffusionPipeline.from_pretrained("{base}", unet=unet)  # SD or SDXL',
         "```",
         "",
         "`erase-export` turns this folder into one checkpoint file for AUTOMATIC1111, Forge and "

@@ -239,6 +239,8 @@ def export_artifact(
     import torch
 
     pipe, metadata = load_erased_pipeline(artifact, base)
+    if export_format != "pipeline" and getattr(pipe, "text_encoder_2", None) is not None:
+        raise EraseError("An SDXL model is exported with --format pipeline (a diffusers folder).")
     dtype = torch.float16 if half else torch.float32
     if export_format == "pipeline":
         write_pipeline_folder(pipe.to(dtype), metadata, output, overwrite)

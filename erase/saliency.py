@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
-from erase.models.base import Backend, Condition
+from erase.models.base import Backend, Condition, denoising_target
 
 MASK_FORMAT = "erase-saliency-mask/2"  # bit-packed uint8 tensors + their shapes
 BOOL_MASK_FORMAT = "erase-saliency-mask/1"  # one bool tensor per parameter (still loads)
@@ -68,7 +68,8 @@ def forget_loss_gradients(
             torch.cat([backend.encode(conditions), backend.unconditional(len(latents))]),
         ).chunk(2)
         guided = (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
-        loss = -torch.nn.functional.mse_loss(guided, noise)
+        target = denoising_target(backend.noise_scheduler, latents, noise, timesteps)
+        loss = -torch.nn.functional.mse_loss(guided, target)  # target: the noise, or v
         loss.backward()
     gradients = {}
     for name, param in unet.named_parameters():

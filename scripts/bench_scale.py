@@ -10,6 +10,13 @@ diffusers' UNet2DConditionModel with SD v1.x's config (859.5 M weights), a CLIP 
 text encoder (hidden 768, 12 layers, vocabulary 49408, 77 positions) with a word-level tokenizer
 made offline, and SD's 4-level VAE. It is saved once under $ERASE_HOME/bench-scale/.
 
+`--arch sdxl` builds SDXL base's architecture instead (diffusers' SDXL UNet config, 2.567 B
+weights; CLIP ViT-L and OpenCLIP bigG-sized text encoders; SDXL's VAE). Every method also gets a
+breakdown counted on the meta device (no memory used): the bytes of each part of its training
+state by the trainer's rules, and the activations one sample's backward keeps, measured by
+saved-tensor hooks on a meta forward at `--breakdown-resolution`. On the CPU a method whose count
+does not fit the memory available is not run: its breakdown is its report.
+
 Each method runs in a fresh process through `run_erasure`, the code path of erase-concept, on
 tiny generated data (2 DDIM steps per image). Prints JSON per method: peak memory per phase
 (CPU: the process's resident set size sampled every 5 ms by a background thread, so a peak
@@ -37,19 +44,30 @@ import torch
 PHASES = ("load", "data", "eval_before", "mask", "prepare", "train", "eval_after", "write")
 
 
-def model_folder() -> str:
-    """Where the v1.4-shaped pipeline is cached."""
+def model_folder(arch: str = "sd") -> str:
+    """Where the v1.4-shaped (or SDXL-shaped) pipeline is cached."""
     from erase.models import erase_home
 
-    return os.path.join(erase_home(), "bench-scale", "sd-v1-4-shaped")
+    name = {"sd": "sd-v1-4-shaped", "sdxl": "sdxl-base-shaped"}[arch]
+    return os.path.join(erase_home(), "bench-scale", name)
 
 
 def build_sd14_shaped(folder: str) -> str:
     """Build SD v1.4's architecture with random weights and save it as a diffusers folder."""
+    from erase.models.small_sd import as_pipeline
+
+    pipeline = as_pipeline(**sd14_shaped_components())
+    partial = folder + ".partial"
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    os.replace(partial, folder)
+    return folder
+
+
+def sd14_shaped_components() -> dict:
+    """SD v1.4's components with random weights (on the meta device inside `torch.device("meta")`)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from erase.models.small_sd import as_pipeline
     from erase.models.tokenizer import build_word_tokenizer
     from erase.testing import TINY_WORDS
 
@@ -87,11 +105,91 @@ def build_sd14_shaped(folder: str) -> str:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipeline = as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
+    return dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler
+    )
+
+
+def build_sdxl_shaped(folder: str) -> str:
+    """Build SDXL base's architecture with random weights and save it as a diffusers folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline(**sdxl_shaped_components(), add_watermarker=False)
     partial = folder + ".partial"
     pipeline.save_pretrained(partial, safe_serialization=True)
     os.replace(partial, folder)
     return folder
+
+
+def sdxl_shaped_components() -> dict:
+    """SDXL base 1.0's components with random weights (stabilityai/stable-diffusion-xl-base-1.0's
+    configs: UNet 2.567 B weights, CLIP ViT-L and OpenCLIP bigG text towers, the VAE)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from erase.models.tokenizer import build_word_tokenizer
+    from erase.testing import TINY_WORDS
+
+    torch.manual_seed(0)
+    tokenizers = [build_word_tokenizer(TINY_WORDS, max_length=77) for _ in range(2)]
+
+    def text_config(width, layers, heads, act):
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_attention_heads=heads,
+            num_hidden_layers=layers,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=1280,
+            bos_token_id=tokenizers[0].bos_token_id,
+            eos_token_id=tokenizers[0].eos_token_id,
+            pad_token_id=tokenizers[0].pad_token_id,
+        )
+
+    text_encoder = CLIPTextModel(text_config(768, 12, 12, "quick_gelu"))  # CLIP ViT-L/14
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(1280, 32, 20, "gelu"))  # bigG
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled 1280
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    with torch.device("cpu"):  # its tables are real tensors even when the weights are meta
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+            steps_offset=1,
+        )
+    return dict(
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        unet=unet,
+        vae=vae,
+        scheduler=scheduler,
+    )
 
 
 def resident_bytes() -> int:
@@ -166,6 +264,254 @@ def module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# -- the breakdown on the meta device --------------------------------------------------------
+
+
+class FlashLikeAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention on the meta device, keeping for backward what
+    the fused kernels (flash / memory-efficient, diffusers' default on a GPU) keep: q, k, v, the
+    output and the log-sum-exp, never the (Q, K) probabilities that the math path on meta keeps."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        output = query.new_empty(*query.shape[:-1], value.shape[-1])
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, output, logsumexp)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+class SavedBytes:
+    """Saved-tensor hooks that keep the running and peak bytes autograd holds for backward
+    (a tensor saved by several operations is counted once; the weights are not activations)."""
+
+    def __init__(self, weights):
+        self.weight_ids = {id(w) for w in weights}
+        self.live: dict[int, list] = {}  # id -> [tensor, times saved]
+        self.now = self.peak = 0
+
+    def pack(self, tensor):
+        if id(tensor) in self.weight_ids:
+            return tensor
+        entry = self.live.setdefault(id(tensor), [tensor, 0])
+        if entry[1] == 0:
+            self.now += tensor.numel() * tensor.element_size()
+            self.peak = max(self.peak, self.now)
+        entry[1] += 1
+        return SavedHandle(self, id(tensor))
+
+    def unpack(self, handle):
+        return handle if isinstance(handle, torch.Tensor) else self.live[handle.key][0]
+
+
+class SavedHandle:
+    """What autograd holds for one saved tensor; releasing it frees the bytes when it is the last."""
+
+    def __init__(self, owner: SavedBytes, key: int):
+        self.owner, self.key = owner, key
+
+    def __del__(self):
+        entry = self.owner.live[self.key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            tensor = self.owner.live.pop(self.key)[0]
+            self.owner.now -= tensor.numel() * tensor.element_size()
+
+
+def unet_inputs(unet, resolution: int, batch: int, arch: str) -> dict:
+    """Meta inputs of one UNet call at `resolution` pixels (latents 8x smaller)."""
+    side = resolution // 8
+    inputs = dict(
+        sample=torch.empty(batch, unet.config.in_channels, side, side, device="meta"),
+        timestep=torch.full((batch,), 500, device="meta"),
+        encoder_hidden_states=torch.empty(
+            batch, 77, unet.config.cross_attention_dim, device="meta"
+        ),
+    )
+    if arch == "sdxl":
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(batch, 1280, device="meta"),
+            "time_ids": torch.empty(batch, 6, device="meta"),
+        }
+    return inputs
+
+
+# What diffusers' gradient checkpointing recomputes as one unit in backward.
+CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")
+
+
+def activation_bytes(unet, resolution: int, arch: str, checkpointing: bool) -> int:
+    """Peak bytes autograd keeps for one sample's forward and backward through `unet` (meta).
+    With checkpointing: what the checkpoints keep plus the largest block, which backward
+    recomputes with its activations (measured without checkpointing)."""
+
+    counter = SavedBytes(list(unet.parameters()))
+    unet.disable_gradient_checkpointing()
+    blocks = [m for m in unet.modules() if type(m).__name__ in CHECKPOINTED_BLOCKS]
+    largest_block, starts = [0], {}
+
+    def before(module, inputs):
+        starts[id(module)] = counter.now
+
+    def after(module, inputs, output):
+        largest_block[0] = max(largest_block[0], counter.now - starts[id(module)])
+
+    hooks = [b.register_forward_pre_hook(before) for b in blocks]
+    hooks += [b.register_forward_hook(after) for b in blocks]
+    peak_without = saved_peak(unet, resolution, arch, counter)
+    for hook in hooks:
+        hook.remove()
+    if not checkpointing:
+        return peak_without
+    unet.enable_gradient_checkpointing()
+    try:
+        kept = saved_peak(unet, resolution, arch, SavedBytes(list(unet.parameters())))
+    finally:
+        unet.disable_gradient_checkpointing()
+    return kept + largest_block[0]
+
+
+def saved_peak(unet, resolution: int, arch: str, counter: SavedBytes) -> int:
+    """Run one sample's forward and backward on the meta device under `counter`'s hooks."""
+    import torch.nn.functional as functional
+
+    unet.train()
+    original = functional.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        return FlashLikeAttention.apply(query, key, value)
+
+    functional.scaled_dot_product_attention = attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            output = unet(**unet_inputs(unet, resolution, 1, arch)).sample
+            output.float().square().mean().backward()
+    finally:
+        functional.scaled_dot_product_attention = original
+        unet.zero_grad(set_to_none=True)
+    return counter.peak
+
+
+def method_for_breakdown(name: str):
+    """The registered method, enough of it to ask which weights it trains."""
+    from erase.methods import get_method
+
+    method_class = get_method(name)
+    method = method_class.__new__(method_class)
+    method.config = method_class.Config()
+    return method
+
+
+def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
+    """Per method, the bytes of each part of the training state at the reference settings, by
+    the trainer's rules (erase/train.py, erase/optim.py), and the activations, all counted on
+    the meta device; `needed_mb` per phase with micro-batches of 1 and the whole batch."""
+    from erase.concepts import resolve_concept
+    from erase.optim import MaskedAdam
+
+    with torch.device("meta"):
+        components = sdxl_shaped_components() if arch == "sdxl" else sd14_shaped_components()
+    unet = components["unet"]
+    encoders = [components[n] for n in ("text_encoder", "text_encoder_2", "vae") if n in components]
+    weights = list(unet.parameters())
+    numel = sum(w.numel() for w in weights)
+    concept = resolve_concept("nudity", conditioning="text")
+    text_backend = type("TextBackend", (), {"conditioning": "text"})()  # for defaults()
+    per_checkpointing = {
+        on: activation_bytes(unet, resolution, arch, on) for on in (True, False)
+    }  # one sample, one UNet call with backward
+    reports = {}
+    for name in methods:
+        method = method_for_breakdown(name)
+        batch = method.defaults(text_backend, concept, 800)["batch_size"]
+        trained = [(n, w) for n, w in unet.named_parameters() if method.trainable(n)]
+        trained_numel = sum(w.numel() for _, w in trained)
+        state = {"weights": 4 * numel, "encoders": sum(module_bytes(m) for m in encoders)}
+        masked = round(0.5 * numel)
+        flat_gradient = 4 * masked  # MaskedAdam's buffer of masked gradient values
+        if getattr(method, "uses_mask", False):  # MaskedAdam over the top 50 %
+            # A trainer whose MaskedAdam steps inside backward holds one parameter's masked
+            # gradient at a time (not with micro-batches, which need the buffer).
+            stepped = hasattr(MaskedAdam, "step_in_backward")
+            state.update(
+                gradients=max(2 * w.numel() for w in weights) if stepped else flat_gradient,
+                optimizer=8 * masked,
+                mask=sum(-(-w.numel() // 8) for w in weights),
+            )
+        else:  # stepped in backward: one parameter's gradient at a time, Adam's two moments
+            state.update(
+                gradients=max(4 * w.numel() for _, w in trained), optimizer=8 * trained_numel
+            )
+            if name.startswith("esd"):
+                state["frozen_copy"] = 4 * trained_numel
+        checkpointing = getattr(method, "gradient_checkpointing", True)
+        per_sample = per_checkpointing[checkpointing]
+        calls = 2 if name == "salun" else 1  # SalUn: the forget term's and the retain loss's
+        train = sum(state.values())
+        phases = {
+            "train_micro_batch_1": train + calls * per_sample,
+            f"train_batch_{batch}": train + batch * calls * per_sample,
+        }
+        if getattr(method, "uses_mask", False):  # the mask: dense gradient, guided (2 calls)
+            phases["train_micro_batch_1"] += flat_gradient - state["gradients"]
+            dense = state["weights"] + state["encoders"] + 4 * numel
+            phases["mask_batch_8"] = dense + 8 * 2 * per_checkpointing[True]
+            phases["mask_batch_1"] = dense + 2 * per_checkpointing[True]
+        reports[name] = {
+            "arch": arch,
+            "counted_on": "meta device (no memory used)",
+            "resolution": resolution,
+            "reference_batch_size": batch,
+            "unet_weights": numel,
+            "trained_weights": masked if method.uses_mask else trained_numel,
+            "gradient_checkpointing": checkpointing,
+            "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
+            "activation_mb_per_sample_per_unet_call": round(per_sample / 2**20, 1),
+            "activation_mb_without_checkpointing": round(per_checkpointing[False] / 2**20, 1),
+            "needed_mb": {k: round(v / 2**20) for k, v in phases.items()},
+        }
+    return reports
+
+
+def available_bytes() -> int:
+    """MemAvailable of this machine (Linux)."""
+    with open("/proc/meminfo") as file:
+        fields = dict(line.split(":", 1) for line in file)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def breakdown_resolution(args: argparse.Namespace) -> int:
+    """The resolution of the breakdown every report carries: 1024 px SDXL, 512 px SD."""
+    return args.breakdown_resolution or (1024 if args.arch == "sdxl" else 512)
+
+
+def not_run_reports(args: argparse.Namespace) -> dict:
+    """On the CPU, the methods whose counted need at --resolution does not fit this machine's
+    available memory are not run: their reports are their breakdowns. `args.methods` keeps the
+    others."""
+    methods = args.methods.split(",")
+    if args.device != "cpu":
+        return {}
+    here = breakdown(args.arch, methods, args.resolution)
+    room = available_bytes() - 4 * 2**30  # Python, torch, data, allocator retention (1-5 GB)
+    reports = {}
+    for method in methods:
+        needed = here[method]["needed_mb"]
+        if 2**20 * max(needed.get(p, 0) for p in ("train_micro_batch_1", "mask_batch_1")) > room:
+            counted = breakdown(args.arch, [method], breakdown_resolution(args))[method]
+            reports[method] = {
+                "not_run": f"needs more than this machine's {room / 2**30:.1f} GiB to spare",
+                "breakdown_here": here[method],
+                "breakdown": counted,
+            }
+    args.methods = ",".join(m for m in methods if m not in reports)
+    return reports
+
+
 def estimated_state(backend, metadata: dict) -> dict:
     """The state as counted from shapes, for code that does not report it (today's main)."""
     unet = backend.unet
@@ -222,7 +568,8 @@ def run_one(args: argparse.Namespace) -> dict:
     backend, train_result = result.backend, metadata["train_result"]
     state = train_result.get("state_bytes") or estimated_state(backend, metadata)
     state = dict(state)
-    state["encoders"] = module_bytes(backend.pipe.text_encoder) + module_bytes(backend.pipe.vae)
+    encoders = [encoder for _, encoder in backend.text_encoders()] + [backend.pipe.vae]
+    state["encoders"] = sum(module_bytes(module) for module in encoders)
     state["total"] = sum(state.values())
     step_seconds = train_result.get("step_seconds") or [
         metadata["timings_s"]["train"] / train_result["steps"]
@@ -248,6 +595,9 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     if device.type == "cuda":
         report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
+    report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
+        args.method
+    ]
     return report
 
 
@@ -294,6 +644,10 @@ def slope_projection(small: dict, large: dict, batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="salun,esd-u,fmn")
+    parser.add_argument("--arch", default="sd", choices=["sd", "sdxl"], help="model shape")
+    parser.add_argument(
+        "--breakdown-resolution", type=int, default=None, help="default: 512 sd, 1024 sdxl"
+    )
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)  # one child process
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -326,13 +680,16 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_scale.py: --device cuda but no CUDA GPU is visible")
-    args.model = args.model or model_folder()
+    reports = not_run_reports(args)  # counted only; args.methods keeps the methods that fit
+    if not args.methods:
+        print(json.dumps(reports, indent=2))
+        return
+    args.model = args.model or model_folder(args.arch)
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        build_sd14_shaped(args.model)
+        (build_sdxl_shaped if args.arch == "sdxl" else build_sd14_shaped)(args.model)
     env = dict(os.environ)
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    reports = {}
     for method in args.methods.split(","):
         reports[method] = run_child(args, method, env, args.batch_size)
         if "error" in reports[method]:

@@ -13,7 +13,7 @@ import torch
 
 from erase.concepts import Concept
 from erase.errors import EraseError
-from erase.models.base import Backend, Batch
+from erase.models.base import Backend, Batch, denoising_target
 
 METHODS: dict[str, type] = {}
 
@@ -73,13 +73,15 @@ def sample_timesteps(count: int, num_train_timesteps: int, generator, antithetic
 
 
 def noised(backend: Backend, batch: Batch, generator: torch.Generator, antithetic: bool = False):
-    """Fresh noise, uniform timesteps and the noised latents of a batch: (noise, t, x_t)."""
+    """Fresh noise and uniform timesteps on a batch: (target, t, x_t), where the target is what
+    the UNet should predict for x_t (the noise, or the velocity of a v-prediction model)."""
     latents = batch.latents.to(backend.device)  # (B, C, h, w)
     noise = torch.randn(latents.shape, generator=generator).to(backend.device, latents.dtype)
     num_train_timesteps = backend.noise_scheduler.config.num_train_timesteps
     timesteps = sample_timesteps(len(latents), num_train_timesteps, generator, antithetic)
     timesteps = timesteps.to(backend.device)
-    return noise, timesteps, backend.noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = backend.noise_scheduler.add_noise(latents, noise, timesteps)
+    return denoising_target(backend.noise_scheduler, latents, noise, timesteps), timesteps, noisy
 
 
 def dropped_to_null(backend: Backend, cond: torch.Tensor, probability: float, generator):
@@ -113,11 +115,12 @@ def denoising_loss(
     cond_drop: float = 0.0,
     antithetic: bool = False,
 ) -> torch.Tensor:
-    """The ordinary diffusion loss between eps(x_t, c, t) and the noise on a batch."""
-    noise, timesteps, noisy = noised(backend, batch, generator, antithetic)
+    """The ordinary diffusion loss on a batch: the UNet's prediction for (x_t, c, t) against
+    its target (the noise, or the velocity of a v-prediction model)."""
+    target, timesteps, noisy = noised(backend, batch, generator, antithetic)
     cond = dropped_to_null(backend, backend.encode(batch.conditions), cond_drop, generator)
     prediction = backend.predict_noise(unet, noisy, timesteps, cond)
-    return squared_error(prediction, noise, reduction)
+    return squared_error(prediction, target, reduction)
 
 
 # Registry lines: importing a module registers its method.

@@ -250,8 +250,9 @@ class ForgetMeNot:
         """One forward pass over the noised forget batch with attention recorded."""
         _, timesteps, noisy = noised(self.backend, forget, generator)
         prompts, words = self.steered(forget.conditions)
-        cond = self.backend.encode(prompts)  # (B, L, D)
-        recorder = AttentionRecorder(self.concept_positions(prompts, cond.shape[1], words))
+        cond = self.backend.encode(prompts)  # (B, L, D); SDXL: an extra pooled row, not attended
+        length = self.backend.tokenize(prompts[:1]).shape[1]  # what cross-attention attends over
+        recorder = AttentionRecorder(self.concept_positions(prompts, length, words))
         with recording_attention(unet, recorder):
             self.backend.predict_noise(unet, noisy, timesteps, cond)
         return recorder
@@ -290,55 +291,79 @@ TI_TARGET_NORM = 0.4
 def learn_concept_tokens(
     backend, latents, template: str, init_words, num_tokens: int, steps: int, generator
 ) -> str:
-    """Add `num_tokens` tokens to the SD backend's tokenizer and learn their embeddings from
-    `latents` (the concept's images) under `template` by the denoising loss; returns the snippet
-    of the tokens, space-separated, to put where the concept's words were."""
-    tokenizer, text_encoder = backend.pipe.tokenizer, backend.pipe.text_encoder
-    first = len(tokenizer)  # new names on every call: no stale cached prompt embeddings
+    """Add `num_tokens` tokens to the backend's tokenizer(s) and learn their embeddings in each
+    text encoder (SDXL: both) from `latents` (the concept's images) under `template` by the
+    denoising loss; returns the snippet of the tokens, space-separated, to put where the
+    concept's words were."""
+    encoders = backend.text_encoders()  # [(tokenizer, text encoder)]
+    first = len(encoders[0][0])  # new names on every call: no stale cached prompt embeddings
     tokens = [f"<fmn-{first + i}>" for i in range(num_tokens)]
+    learned = [
+        new_token_vectors(tokenizer, encoder, tokens, init_words, generator)
+        for tokenizer, encoder in encoders
+    ]  # per encoder: (embedding layer, token ids, (K, D) vectors)
+    snippet = " ".join(tokens)
+    prompt = template.format(snippet)
+    vectors = [vectors for _, _, vectors in learned]
+    optimizer = torch.optim.AdamW(vectors, lr=TI_LR, weight_decay=TI_WEIGHT_DECAY)
+    order = torch.randperm(len(latents), generator=generator).tolist()
+    hooks = [
+        embedding.register_forward_hook(inserting(ids, vectors))
+        for embedding, ids, vectors in learned
+    ]
+    try:
+        for step in range(steps):
+            index = order[step % len(order)]
+            batch = Batch(latents[index : index + 1], [prompt])
+            target, timesteps, noisy = noised(backend, batch, generator)
+            cond = backend.embed(batch.conditions)  # through the hooks: gradients reach vectors
+            prediction = backend.predict_noise(backend.unet, noisy, timesteps, cond)
+            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+            gradients = torch.autograd.grad(loss, vectors)  # the UNet gets no gradient
+            for parameter, gradient in zip(vectors, gradients):
+                parameter.grad = gradient
+            optimizer.step()
+            with torch.no_grad():  # clip_ti_decay: norms drift toward 0.4
+                pull = min(1.0, 100 * TI_LR)
+                for parameter in vectors:
+                    norms = parameter.norm(dim=-1, keepdim=True)
+                    parameter.copy_(
+                        torch.nn.functional.normalize(parameter, dim=-1)
+                        * (norms + pull * (TI_TARGET_NORM - norms))
+                    )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        for embedding, ids, parameter in learned:
+            embedding.weight[ids] = parameter.to(embedding.weight.dtype)
+    return snippet
+
+
+def new_token_vectors(tokenizer, text_encoder, tokens, init_words, generator):
+    """Add `tokens` to one tokenizer and its encoder: (embedding layer, token ids, (K, D) vectors
+    to learn), the first vectors starting from the concept's words, the rest random."""
     tokenizer.add_tokens(tokens)
     token_ids = tokenizer.convert_tokens_to_ids(tokens)
     text_encoder.resize_token_embeddings(len(tokenizer))
     embedding = text_encoder.get_input_embeddings().requires_grad_(False)
     init_ids = tokenizer(" ".join(init_words), add_special_tokens=False).input_ids
     initial = TI_RANDOM_INIT_STD * torch.randn(
-        num_tokens, embedding.weight.shape[1], generator=generator
+        len(tokens), embedding.weight.shape[1], generator=generator
     )  # (K, D)
-    for i, token_id in enumerate(init_ids[:num_tokens]):
+    for i, token_id in enumerate(init_ids[: len(tokens)]):
         initial[i] = embedding.weight[token_id].detach().float().cpu()
-    vectors = torch.nn.Parameter(initial.to(embedding.weight.device))  # (K, D)
-    id_tensor = torch.tensor(token_ids, device=embedding.weight.device)
+    vectors = torch.nn.Parameter(initial.to(embedding.weight.device))
+    return embedding, token_ids, vectors
+
+
+def inserting(token_ids: list[int], vectors: torch.nn.Parameter):
+    """A forward hook for an embedding layer that puts `vectors` at the tokens `token_ids`."""
+    id_tensor = torch.tensor(token_ids, device=vectors.device)
 
     def insert_vectors(module, inputs, output):  # (B, L, D): the learned vectors at the tokens
         where = inputs[0][..., None] == id_tensor  # (B, L, K)
         learned = where.to(output.dtype) @ vectors.to(output.dtype)  # (B, L, D)
         return torch.where(where.any(-1, keepdim=True), learned, output)
 
-    snippet = " ".join(tokens)
-    prompt = template.format(snippet)
-    optimizer = torch.optim.AdamW([vectors], lr=TI_LR, weight_decay=TI_WEIGHT_DECAY)
-    order = torch.randperm(len(latents), generator=generator).tolist()
-    hook = embedding.register_forward_hook(insert_vectors)
-    try:
-        for step in range(steps):
-            index = order[step % len(order)]
-            batch = Batch(latents[index : index + 1], [prompt])
-            noise, timesteps, noisy = noised(backend, batch, generator)
-            cond = text_encoder(backend.tokenize(batch.conditions).to(backend.device))[0]
-            prediction = backend.predict_noise(backend.unet, noisy, timesteps, cond)
-            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-            (gradient,) = torch.autograd.grad(loss, [vectors])  # the UNet gets no gradient
-            vectors.grad = gradient
-            optimizer.step()
-            with torch.no_grad():  # clip_ti_decay: norms drift toward 0.4
-                norms = vectors.norm(dim=-1, keepdim=True)
-                pull = min(1.0, 100 * TI_LR)
-                vectors.copy_(
-                    torch.nn.functional.normalize(vectors, dim=-1)
-                    * (norms + pull * (TI_TARGET_NORM - norms))
-                )
-    finally:
-        hook.remove()
-    with torch.no_grad():
-        embedding.weight[token_ids] = vectors.to(embedding.weight.dtype)
-    return snippet
+    return insert_vectors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ import torch
 from erase.errors import EraseError
 from erase.models.base import Backend, Batch, Condition
 from erase.models.sd import SD_ALIASES, StableDiffusionBackend
+from erase.models.sdxl import SDXL_ALIASES, StableDiffusionXLBackend
 
 # Built-in models that are trained on first use and cached under $ERASE_HOME: name -> loader.
 BUILTIN_MODELS = {
@@ -33,7 +35,7 @@ def model_conditioning(spec: str) -> str | None:
     """'class' or 'text' when it is known without loading `spec` (built-ins, DDPM folders)."""
     if spec in ("ddpm-digits", "ddpm-cifar10") or (os.path.isdir(spec) and is_ddpm_folder(spec)):
         return "class"
-    if spec == "sd-digits" or spec in SD_ALIASES:
+    if spec == "sd-digits" or spec in SD_ALIASES or spec in SDXL_ALIASES:
         return "text"
     return None
 
@@ -90,13 +92,57 @@ def load_pretrained(spec: str, data_dir: str | None, device: torch.device | None
 
         return ClassDDPMBackend.from_folder(spec, data_dir=data_dir, device=device)
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/"))
+    if spec in SDXL_ALIASES or (spec not in SD_ALIASES and is_sdxl(spec)):
+        return StableDiffusionXLBackend(spec, device=device)
     if spec in SD_ALIASES or os.path.exists(spec) or looks_like_hub_id:
         return StableDiffusionBackend(spec, device=device)
-    names = ", ".join([*SD_ALIASES, *BUILTIN_MODELS])
+    names = ", ".join([*SD_ALIASES, *SDXL_ALIASES, *BUILTIN_MODELS])
     raise EraseError(
         f"Unknown model '{spec}': use one of {names}, a hub id, a local diffusers folder or a "
         ".safetensors/.ckpt file."
     )
+
+
+def is_sdxl(spec: str) -> bool:
+    """True for an SDXL model: a diffusers folder (or a cached hub id) whose model_index.json
+    names an XL pipeline, or a single-file checkpoint holding SDXL's second text encoder."""
+    if os.path.isfile(spec):
+        return checkpoint_is_sdxl(spec)
+    index = os.path.join(spec, "model_index.json")
+    if not os.path.isfile(index) and spec.count("/") == 1 and not os.path.exists(spec):
+        try:  # a hub id: its model_index.json from the cache (or the hub when online)
+            from huggingface_hub import hf_hub_download
+
+            index = hf_hub_download(spec, "model_index.json")
+        except Exception:  # not there: the SD backend then says why it cannot load it
+            return False
+    if not os.path.isfile(index):
+        return False
+    with open(index) as file:
+        return "XL" in str(json.load(file).get("_class_name", ""))
+
+
+# Keys only SDXL's original-format checkpoints hold: its second text encoder (OpenCLIP bigG).
+SDXL_CHECKPOINT_PREFIX = "conditioner.embedders.1."
+
+
+def checkpoint_is_sdxl(path: str) -> bool:
+    """True for a single-file checkpoint whose weights include SDXL's second text encoder."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as checkpoint:
+                keys = checkpoint.keys()
+        except Exception:  # not a readable safetensors file: the SD loader reports it
+            return False
+    else:
+        try:  # .ckpt: memory-mapped, so only the names are read
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception:
+            return False
+        keys = checkpoint.get("state_dict", checkpoint).keys()
+    return any(key.startswith(SDXL_CHECKPOINT_PREFIX) for key in keys)
 
 
 __all__ = [

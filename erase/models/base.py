@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from erase.errors import EraseError
+
 # A condition is a prompt (text backends) or a class index (class backends).
 Condition = str | int
 
@@ -50,7 +52,9 @@ class Backend(Protocol):
         timesteps: torch.Tensor,
         cond: torch.Tensor,
     ) -> torch.Tensor:
-        """eps prediction of `unet` (the trained one or a frozen copy) for `noisy` latents."""
+        """The prediction of `unet` (the trained one or a frozen copy) for `noisy` latents: the
+        noise, the velocity or the clean sample, as the noise scheduler's `prediction_type` says
+        (losses compare it with `denoising_target`)."""
 
     def to_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Encode images (B, 3|1, H, W) in [0, 1] to the scaled latents the UNet denoises."""
@@ -79,3 +83,30 @@ class Backend(Protocol):
 
     def load_unet(self, folder: str) -> torch.nn.Module:
         """Load a UNet saved by `save_unet` (or any diffusers UNet folder) for this backend."""
+
+
+# What a UNet may be trained to predict (diffusers' `prediction_type`), and what erase trains.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_type(noise_scheduler) -> str:
+    """The scheduler's `prediction_type`, or a one-line error for one that erase cannot train."""
+    kind = noise_scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise EraseError(
+            f"The model's noise scheduler predicts '{kind}', which erase cannot train: use a "
+            "model whose scheduler config has prediction_type epsilon, v_prediction or sample."
+        )
+    return kind
+
+
+def denoising_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet should predict for `add_noise(latents, noise, timesteps)`: the noise
+    (epsilon), the velocity sqrt(a_t) noise - sqrt(1 - a_t) latents (v_prediction, diffusers'
+    `get_velocity`), or the clean latents (sample). Every loss takes its target from here."""
+    kind = prediction_type(noise_scheduler)
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return latents if kind == "sample" else noise

@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
-from erase.models.base import Condition
+from erase.models.base import Condition, denoising_target
 from erase.models.sd import default_device, load_unet_folder
 
 DDPM_FORMAT = "erase-class-ddpm/1"
@@ -154,7 +154,8 @@ def train_class_ddpm(
         prediction = unet(
             noisy.to(device), timesteps.to(device), class_labels=class_labels.to(device)
         ).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise.to(device))
+        target = denoising_target(scheduler, clean, noise, timesteps)
+        loss = torch.nn.functional.mse_loss(prediction, target.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -12,13 +12,14 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from erase.errors import EraseError
-from erase.models.base import Condition
+from erase.models.base import Condition, prediction_type
 
 # Public hub ids of the aliases `--model` accepts.
 SD_ALIASES = {
     "sd-v1-4": "CompVis/stable-diffusion-v1-4",
     "sd-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd-2-1-base": "stabilityai/stable-diffusion-2-1-base",
+    "sd-2-1-base": "stabilityai/stable-diffusion-2-1-base",  # 512 px, epsilon
+    "sd-2-1": "stabilityai/stable-diffusion-2-1",  # 768 px, v-prediction
 }
 
 
@@ -43,9 +44,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(spec: str) -> StableDiffusionPipeline:
-    """Load a StableDiffusionPipeline from an alias, hub id, local folder or single file."""
-    source = SD_ALIASES.get(spec, spec)
+def load_pipeline(
+    spec: str,
+    pipeline_class=StableDiffusionPipeline,
+    aliases: dict[str, str] = SD_ALIASES,
+    **pipeline_kwargs,
+):
+    """Load a `pipeline_class` (StableDiffusionPipeline by default) from an alias, hub id, local
+    folder or single file; `pipeline_kwargs` go to from_pretrained / from_single_file."""
+    source = aliases.get(spec, spec)
     is_file = os.path.isfile(source) and source.endswith((".safetensors", ".ckpt"))
     if (
         os.path.exists(source)
@@ -60,17 +67,14 @@ def load_pipeline(spec: str) -> StableDiffusionPipeline:
     transformers_logging.disable_progress_bar()
     try:
         if is_file:
-            pipe = StableDiffusionPipeline.from_single_file(
-                source, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = pipeline_class.from_single_file(source, **pipeline_kwargs)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = pipeline_class.from_pretrained(source, **pipeline_kwargs)
     except Exception as error:  # diffusers raises OSError, ValueError, hub errors, ...
         if os.path.exists(source):
             raise EraseError(
-                f"Could not load Stable Diffusion from '{source}' ({type(error).__name__}: "
+                f"Could not load a {pipeline_class.__name__} from '{source}' "
+                f"({type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else 'no detail'}): check that the "
                 "files are complete and not corrupt."
             ) from None
@@ -91,17 +95,26 @@ class StableDiffusionBackend:
     class_names: list[str] = []
     guidance_scale = 7.5
     gen_precision = "auto"  # fp16 on CUDA, fp32 on the CPU (see generation_dtype)
+    # What load_pipeline builds (the SDXL backend changes these three).
+    pipeline_class = StableDiffusionPipeline
+    aliases = SD_ALIASES
+    pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
     def __init__(self, spec: str, device: torch.device | None = None, pipe=None):
-        self.pipe = pipe if pipe is not None else load_pipeline(spec)
-        self.identity = SD_ALIASES.get(spec, spec)
+        self.pipe = pipe
+        if pipe is None:
+            self.pipe = load_pipeline(
+                spec, self.pipeline_class, self.aliases, **self.pipeline_kwargs
+            )
+        self.identity = self.aliases.get(spec, spec)
         self.device = device or default_device()
         self.pipe.to(self.device)
         self.unet: UNet2DConditionModel = self.pipe.unet
-        for frozen in (self.pipe.vae, self.pipe.text_encoder):
+        for frozen in (self.pipe.vae, *(encoder for _, encoder in self.text_encoders())):
             frozen.requires_grad_(False)
             frozen.eval()
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        prediction_type(self.noise_scheduler)  # an unsupported one fails here, in one line
         self.vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         self.resolution = self.unet.config.sample_size * self.vae_scale
         self.latent_shape = (
@@ -146,14 +159,21 @@ class StableDiffusionBackend:
         ids = self.tokenize([prompt])[0].tolist()
         return ids.index(self.pipe.tokenizer.eos_token_id)
 
+    def text_encoders(self) -> list[tuple]:
+        """The (tokenizer, text encoder) pairs that read a prompt (SD: one)."""
+        return [(self.pipe.tokenizer, self.pipe.text_encoder)]
+
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The UNet's conditioning for `prompts`, with gradients to the text encoder's inputs
+        (textual inversion needs them): the last hidden states (B, L, D)."""
+        return self.pipe.text_encoder(self.tokenize(prompts).to(self.device))[0]
+
     @torch.no_grad()
     def encode(self, conditions: Sequence[Condition]) -> torch.Tensor:
-        """Prompt embeddings from the frozen text encoder: (B, L, D), cached per prompt."""
+        """Prompt embeddings from the frozen text encoder(s), cached per prompt: (B, L, D)."""
         missing = sorted({str(c) for c in conditions} - self._embeds.keys())
         if missing:
-            ids = self.tokenize(missing).to(self.device)
-            embeds = self.pipe.text_encoder(ids)[0]  # (M, L, D)
-            self._embeds.update(zip(missing, embeds))
+            self._embeds.update(zip(missing, self.embed(missing)))
         return torch.stack([self._embeds[str(c)] for c in conditions])
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -169,7 +189,8 @@ class StableDiffusionBackend:
         return self.encode([""] * batch_size)
 
     def predict_noise(self, unet, noisy, timesteps, cond):
-        """eps prediction of `unet` under prompt embeddings `cond`."""
+        """The prediction of `unet` under prompt embeddings `cond`: eps, or v for a
+        v-prediction model (see erase.models.base.denoising_target)."""
         return unet(noisy, timesteps, encoder_hidden_states=cond.to(noisy.dtype)).sample
 
     # -- images -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
+from erase.models.base import denoising_target
 from eval.attacks.images import positive_rate
 from eval.attacks.target import AttackTarget
 
@@ -154,9 +155,10 @@ def relearn_curve(
                 generator=generator,
             ).to(clean.device)
             noisy = backend.noise_scheduler.add_noise(clean, noise, timesteps)
+            wanted = denoising_target(backend.noise_scheduler, clean, noise, timesteps)
             condition = backend.encode([conditions[i] for i in chosen.tolist()])
             prediction = backend.predict_noise(unet, noisy, timesteps, condition)
-            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+            loss = torch.nn.functional.mse_loss(prediction.float(), wanted.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
+from erase.models.base import denoising_target
 from eval.attacks.images import generate_with, judge_folder, load_pngs
 from eval.attacks.target import AttackTarget
 from eval.runner import (
@@ -163,7 +164,8 @@ def attack_loss(target: AttackTarget, soft: SoftPrompt, ids, latent, timestep, g
     with soft_tokens(soft.text_encoder, soft.embeddings()):
         condition = soft.text_encoder(ids)[0]  # (1, L, D)
     prediction = backend.predict_noise(target.unet, noisy, timesteps, condition)
-    return torch.nn.functional.mse_loss(prediction.float(), noise.float())
+    wanted = denoising_target(backend.noise_scheduler, latent, noise, timesteps)
+    return torch.nn.functional.mse_loss(prediction.float(), wanted.float())
 
 
 def attack_prompt(
@@ -233,6 +235,11 @@ def check(backend) -> None:
         raise EraseError(
             f"unlearndiffatk optimizes prompt tokens and '{backend.identity}' is class-conditional "
             "(no tokens): use --attack relearn, which works on any model."
+        )
+    if getattr(backend.pipe, "text_encoder_2", None) is not None:
+        raise EraseError(
+            "unlearndiffatk optimizes the tokens of one text encoder and SDXL reads the prompt "
+            "with two: use --attack relearn or a released prompt set on SDXL."
         )
 
 
