@@ -315,6 +315,7 @@ def erase_into(
             data.forget_conditions,
             guidance_scale=method_config.mask_guidance,
             batch_size=train_config.batch_size,
+            micro_batch_size=train_config.micro_batch_size,
             generator=torch.Generator().manual_seed(args.seed),
         )
         mask = saliency_mask(gradients, method_config.mask_ratio)

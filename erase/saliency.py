@@ -40,12 +40,16 @@ def forget_loss_gradients(
     *,
     guidance_scale: float,
     batch_size: int = 8,
+    micro_batch_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sum over the forget set of d(-MSE(noise, guided eps))/dw for every UNet weight.
 
     The prediction is the classifier-free-guided one, (1 + g) eps(x_t, c) - g eps(x_t, ""),
-    as in the reference SD/ code; t is uniform in [0, T) and the noise fresh per batch.
+    as in the reference SD/ code; t is uniform in [0, T) and the noise fresh per batch. With
+    `micro_batch_size`, each batch's noise and timesteps are drawn whole and the batch goes
+    through the UNet in pieces whose losses are weighted by their share: the same gradient with
+    the activations of a micro-batch.
     """
     unet = backend.unet
     unet.requires_grad_(True)  # a previous run may have frozen it
@@ -58,25 +62,37 @@ def forget_loss_gradients(
         noise = torch.randn(latents.shape, generator=generator).to(backend.device)
         timesteps = torch.randint(0, num_train_timesteps, (len(latents),), generator=generator)
         timesteps = timesteps.to(backend.device)
-        noisy = backend.noise_scheduler.add_noise(latents, noise, timesteps)
-        # Conditional and unconditional in one UNet call: each weight appears once in the graph,
-        # so backward does not hold a second whole set of gradients until both passes are done.
-        eps_cond, eps_uncond = backend.predict_noise(
-            unet,
-            torch.cat([noisy, noisy]),
-            torch.cat([timesteps, timesteps]),
-            torch.cat([backend.encode(conditions), backend.unconditional(len(latents))]),
-        ).chunk(2)
-        guided = (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
-        target = denoising_target(backend.noise_scheduler, latents, noise, timesteps)
-        loss = -torch.nn.functional.mse_loss(guided, target)  # target: the noise, or v
-        loss.backward()
+        piece = micro_batch_size or len(latents)
+        for first in range(0, len(latents), piece):
+            part = slice(first, first + piece)
+            share = len(latents[part]) / len(latents)
+            loss = guided_forget_loss(
+                backend, latents[part], conditions[part], noise[part], timesteps[part],
+                guidance_scale,
+            )  # fmt: skip
+            (loss * share if share != 1 else loss).backward()
     gradients = {}
     for name, param in unet.named_parameters():
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
         gradients[name] = grad.detach().float()
         param.grad = None
     return gradients
+
+
+def guided_forget_loss(backend, latents, conditions, noise, timesteps, guidance_scale):
+    """-MSE between the guided prediction at x_t and its target (the noise, or v)."""
+    noisy = backend.noise_scheduler.add_noise(latents, noise, timesteps)
+    # Conditional and unconditional in one UNet call: each weight appears once in the graph,
+    # so backward does not hold a second whole set of gradients until both passes are done.
+    eps_cond, eps_uncond = backend.predict_noise(
+        backend.unet,
+        torch.cat([noisy, noisy]),
+        torch.cat([timesteps, timesteps]),
+        torch.cat([backend.encode(conditions), backend.unconditional(len(latents))]),
+    ).chunk(2)
+    guided = (1 + guidance_scale) * eps_cond - guidance_scale * eps_uncond
+    target = denoising_target(backend.noise_scheduler, latents, noise, timesteps)
+    return -torch.nn.functional.mse_loss(guided, target)
 
 
 @dataclass

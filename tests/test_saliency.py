@@ -168,6 +168,23 @@ def test_forget_loss_gradients_are_those_of_the_guided_loss(tiny_sd_dir):
     assert sum(int(g.count_nonzero()) for g in gradients.values()) > 0
 
 
+def test_forget_loss_gradients_in_micro_batches_equal_whole_batches(tiny_sd_dir):
+    backend = load_backend(tiny_sd_dir)
+    latents = torch.randn(5, *backend.latent_shape, generator=torch.Generator().manual_seed(1))
+    prompts = ["a photo of a nude person"] * 5
+
+    def gradients(micro_batch_size):
+        return forget_loss_gradients(
+            backend, latents, prompts, guidance_scale=7.5, batch_size=4,
+            micro_batch_size=micro_batch_size, generator=torch.Generator().manual_seed(3),
+        )  # fmt: skip
+
+    whole, pieces = gradients(None), gradients(3)  # batches of 4 + 1, pieces of 3 + 1 and 1
+    for name in whole:
+        torch.testing.assert_close(pieces[name], whole[name], rtol=1e-3, atol=1e-6)
+    assert sum(int(g.count_nonzero()) for g in whole.values()) > 0
+
+
 def test_nan_gradients_are_an_error():
     gradients = {"a": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.ones(5)}
     with pytest.raises(EraseError, match="NaN"):

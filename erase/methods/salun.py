@@ -140,7 +140,7 @@ class SalUn:
         terms computed one after the other (retain, then forget)."""
         backend, config = self.backend, self.config
         drop, antithetic = config.cond_drop or 0.0, bool(config.antithetic)
-        retain_noise, retain_timesteps, retain_noisy = noised(
+        retain_target, retain_timesteps, retain_noisy = noised(
             backend, retain, generator, antithetic
         )
         retain_cond = dropped_to_null(backend, backend.encode(retain.conditions), drop, generator)
@@ -161,7 +161,7 @@ class SalUn:
         )
         forget_loss = squared_error(forget_prediction, target, "mean")  # both references: MSELoss
         retain_loss = squared_error(
-            retain_prediction, retain_noise, config.retain_reduction or "mean"
+            retain_prediction, retain_target, config.retain_reduction or "mean"
         )
         total = forget_loss + config.alpha * retain_loss
         return total, {"forget": forget_loss.item(), "retain": retain_loss.item()}
