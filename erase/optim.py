@@ -123,6 +123,10 @@ class MaskedAdam:
             hook.remove()
         self.hooks = []
 
+    def release(self) -> None:
+        """Drop the moments and the gradient buffer (after training)."""
+        self.exp_avg = self.exp_avg_sq = self.grad = None
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradient to norm <= max_norm, as torch.nn.utils.clip_grad_norm_ does on the
         masked dense gradients (the unmasked entries are zero and add nothing to the norm)."""
@@ -244,6 +248,10 @@ class StepInBackward:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+
+    def release(self) -> None:
+        """Drop every parameter's optimizer and its moments (after training)."""
+        self.optimizers = {}
 
     def state_dict(self) -> dict:
         """Every parameter's optimizer state, in parameter order (for accelerate's checkpoints)."""

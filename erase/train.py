@@ -229,6 +229,10 @@ class DenseUpdate:
     def remove_hooks(self) -> None:
         """Nothing to detach."""
 
+    def release(self) -> None:
+        """Drop the optimizer and its state (after training)."""
+        self.optimizer, self.dense_masks = None, []
+
 
 def steps_in_backward(accelerator, unet, config: TrainConfig) -> bool:
     """Whether the optimizer can step each parameter inside backward: one process, one backward
@@ -376,6 +380,11 @@ def train(
             p for p in frozen.parameters() if id(p) not in shared
         )
     accelerator.wait_for_everyone()
+    # The optimizer's state is done with: free it before the evaluation and grid that follow
+    # (accelerate keeps references to the optimizer and to the checkpointed update).
+    update.release()
+    accelerator.free_memory()
+    release_freed_memory()
     unet.eval()
     unet.requires_grad_(False)
     return result

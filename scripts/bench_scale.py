@@ -625,19 +625,32 @@ def activation_projection(report: dict, batch: int) -> dict:
     }
 
 
+def phase_peak_mb(report: dict, phase: str) -> float:
+    """A phase's peak: the CUDA allocator's on a GPU, the resident set's on the CPU."""
+    peaks = report["peak_mb"].get(phase, {})
+    return peaks.get("cuda_mb") or peaks.get("rss_mb", 0.0)
+
+
 def slope_projection(small: dict, large: dict, batch: int) -> dict:
-    """Activation bytes per sample from two batch sizes (the difference of their peaks over the
-    difference of their batches: what does not grow with the batch cancels), and the projected
-    peak for `batch` samples: the smaller run's peak plus the samples it did not have."""
+    """The peak at `batch` samples from runs at two batch sizes. The phases whose work grows with
+    the batch (the mask's gradient, training) are projected from their own slope: the difference
+    of their peaks over the difference of the batches, so that what does not grow with the batch
+    cancels; the other phases (data, grid, write) keep their measured peak."""
     extra = large["batch_size"] - small["batch_size"]
-    per_sample = (peak_mb(large) - peak_mb(small)) / extra
+    per_sample, projected = {}, {}
+    for phase in small["peak_mb"]:
+        low, high = phase_peak_mb(small, phase), phase_peak_mb(large, phase)
+        if phase in ("mask", "train") and low:
+            per_sample[phase] = round((high - low) / extra, 1)
+            projected[phase] = round(low + (batch - small["batch_size"]) * per_sample[phase])
+        elif low or high:
+            projected[phase] = round(max(low, high))
     return {
         "batches_measured": [small["batch_size"], large["batch_size"]],
         "peaks_mb": [peak_mb(small), peak_mb(large)],
-        "activation_mb_per_sample": round(per_sample, 1),
-        f"projected_peak_mb_batch_{batch}": round(
-            peak_mb(small) + (batch - small["batch_size"]) * per_sample
-        ),
+        "activation_mb_per_sample": per_sample,
+        f"projected_phase_peaks_mb_batch_{batch}": projected,
+        f"projected_peak_mb_batch_{batch}": max(projected.values()),
     }
 
 
