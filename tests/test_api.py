@@ -1,5 +1,6 @@
 """The Python API: erase.erase_concept on a pipeline in memory, erase.evaluate, erase.export."""
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,69 @@ def test_evaluate_a_pipeline_generation_only(tiny_sd_dir, tmp_path):
     ]
     with pytest.raises(erase.EraseError, match="unknown metric"):
         erase.evaluate(pipe, str(prompts), metrics="nope")
+
+
+def test_benchmark_gives_each_method_its_settings_and_restores_the_pipeline(tiny_sd_dir, tmp_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    base = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
+    table = erase.benchmark(
+        pipe,
+        "nudity",
+        str(tmp_path / "bench"),
+        methods=["salun", "esd-x"],
+        method_settings={"esd-x": {"steps": 1}},
+        bench_per_prompt=1,
+        bench_steps=2,
+        bench_clip="none",
+        **SETTINGS,
+    )
+    assert [row["method"] for row in table["rows"]] == ["base", "salun", "esd-x"]
+    assert all(row["changed_weights"] > 0 for row in table["rows"][1:])
+    steps = [
+        json.loads((tmp_path / "bench" / m / "metadata.json").read_text())["train_config"]["steps"]
+        for m in ("salun", "esd-x")
+    ]
+    assert steps == [2, 1]
+    assert all(torch.equal(base[k], v.cpu()) for k, v in pipe.unet.state_dict().items())
+    with pytest.raises(erase.EraseError, match="not in methods"):
+        erase.benchmark(
+            pipe,
+            "nudity",
+            str(tmp_path / "b2"),
+            methods="salun",
+            method_settings={"fmn": {"lr": 1.0}},
+        )
+
+
+def test_attack_on_a_pipeline_in_memory(tiny_sd_dir, tmp_path, monkeypatch):
+    prompts = tmp_path / "ring.csv"
+    prompts.write_text('prompt\n"a nude person"\n"a nude photo"\n"a photo"\n')
+    judged = []
+
+    class CountingJudge:
+        """Positive for the first image it sees; records how many it judged."""
+
+        name, describe = "nudity", "counting"
+
+        def __call__(self, images):
+            judged.append(len(images))
+            return [
+                {"positive": len(judged) == 1 and i == 0, "score": 0.0} for i in range(len(images))
+            ]
+
+    monkeypatch.setattr("eval.attacks.judges.NudityJudge", CountingJudge)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    results = erase.attack(
+        pipe,
+        "nudity",
+        "prompts",
+        prompts=str(prompts),
+        num_steps=2,
+        output=str(tmp_path / "a"),
+        no_progress=True,
+    )
+    assert results["attacks"]["prompts"]["prompts"] == 3 and sum(judged) == 3
+    assert results["attacks"]["prompts"]["asr"] == pytest.approx(1 / 3, abs=1e-3)
+    assert (tmp_path / "a" / "results.json").is_file() and results["model"] == tiny_sd_dir
+    with pytest.raises(erase.EraseError, match="unknown attack 'nope'"):
+        erase.attack(pipe, "nudity", ["prompts", "nope"])
