@@ -53,11 +53,10 @@ def load_model(model, device: torch.device | None = None, data_dir: str | None =
     from diffusers import StableDiffusionPipeline
 
     from erase.models import load_backend
-    from erase.models.ddpm import ClassDDPMBackend
     from erase.models.sd import StableDiffusionBackend
 
-    if isinstance(model, StableDiffusionBackend | ClassDDPMBackend):
-        return model
+    if all(hasattr(model, name) for name in ("identity", "conditioning", "unet", "sample")):
+        return model  # a backend (erase/models/base.py's interface), loaded before
     if isinstance(model, StableDiffusionPipeline):
         return StableDiffusionBackend.from_pipeline(model, device=device)
     if isinstance(model, str | os.PathLike):

@@ -296,7 +296,7 @@ def load_sd_digits(
     data_dir: str | None = None, device: torch.device | None = None
 ) -> SDDigitsBackend:
     """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
-    from erase.models import erase_home
+    from erase.models import erase_home, quiet_loading
 
     folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -308,4 +308,5 @@ def load_sd_digits(
             file=sys.stderr,
         )
         train_sd_digits(folder)
-    return SDDigitsBackend(folder, device=device)
+    with quiet_loading():  # diffusers' notices on the testbed's scheduler config, not the user's
+        return SDDigitsBackend(folder, device=device)
