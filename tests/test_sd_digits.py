@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -128,6 +129,13 @@ def test_an_interrupted_save_leaves_nothing_and_the_next_use_trains_again(tmp_pa
     train_sd_digits(folder, TINY)
     assert os.listdir(tmp_path) == ["sd-digits"]
     assert os.path.isfile(os.path.join(folder, "model_index.json"))
+
+
+def test_training_prints_no_diffusers_notice(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_sd_digits(str(tmp_path / "sd-digits"), TINY)
+    assert not [w for w in caught if "steps_offset" in str(w.message)]
 
 
 def test_training_runs_on_one_thread_and_gives_the_caller_its_threads_back(monkeypatch, tmp_path):

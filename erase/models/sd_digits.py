@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from erase.concepts import Concept
 from erase.errors import EraseError
+from erase.models import quiet_loading
 from erase.models.digits import DIGIT_NAMES, digits_dataset
 from erase.models.sd import StableDiffusionBackend
 from erase.models.small_sd import as_pipeline, small_sd_components
@@ -254,7 +255,8 @@ def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
         tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
         train_vae(vae, images, config)
         train_unet(tokenizer, text_encoder, unet, vae, images, labels, config)
-    pipe = as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
+    with quiet_loading():  # diffusers' notice on the scheduler's steps_offset: the testbed's own
+        pipe = as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
     staging = f"{folder}.partial-{uuid.uuid4().hex[:8]}"
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
@@ -296,7 +298,7 @@ def load_sd_digits(
     data_dir: str | None = None, device: torch.device | None = None
 ) -> SDDigitsBackend:
     """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
-    from erase.models import erase_home, quiet_loading
+    from erase.models import erase_home
 
     folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -308,5 +310,4 @@ def load_sd_digits(
             file=sys.stderr,
         )
         train_sd_digits(folder)
-    with quiet_loading():  # diffusers' notices on the testbed's scheduler config, not the user's
-        return SDDigitsBackend(folder, device=device)
+    return SDDigitsBackend(folder, device=device)
