@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"erase-concept: error: {error}", file=sys.stderr)
         print(json.dumps({"error": str(error)}))
         return 2
+    except SystemExit as exit_request:  # a bad flag after --: erase-concept's parser said which
+        print(json.dumps({"error": f"erase-concept exited with {exit_request.code}"}))
+        return int(exit_request.code or 2)
 
     metadata = erased.metadata
     with open(os.path.join(classifier_folder(16), "config.json")) as file:
