@@ -40,12 +40,24 @@ def test_api_on_a_pipeline_gives_the_cli_weights(tiny_sd_dir, tiny_sd_args, tmp_
 
 def test_api_writes_the_artifact_when_asked(tiny_sd_dir, tmp_path):
     output = str(tmp_path / "erased")
-    result = erase.erase_concept(tiny_sd_dir, "nudity", output=output, no_grid=True, **SETTINGS)
+    phases = []
+    result = erase.erase_concept(
+        tiny_sd_dir, "nudity", output=output, on_phase=phases.append, no_grid=True, **SETTINGS
+    )
     assert result.output == output
+    assert phases[0] == "load" and phases[-1] == "write" and "mask" in phases and "train" in phases
     assert os.path.isfile(os.path.join(output, "unet", "diffusion_pytorch_model.safetensors"))
     assert os.path.isfile(os.path.join(output, "README.md"))
     exported = erase.export_model(output, "unet", str(tmp_path / "unet.safetensors"))
     assert os.path.getsize(exported) > 1000
+
+
+def test_several_concepts_are_the_repeated_flag():
+    from erase.api import erasure_arguments
+
+    args = erasure_arguments(["nudity", "Van Gogh"], "esd-x", {"steps": 3})
+    assert args.concept == ["nudity", "Van Gogh"] and args.method == "esd-x" and args.steps == 3
+    assert erasure_arguments("nudity", "salun", {}).concept == ["nudity"]
 
 
 def test_unknown_setting_is_a_clear_error(tiny_sd_dir):
