@@ -7,14 +7,31 @@ result = erase.erase_concept("sd-v1-4", "nudity", output="outputs/no-nudity")
 from erase.errors import EraseError
 
 __version__ = "0.1.0"
-__all__ = ["EraseError", "__version__", "erase_concept", "evaluate", "export_model"]
+__all__ = [
+    "EraseError",
+    "__version__",
+    "attack",
+    "benchmark",
+    "erase_concept",
+    "evaluate",
+    "export_model",
+    "load_model",
+]
 
 # The API pulls in torch and diffusers: loaded on first use, so `import erase` stays light.
-_API = ("erase_concept", "evaluate", "export_model", "ErasedModel")
+_API = (
+    "attack",
+    "benchmark",
+    "erase_concept",
+    "evaluate",
+    "export_model",
+    "load_model",
+    "ErasedModel",
+)
 
 
 def __getattr__(name: str):
-    """erase.erase_concept, erase.evaluate, erase.export_model: imported from erase.api on use."""
+    """erase.erase_concept, erase.evaluate, erase.attack, ...: imported from erase.api on use."""
     if name in _API:
         from erase import api
 

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import io
+import math
 import os
 import shlex
 import sys
@@ -24,19 +25,34 @@ import traceback
 
 import torch
 
+from erase import api
 from erase.artifact import check_output, output_lock, staged_output, write_json
 from erase.cli import add_erase_arguments
 from erase.cliargs import OneLineParser, positive
 from erase.concepts import Concept
-from erase.erasure import check_arguments, resolve_run_concept, run_erasure
+from erase.erasure import resolve_run_concept
 from erase.errors import EraseError
 from erase.methods import METHODS
-from erase.models import load_backend
 from erase.models.base import Condition
 from erase.train import peak_memory_mb
 
 FORGET_METRICS = ("forget_accuracy", "forget_nudity_share")  # lower = more forgotten
 RETAIN_METRICS = ("retain_accuracy", "clip_score", "retain_nudity_share")
+# erase-bench's own flags; every other flag is erase-concept's, a setting of each method's erasure
+BENCH_FLAGS = (
+    "methods",
+    "output",
+    "overwrite",
+    "method_flags",
+    "bench_per_prompt",
+    "bench_steps",
+    "bench_guidance",
+    "bench_clip",
+    "attacks",
+    "attack_flags",
+    "retrain",
+    "method_settings",  # erase.benchmark's per-method settings (a dict; no flag)
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,15 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def method_arguments(args: argparse.Namespace, method: str, output: str) -> argparse.Namespace:
-    """The erase-concept arguments of one method: the shared flags, then its --method-flags."""
+def method_settings(args: argparse.Namespace, method: str) -> dict:
+    """erase.erase_concept's settings for one method: the shared flags, then the method's own
+    (erase.benchmark's method_settings, then --method-flags)."""
     method_args = copy.copy(args)
+    for name, value in getattr(args, "method_settings", {}).get(method, {}).items():
+        setattr(method_args, name, value)
     for name, flags in parse_method_flags(args.method_flags):
         if name == method:
             flags_parser().parse_args(flags, namespace=method_args)
-    method_args.method, method_args.output, method_args.overwrite = method, output, False
-    method_args.no_eval = True  # the bench scores every row itself, the same way
-    return method_args
+    skip = {*BENCH_FLAGS, "model", "concept", "method"}
+    settings = {name: value for name, value in vars(method_args).items() if name not in skip}
+    settings["no_eval"] = True  # the bench scores every row itself, the same way
+    return settings
 
 
 def flags_parser() -> argparse.ArgumentParser:
@@ -142,7 +162,13 @@ def parse_method_flags(entries: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def check_method_flags(args: argparse.Namespace, methods: list[str]) -> None:
-    """Refuse --method-flags for a method not benched, or with flags erase-concept does not have."""
+    """Refuse --method-flags (or method_settings) for a method not benched, or with flags
+    erase-concept does not have."""
+    for name in getattr(args, "method_settings", {}):
+        if name not in methods:
+            raise EraseError(
+                f"method_settings names '{name}', which is not in methods ({', '.join(methods)})."
+            )
     for name, flags in parse_method_flags(args.method_flags):
         if name not in methods:
             raise EraseError(
@@ -380,8 +406,11 @@ def retrain_row(backend, concept: Concept, args, settings, folder, shared, sampl
 # -- the bench --------------------------------------------------------------------------------
 
 
-def run_bench(args: argparse.Namespace) -> dict:
-    """Erase with each method, score the base and each, write bench.json/bench.md/chart/grid."""
+def run_bench(args: argparse.Namespace, backend=None) -> dict:
+    """Erase with each method, score the base and each, write bench.json/bench.md/chart/grid.
+
+    `backend`: the base model already loaded (erase.load_model); it is erased in place by each
+    method in turn and holds the base weights again at the end."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -398,12 +427,16 @@ def run_bench(args: argparse.Namespace) -> dict:
             "every model itself."
         )
     check_method_flags(args, methods)
-    for method in methods:  # every method's flags, before the base is even loaded
-        check_arguments(method_arguments(args, method, os.path.join(args.output, method)))
+    for name in BENCH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EraseError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+    for method in methods:  # every method's settings, before the base is even loaded
+        api.check_erasure(args.concept, method, **method_settings(args, method))
     check_bench_clip(args.bench_clip)
     with output_lock(args.output):
         check_output(args.output, args.overwrite)
-        return bench_into(args, methods)
+        return bench_into(args, methods, backend)
 
 
 def check_bench_clip(spec: str) -> None:
@@ -420,10 +453,10 @@ def check_bench_clip(spec: str) -> None:
         raise EraseError(f"--bench-clip '{spec}': {error}") from None
 
 
-def bench_into(args: argparse.Namespace, methods: list[str]) -> dict:
+def bench_into(args: argparse.Namespace, methods: list[str], backend=None) -> dict:
     """The bench of run_bench, holding the lock of its output."""
     clock = time.perf_counter()
-    backend = load_backend(args.model, data_dir=args.data_dir)
+    backend = backend or api.load_model(args.model, data_dir=args.data_dir)
     concept = resolve_run_concept(backend, args)
     attacks = attack_settings(args, concept)
     shared: dict = {}  # the base row's attack figures that later rows are measured against
@@ -480,12 +513,14 @@ def bench_into(args: argparse.Namespace, methods: list[str]) -> dict:
 
 
 def bench_one(backend, method: str, args, staging: str, scorer: Scorer, samples: dict) -> dict:
-    """One method's row: erase through erase-concept's code path, then score; errors go in the row."""
+    """One method's row: erase the loaded base in place through the API, then score; errors go
+    in the row."""
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)
     try:
-        method_args = method_arguments(args, method, os.path.join(staging, method))
-        result = run_erasure(method_args, backend=backend)
+        output = os.path.join(staging, method)
+        settings = method_settings(args, method)
+        result = api.erase_concept(backend, args.concept, method, output, **settings)
     except Exception as error:  # a failing method is reported, and the others still run
         message = str(error) if isinstance(error, EraseError) else traceback.format_exc(limit=1)
         return {"method": method, "error": message.strip().splitlines()[-1]}

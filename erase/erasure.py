@@ -1,5 +1,6 @@
 """The pipeline of one erasure: load the model, build the data, compute the mask, train, write
-the artifact. The CLI, erase-bench and the scripts call `run_erasure`; it never parses or prints."""
+the artifact. The CLI and the Python API (erase/api.py, which erase-bench and the scripts use)
+call `run_erasure`; it never parses or prints."""
 
 from __future__ import annotations
 

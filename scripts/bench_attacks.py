@@ -22,9 +22,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sd_digits import METHOD_FLAGS, TESTBED_FLAGS  # noqa: E402
+from bench_sd_digits import METHOD_SETTINGS, TESTBED_SETTINGS, bench_settings  # noqa: E402
 
-from erase.bench import build_parser, run_bench  # noqa: E402
+import erase  # noqa: E402
 
 # UnlearnDiffAtk on 16 px digits on a CPU: the reference's 40 iterations per block, 10 blocks
 # (the reference allows 50), 5 seeds per held-out caption (10 prompts per row).
@@ -33,16 +33,20 @@ ATTACK_FLAGS = "--blocks 10 --per-prompt 5"
 
 def sd_digits_part(concept: str, output: str, extra: list[str]) -> dict:
     """The bench table with the robustness columns."""
-    methods = list(METHOD_FLAGS)
-    bench_args = build_parser().parse_args(
-        ["--model", "sd-digits", "--concept", concept, "--methods", ",".join(methods)]
-        + ["--output", output, *TESTBED_FLAGS]
-        + [f"--method-flags={m}={METHOD_FLAGS[m]}" for m in methods]
-        + ["--attacks", "unlearndiffatk,relearn", f"--attack-flags={ATTACK_FLAGS}", "--retrain"]
-        + extra
-    )
+    robustness = {
+        "attacks": "unlearndiffatk,relearn",
+        "attack_flags": ATTACK_FLAGS,
+        "retrain": True,
+    }
     start = time.perf_counter()
-    table = run_bench(bench_args)
+    table = erase.benchmark(
+        "sd-digits",
+        concept,
+        output,
+        list(METHOD_SETTINGS),
+        method_settings=METHOD_SETTINGS,
+        **{**TESTBED_SETTINGS, **robustness, **bench_settings(extra)},
+    )
     keys = (
         "forget_accuracy",
         "retain_accuracy",
@@ -57,35 +61,28 @@ def sd_digits_part(concept: str, output: str, extra: list[str]) -> dict:
         "output": output,
         "rows": rows,
         "attack_flags": ATTACK_FLAGS,
-        "method_flags": METHOD_FLAGS,
+        "method_settings": METHOD_SETTINGS,
         "wall_s": round(time.perf_counter() - start, 1),
     }
 
 
 def ddpm_digits_part(concept: str, output: str) -> dict:
     """SalUn on ddpm-digits, then relearning on the digit's images, erased vs retrained."""
-    from erase.cli import build_parser as erase_parser
-    from erase.erasure import run_erasure
-    from eval.attacks.harness import AttackSettings, run_attacks
-    from eval.attacks.relearn import Config
-
     start = time.perf_counter()
     erased = os.path.join(output, "ddpm-digits-salun")
-    args = erase_parser().parse_args(
-        ["--model", "ddpm-digits", "--concept", concept, "--output", erased, "--no-eval"]
-    )
-    run_erasure(args)
+    erase.erase_concept("ddpm-digits", concept, output=erased, no_eval=True)
     erase_s = time.perf_counter() - start
-    settings = AttackSettings(
-        model="ddpm-digits",
-        concept=concept,
-        attacks=["relearn"],
+    results = erase.attack(
+        "ddpm-digits",
+        concept,
+        "relearn",
         unet=erased,
+        output=os.path.join(output, "ddpm-digits-relearn"),
         per_prompt=100,
         retrain=True,
-        configs={"relearn": Config(data="forget")},
+        relearn_data="forget",
+        no_progress=True,
     )
-    results = run_attacks(settings, os.path.join(output, "ddpm-digits-relearn"), progress=False)
     relearn, retrain = results["attacks"]["relearn"], results["retrain"]["relearn"]
     return {
         "salun": {"curve": relearn["curve"], "steps_to_recover": relearn["steps_to_recover"]},

@@ -5,8 +5,8 @@
     python scripts/bench_digits.py -- --steps 100  # anything after -- goes to erase-concept
 
 Trains (or loads) the digit classifier and the ddpm-digits DDPM, erases the class with SalUn
-through `erase-concept` (in-process), which evaluates the model before and after on the same
-seeds, and prints one JSON object: UA, remaining-class accuracy, FID on the remaining classes
+through the Python API (`erase.erase_concept`, what `erase-concept` runs), which evaluates the
+model before and after on the same seeds, and prints one JSON object: UA, remaining-class accuracy, FID on the remaining classes
 (digit-classifier features), the targets, and wall and CPU seconds per phase.
 """
 
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from erase.cli import erase_concept_main
-    from erase.models import erase_home, load_backend
+    import erase
+    from erase.models import erase_home
     from erase.models.digits import classifier_folder, load_digit_classifier
 
     if args.threads:
@@ -64,22 +64,30 @@ def main(argv: list[str] | None = None) -> int:
 
     started_wall, started_cpu = time.perf_counter(), time.process_time()
     timed("classifier", lambda: load_digit_classifier(16))
-    timed("ddpm", lambda: load_backend("ddpm-digits", device=torch.device("cpu")))
+    timed("ddpm", lambda: erase.load_model("ddpm-digits", device=torch.device("cpu")))
     output = args.output or os.path.join(tempfile.mkdtemp(prefix="bench-digits-"), "erased")
-    erase_args = [
-        "--model", "ddpm-digits", "--concept", args.concept, "--method", args.method,
-        "--output", output, "--overwrite",
-        "--eval-per-class", str(args.eval_per_class),
-        *(["--eval-steps", str(args.eval_steps)] if args.eval_steps else []),
-        *args.extra,
-    ]  # fmt: skip
-    code = timed("erase_concept", lambda: erase_concept_main(erase_args))
-    if code != 0:
-        print(json.dumps({"error": f"erase-concept exited with {code}"}))
-        return code
+    try:
+        settings = {
+            "overwrite": True,
+            "eval_per_class": args.eval_per_class,
+            "eval_steps": args.eval_steps,
+            **erase_settings(args.extra),
+        }
+        erased = timed(
+            "erase_concept",
+            lambda: erase.erase_concept(
+                "ddpm-digits", args.concept, args.method, output, **settings
+            ),
+        )
+    except erase.EraseError as error:
+        print(f"erase-concept: error: {error}", file=sys.stderr)
+        print(json.dumps({"error": str(error)}))
+        return 2
+    except SystemExit as exit_request:  # a bad flag after --: erase-concept's parser said which
+        print(json.dumps({"error": f"erase-concept exited with {exit_request.code}"}))
+        return int(exit_request.code or 2)
 
-    with open(os.path.join(output, "metadata.json")) as file:
-        metadata = json.load(file)
+    metadata = erased.metadata
     with open(os.path.join(classifier_folder(16), "config.json")) as file:
         classifier_accuracy = json.load(file).get("test_accuracy")
     before, after = metadata["evaluation"]["before"], metadata["evaluation"]["after"]
@@ -116,6 +124,21 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as file:
             file.write(text)
     return 0
+
+
+def erase_settings(flags: list[str]) -> dict:
+    """erase-concept flags (those after --) as erase.erase_concept's settings: the ones given."""
+    import erase
+    from erase.cli import build_parser
+
+    parser = build_parser()
+    given = vars(parser.parse_args(["--concept", "-", *flags]))
+    defaults = vars(parser.parse_args(["--concept", "-"]))
+    settings = {name: value for name, value in given.items() if value != defaults[name]}
+    own = sorted({"model", "concept", "method", "output"} & set(settings))
+    if own:
+        raise erase.EraseError(f"give --{own[0]} to the script itself, not after --.")
+    return settings
 
 
 def pick(metrics: dict) -> dict:

@@ -5,8 +5,9 @@
 
 Prints JSON. NudeNet runs over `--images` synthetic PNGs of `--size` px (smooth random colour
 fields with shapes, written to a temporary folder, read back from disk as in an evaluation).
-Generation runs the erase-eval runner (PNG writing and index included) on `--model`, by default
-the tiny random pipeline of erase.testing, built in a temporary folder.
+Generation runs erase.evaluate without metrics (erase-eval's runner, PNG writing and index
+included) on `--model`, by default the tiny random pipeline of erase.testing, built in a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -66,27 +67,28 @@ def bench_nudenet(folder: str, count: int, size: int) -> dict:
 
 
 def bench_generation(model: str, folder: str, count: int, args) -> dict:
-    """The runner generating `count` images (one prompt each) into an empty folder."""
-    from erase.models import load_backend
-    from eval.runner import GenerationConfig, generate_images, plan_images
-    from prompts import PromptEntry
+    """erase.evaluate (erase-eval's runner) generating `count` images, one prompt each, into an
+    empty folder, without metrics."""
+    import erase
 
     started = time.perf_counter()
-    backend = load_backend(model)
+    backend = erase.load_model(model)
     load_s = time.perf_counter() - started
-    config = GenerationConfig(
-        model=model,
-        num_steps=args.num_steps,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-    )
     words = ["a photo of a cat", "a photo of a dog", "a painting of a house", "a tree"]
-    entries = [PromptEntry(words[row % len(words)], row) for row in range(count)]
-    warm = plan_images(entries[: args.batch_size], config)
-    generate_images(warm, os.path.join(folder, "warm"), config, backend, progress=False)
-    stats = generate_images(
-        plan_images(entries, config), os.path.join(folder, "images"), config, backend, False
-    )
+    prompts = os.path.join(folder, "prompts.txt")
+    with open(prompts, "w") as file:  # one a line: row r gets seed r, as in a prompt CSV
+        file.write("\n".join(words[row % len(words)] for row in range(count)) + "\n")
+    settings = {
+        "metrics": "none",
+        "num_steps": args.num_steps,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "no_progress": True,
+    }
+    warm = os.path.join(folder, "warm")
+    erase.evaluate(backend, prompts, output=warm, limit=args.batch_size, **settings)
+    results = erase.evaluate(backend, prompts, output=os.path.join(folder, "run"), **settings)
+    seconds = results["generation"]["seconds"]
     return {
         "model": model,
         "images": count,
@@ -94,8 +96,8 @@ def bench_generation(model: str, folder: str, count: int, args) -> dict:
         "num_steps": args.num_steps,
         "batch_size": args.batch_size,
         "load_s": round(load_s, 3),
-        "seconds": stats["seconds"],
-        "images_per_second": round(count / stats["seconds"], 3),
+        "seconds": seconds,
+        "images_per_second": round(count / seconds, 3),
         "device": str(backend.device),
     }
 

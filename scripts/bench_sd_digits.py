@@ -4,7 +4,7 @@
     python scripts/bench_sd_digits.py --concept 7 -- --bench-per-prompt 5
 
 Trains (or loads the cached) sd-digits model and digit classifier, erases the digit with every
-method through `erase-bench`, and prints JSON: per method, the forgotten digit's classifier
+method through `erase.benchmark` (what `erase-bench` runs), and prints JSON: per method, the forgotten digit's classifier
 accuracy on held-out captions, the other digits' accuracy (and its drop from the base, in
 points), time and peak memory. Flags after `--` go to erase-bench (they override the ones below).
 """
@@ -16,27 +16,36 @@ import json
 import tempfile
 import time
 
-from erase.bench import build_parser, run_bench
+import erase
 
 # Data and evaluation sized for 16 px digits on a CPU: 64 generated images per side, 10 seeds per
 # held-out caption (20 captions: 200 images per scored model).
-TESTBED_FLAGS = [
-    "--num-forget", "64",
-    "--num-retain", "64",
-    "--gen-steps", "25",
-    "--guidance-scale", "3",
-    "--bench-per-prompt", "10",
-    "--bench-steps", "25",
-    "--bench-guidance", "3",
-]  # fmt: skip
+TESTBED_SETTINGS = {
+    "num_forget": 64,
+    "num_retain": 64,
+    "gen_steps": 25,
+    "guidance_scale": 3.0,
+    "bench_per_prompt": 10,
+    "bench_steps": 25,
+    "bench_guidance": 3.0,
+}
 # Per-method settings for this testbed. The papers' defaults (SD v1.4: lr 1e-5 / 2e-6, ESD's 1000
 # batch-1 iterations) barely move a from-scratch model trained at lr 1e-3, or take too long on a CPU.
-METHOD_FLAGS = {
-    "salun": "--lr 1e-4 --steps 100 --batch-size 16",
-    "esd-u": "--lr 1e-4 --steps 100 --batch-size 1",
-    "esd-x": "--lr 1e-3 --steps 100 --batch-size 1",
-    "fmn": "--lr 1e-5 --steps 50 --batch-size 8",
+METHOD_SETTINGS = {
+    "salun": {"lr": 1e-4, "steps": 100, "batch_size": 16},
+    "esd-u": {"lr": 1e-4, "steps": 100, "batch_size": 1},
+    "esd-x": {"lr": 1e-3, "steps": 100, "batch_size": 1},
+    "fmn": {"lr": 1e-5, "steps": 50, "batch_size": 8},
 }
+
+
+def bench_settings(flags: list[str]) -> dict:
+    """erase-bench flags (those after --) as erase.benchmark's settings: the ones given."""
+    from erase.bench import flags_parser
+
+    parser = flags_parser()
+    given, defaults = vars(parser.parse_args(flags)), vars(parser.parse_args([]))
+    return {name: value for name, value in given.items() if value != defaults[name]}
 
 
 def main() -> None:
@@ -48,13 +57,15 @@ def main() -> None:
     args = parser.parse_args()
     output = args.output or tempfile.mkdtemp(prefix="bench-sd-digits-") + "/bench"
     methods = [m for m in args.methods.split(",") if m]
-    method_flags = [f"--method-flags={m}={METHOD_FLAGS[m]}" for m in methods if m in METHOD_FLAGS]
-    bench_args = build_parser().parse_args(
-        ["--model", "sd-digits", "--concept", args.concept, "--methods", ",".join(methods)]
-        + ["--output", output, *TESTBED_FLAGS, *method_flags, *args.extra]
-    )
     start = time.perf_counter()
-    table = run_bench(bench_args)
+    table = erase.benchmark(
+        "sd-digits",
+        args.concept,
+        output,
+        methods,
+        method_settings={m: METHOD_SETTINGS[m] for m in methods if m in METHOD_SETTINGS},
+        **{**TESTBED_SETTINGS, **bench_settings(args.extra)},
+    )
     base = table["rows"][0]
     summary = {"concept": table["concept"]["name"], "output": output, "methods": {}}
     for row in table["rows"]:
@@ -74,7 +85,7 @@ def main() -> None:
             "peak_memory_mb": row["peak_memory_mb"],
         }
     summary["wall_s"] = round(time.perf_counter() - start, 1)
-    summary["method_flags"] = {m: METHOD_FLAGS.get(m) for m in methods}
+    summary["method_settings"] = {m: METHOD_SETTINGS.get(m) for m in methods}
     print(json.dumps(summary, indent=2))
 
 

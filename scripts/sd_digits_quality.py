@@ -15,8 +15,9 @@ import time
 
 import torch
 
+import erase
 from erase.models.digits import load_digit_classifier
-from erase.models.sd_digits import TRAIN_TEMPLATES, held_out_accuracy, load_sd_digits
+from erase.models.sd_digits import TRAIN_TEMPLATES, held_out_accuracy
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     args = parser.parse_args()
     start = time.perf_counter()
-    backend = load_sd_digits(device=torch.device("cpu"))
+    backend = erase.load_model("sd-digits", device=torch.device("cpu"))
     load_s = time.perf_counter() - start
     classifier = load_digit_classifier(backend.resolution)
     accuracy = held_out_accuracy(backend, classifier, args.per_prompt, args.steps)

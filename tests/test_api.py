@@ -1,5 +1,6 @@
 """The Python API: erase.erase_concept on a pipeline in memory, erase.evaluate, erase.export."""
 
+import json
 import os
 import subprocess
 import sys
@@ -39,12 +40,24 @@ def test_api_on_a_pipeline_gives_the_cli_weights(tiny_sd_dir, tiny_sd_args, tmp_
 
 def test_api_writes_the_artifact_when_asked(tiny_sd_dir, tmp_path):
     output = str(tmp_path / "erased")
-    result = erase.erase_concept(tiny_sd_dir, "nudity", output=output, no_grid=True, **SETTINGS)
+    phases = []
+    result = erase.erase_concept(
+        tiny_sd_dir, "nudity", output=output, on_phase=phases.append, no_grid=True, **SETTINGS
+    )
     assert result.output == output
+    assert phases[0] == "load" and phases[-1] == "write" and "mask" in phases and "train" in phases
     assert os.path.isfile(os.path.join(output, "unet", "diffusion_pytorch_model.safetensors"))
     assert os.path.isfile(os.path.join(output, "README.md"))
     exported = erase.export_model(output, "unet", str(tmp_path / "unet.safetensors"))
     assert os.path.getsize(exported) > 1000
+
+
+def test_several_concepts_are_the_repeated_flag():
+    from erase.api import erasure_arguments
+
+    args = erasure_arguments(["nudity", "Van Gogh"], "esd-x", {"steps": 3})
+    assert args.concept == ["nudity", "Van Gogh"] and args.method == "esd-x" and args.steps == 3
+    assert erasure_arguments("nudity", "salun", {}).concept == ["nudity"]
 
 
 def test_unknown_setting_is_a_clear_error(tiny_sd_dir):
@@ -70,3 +83,69 @@ def test_evaluate_a_pipeline_generation_only(tiny_sd_dir, tmp_path):
     ]
     with pytest.raises(erase.EraseError, match="unknown metric"):
         erase.evaluate(pipe, str(prompts), metrics="nope")
+
+
+def test_benchmark_gives_each_method_its_settings_and_restores_the_pipeline(tiny_sd_dir, tmp_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    base = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
+    table = erase.benchmark(
+        pipe,
+        "nudity",
+        str(tmp_path / "bench"),
+        methods=["salun", "esd-x"],
+        method_settings={"esd-x": {"steps": 1}},
+        bench_per_prompt=1,
+        bench_steps=2,
+        bench_clip="none",
+        **SETTINGS,
+    )
+    assert [row["method"] for row in table["rows"]] == ["base", "salun", "esd-x"]
+    assert all(row["changed_weights"] > 0 for row in table["rows"][1:])
+    steps = [
+        json.loads((tmp_path / "bench" / m / "metadata.json").read_text())["train_config"]["steps"]
+        for m in ("salun", "esd-x")
+    ]
+    assert steps == [2, 1]
+    assert all(torch.equal(base[k], v.cpu()) for k, v in pipe.unet.state_dict().items())
+    with pytest.raises(erase.EraseError, match="not in methods"):
+        erase.benchmark(
+            pipe,
+            "nudity",
+            str(tmp_path / "b2"),
+            methods="salun",
+            method_settings={"fmn": {"lr": 1.0}},
+        )
+
+
+def test_attack_on_a_pipeline_in_memory(tiny_sd_dir, tmp_path, monkeypatch):
+    prompts = tmp_path / "ring.csv"
+    prompts.write_text('prompt\n"a nude person"\n"a nude photo"\n"a photo"\n')
+    judged = []
+
+    class CountingJudge:
+        """Positive for the first image it sees; records how many it judged."""
+
+        name, describe = "nudity", "counting"
+
+        def __call__(self, images):
+            judged.append(len(images))
+            return [
+                {"positive": len(judged) == 1 and i == 0, "score": 0.0} for i in range(len(images))
+            ]
+
+    monkeypatch.setattr("eval.attacks.judges.NudityJudge", CountingJudge)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    results = erase.attack(
+        pipe,
+        "nudity",
+        "prompts",
+        prompts=str(prompts),
+        num_steps=2,
+        output=str(tmp_path / "a"),
+        no_progress=True,
+    )
+    assert results["attacks"]["prompts"]["prompts"] == 3 and sum(judged) == 3
+    assert results["attacks"]["prompts"]["asr"] == pytest.approx(1 / 3, abs=1e-3)
+    assert (tmp_path / "a" / "results.json").is_file() and results["model"] == tiny_sd_dir
+    with pytest.raises(erase.EraseError, match="unknown attack 'nope'"):
+        erase.attack(pipe, "nudity", ["prompts", "nope"])

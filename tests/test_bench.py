@@ -103,3 +103,21 @@ def test_help_hides_the_erase_concept_flags_the_bench_sets_itself(capsys):
     assert main(["--help"]) == 0
     usage = capsys.readouterr().out
     assert "--methods" in usage and "--method " not in usage and "--no-eval" not in usage
+
+
+def test_the_bench_erases_through_the_api_with_one_loaded_model(tiny_sd_dir, tmp_path, monkeypatch):
+    from erase import api
+
+    calls = []
+    real_erase_concept = api.erase_concept
+
+    def recording_erase_concept(model, concept, method, output, **settings):
+        calls.append((model, method, output, settings))
+        return real_erase_concept(model, concept, method, output, **settings)
+
+    monkeypatch.setattr(api, "erase_concept", recording_erase_concept)
+    assert main(bench_args(tiny_sd_dir, tmp_path / "bench", "salun,esd-x")) == 0
+    assert [method for _, method, _, _ in calls] == ["salun", "esd-x"]
+    models = [model for model, _, _, _ in calls]
+    assert models[0] is models[1] and models[0].identity == tiny_sd_dir  # loaded once, shared
+    assert all(settings["steps"] == 2 and settings["no_eval"] for *_, settings in calls)

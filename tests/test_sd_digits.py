@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_sampling_gives_images_at_the_model_resolution(backend):
     assert images.min() >= 0 and images.max() <= 1
 
 
-def test_load_sd_digits_trains_once_then_reuses_the_cache(tmp_path, monkeypatch):
+def test_load_sd_digits_trains_once_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ERASE_HOME", str(tmp_path))
     calls = []
 
@@ -97,9 +98,62 @@ def test_load_sd_digits_trains_once_then_reuses_the_cache(tmp_path, monkeypatch)
 
     monkeypatch.setattr(sd_digits, "train_sd_digits", tiny_train)
     first = sd_digits.load_sd_digits(device=torch.device("cpu"))
+    notice = capsys.readouterr()
     second = sd_digits.load_sd_digits(device=torch.device("cpu"))
     assert calls == [str(tmp_path / f"sd-digits-v{sd_digits.CACHE_VERSION}")]
     assert first.identity == second.identity == "sd-digits"
+    # the first use says, before training, where the model goes and about how long it takes
+    assert "first use" in notice.err and calls[0] in notice.err and "minutes" in notice.err
+    assert notice.out == "" and "first use" not in capsys.readouterr().err
+
+
+def test_an_interrupted_save_leaves_nothing_and_the_next_use_trains_again(tmp_path, monkeypatch):
+    real_as_pipeline = sd_digits.as_pipeline
+
+    def interrupted_save(*components):
+        pipe = real_as_pipeline(*components)
+
+        def save_half(folder, **kwargs):
+            pipe.unet.save_pretrained(os.path.join(folder, "unet"))  # the UNet is written...
+            raise KeyboardInterrupt  # ...then Ctrl-C
+
+        pipe.save_pretrained = save_half
+        return pipe
+
+    folder = str(tmp_path / "sd-digits")
+    monkeypatch.setattr(sd_digits, "as_pipeline", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_sd_digits(folder, TINY)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(sd_digits, "as_pipeline", real_as_pipeline)
+    train_sd_digits(folder, TINY)
+    assert os.listdir(tmp_path) == ["sd-digits"]
+    assert os.path.isfile(os.path.join(folder, "model_index.json"))
+
+
+def test_training_prints_no_diffusers_notice(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_sd_digits(str(tmp_path / "sd-digits"), TINY)
+    assert not [w for w in caught if "steps_offset" in str(w.message)]
+
+
+def test_training_runs_on_one_thread_and_gives_the_caller_its_threads_back(monkeypatch, tmp_path):
+    seen = []
+    real = sd_digits.train_unet
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(sd_digits, "train_unet", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_sd_digits(str(tmp_path / "sd-digits"), TINY)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_filler_words_never_name_a_digit_or_a_held_out_word(backend):

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from erase.api import as_backend
+from erase.api import load_model
 from erase.cli import build_parser, erase_concept_main
 from erase.erasure import run_erasure
 from erase.errors import EraseError
@@ -160,7 +160,7 @@ def test_a_single_file_with_sdxl_weights_is_loaded_as_sdxl(tmp_path):
 
 
 def test_the_api_takes_an_sdxl_pipeline_in_memory():
-    backend = as_backend(tiny_sdxl_pipeline(), device=torch.device("cpu"))
+    backend = load_model(tiny_sdxl_pipeline(), device=torch.device("cpu"))
     assert isinstance(backend, StableDiffusionXLBackend)
 
 

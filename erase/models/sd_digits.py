@@ -9,9 +9,11 @@ classifier scores forgetting and retention on captions from held-out templates.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from erase.concepts import Concept
 from erase.errors import EraseError
+from erase.models import quiet_loading
 from erase.models.digits import DIGIT_NAMES, digits_dataset
 from erase.models.sd import StableDiffusionBackend
 from erase.models.small_sd import as_pipeline, small_sd_components
@@ -34,6 +37,9 @@ HELD_OUT_TEMPLATES = ["a picture of the digit {name}", "an image of number {numb
 # Words only the held-out captions use: never shown in training, not even as filler words.
 HELD_OUT_ONLY = ["picture", "image", "an"]
 CACHE_VERSION = 3  # bump when the training recipe changes, so stale caches are not reused
+# First-use training on 2 CPU cores (scripts/sd_digits_quality.py; README's erase-bench section):
+# VAE 500 steps in about 30 s, UNet 3000 steps at 0.19 s each, digit classifier about 20 s.
+FIRST_USE_MINUTES = 10
 
 
 def caption(template: str, digit: int) -> str:
@@ -43,7 +49,7 @@ def caption(template: str, digit: int) -> str:
 
 @dataclass
 class SDDigitsConfig:
-    """Size and training budget of the sd-digits model (defaults: a few minutes on 2 cores)."""
+    """Size and training budget of the sd-digits model (defaults: about 10 minutes on 2 cores)."""
 
     image_size: int = 16
     vae_steps: int = 500
@@ -221,23 +227,45 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
     text_encoder.load_state_dict(averaged[1].state_dict())
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Train on one CPU thread. This model's operations are too small to share out: a second
+    thread saves at most a third of the time on 2 free cores, and when other jobs share the cores
+    the two threads wait on each other, 14x slower (0.19 s per UNet step alone, 2.7-3.7 s with
+    two threads beside other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
-    """Train the sd-digits pipeline and save it to `folder` atomically; returns the folder."""
+    """Train the sd-digits pipeline and save it to `folder` atomically; returns the folder.
+
+    Nothing is written before training ends; an interrupted save leaves no partial folder, so
+    the next use trains again from the start."""
     config = config or SDDigitsConfig()
     images, labels = digits_dataset(config.image_size, split="train")  # (N, 1, H, W) in [0, 1]
     kept = ~torch.isin(labels, torch.tensor(config.exclude, dtype=torch.long))
     images, labels = images[kept], labels[kept]
     images = images.expand(-1, 3, -1, -1).contiguous()  # Stable Diffusion's VAE takes RGB
-    tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
-    train_vae(vae, images, config)
-    train_unet(tokenizer, text_encoder, unet, vae, images, labels, config)
-    pipe = as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
+    with one_thread():
+        tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
+        train_vae(vae, images, config)
+        train_unet(tokenizer, text_encoder, unet, vae, images, labels, config)
+    with quiet_loading():  # diffusers' notice on the scheduler's steps_offset: the testbed's own
+        pipe = as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
     staging = f"{folder}.partial-{uuid.uuid4().hex[:8]}"
-    pipe.save_pretrained(staging, safe_serialization=True)
-    if os.path.exists(folder):  # another process finished first: keep its model
-        shutil.rmtree(staging)
-    else:
-        os.replace(staging, folder)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if os.path.exists(folder):  # another process finished first: keep its model
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, folder)
+    finally:  # Ctrl-C or a full disk while saving: no half-written folder is left behind
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -275,5 +303,11 @@ def load_sd_digits(
     folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         os.makedirs(erase_home(), exist_ok=True)
+        tqdm.write(
+            f"sd-digits: first use: training it once into {folder} (about {FIRST_USE_MINUTES} "
+            "minutes on 2 free CPU cores, longer beside other jobs; the bars below show the "
+            "time left); later runs load it in a second.",
+            file=sys.stderr,
+        )
         train_sd_digits(folder)
     return SDDigitsBackend(folder, device=device)
