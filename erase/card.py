@@ -151,7 +151,8 @@ def usage_lines(base: str, export_format: str | None) -> list[str]:
             "```python",
             "from diffusers import StableDiffusionPipeline",
             "",
-            'pipe = StableDiffusionPipeline.from_single_file("FILE.safetensors")',
+            "# config: the base's folder or hub id, so that no configuration is fetched or guessed",
+            f'pipe = StableDiffusionPipeline.from_single_file("FILE.safetensors", config="{base}")',
             "```",
         ]
     if export_format == "unet":

@@ -98,3 +98,12 @@ def test_push_to_hub_offline_fails_before_any_work(tiny_sd_args, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "HF_HUB_OFFLINE" in err
     assert not output.exists()
+
+
+def test_single_file_usage_names_the_base_config():
+    """diffusers' from_single_file guesses (or fetches) the configuration without `config=`,
+    which fails offline and for models it does not know, such as sd-digits."""
+    from erase.card import usage_lines
+
+    text = "\n".join(usage_lines("/models/sd-digits-v3", "single-file"))
+    assert 'from_single_file("FILE.safetensors", config="/models/sd-digits-v3")' in text
