@@ -33,6 +33,7 @@ import argparse
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -598,6 +599,7 @@ def run_one(args: argparse.Namespace) -> dict:
     report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
         args.method
     ]
+    shutil.rmtree(work)  # the artifact (3.4 GB at SD scale) and the generated data
     return report
 
 
