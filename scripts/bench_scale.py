@@ -30,6 +30,7 @@ grow with the batch cancels), and the projection to `--project-batch` adds it to
 from __future__ import annotations
 
 import argparse
+import atexit
 import inspect
 import json
 import os
@@ -544,6 +545,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device)
     work = tempfile.mkdtemp(prefix="bench-scale-")
+    # the artifact (3.4 GB at SD scale) and the generated data go when the process ends
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     flags = [
         "--model", args.model, "--concept", "nudity", "--method", args.method,
         "--num-forget", str(args.num_images), "--num-retain", str(args.num_images),
@@ -599,7 +602,6 @@ def run_one(args: argparse.Namespace) -> dict:
     report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
         args.method
     ]
-    shutil.rmtree(work)  # the artifact (3.4 GB at SD scale) and the generated data
     return report
 
 
