@@ -327,6 +327,7 @@ def train(
     # none of, so they take part in backward too (their masked gradient is zero: they stay put).
     clip_before_mask = getattr(method, "clip_before_mask", None) if mask is not None else None
     parameters = select_parameters(unet, method, None if clip_before_mask else mask)
+    release_freed_memory()  # what the phases before left on the heap, before the state is made
     update, wrapped_unet, state_name = make_update(
         accelerator, unet, method, config, parameters, mask, clip_before_mask
     )

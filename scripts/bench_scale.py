@@ -4,6 +4,7 @@
     python scripts/bench_scale.py --device cuda --resolution 512 --batch-size 8 \
         --mixed-precision bf16 --methods salun,esd-u,esd-x,fmn
     python scripts/bench_scale.py --methods salun --resolution 512 --steps 1 --slope-batch 2
+    python scripts/bench_scale.py --methods fmn -- --fmn-ti-steps 0   # erase-concept flags
 
 The model is SD v1.4's architecture built in code, with random weights (nothing is downloaded):
 diffusers' UNet2DConditionModel with SD v1.x's config (859.5 M weights), a CLIP ViT-L/14-sized
@@ -684,10 +685,13 @@ def main() -> None:
         default=None,
         help="also run each method at this batch size and project from the two peaks' slope",
     )
-    args = parser.parse_args()
+    # erase-concept flags after `--` go to every run (e.g. `-- --fmn-ti-steps 0`)
+    argv = sys.argv[1:]
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.num_images = args.num_images or max(2, args.batch_size)
-    args.extra = []
+    args.extra = list(passthrough)
     if args.micro_batch_size:
         args.extra += ["--micro-batch-size", str(args.micro_batch_size)]
     if args.no_gradient_checkpointing:
@@ -724,9 +728,11 @@ def main() -> None:
 
 def run_child(args: argparse.Namespace, method: str, env: dict, batch_size: int) -> dict:
     """One method at `batch_size` in a fresh process; its report, or {"error": last line}."""
-    flags = [*sys.argv[1:], "--method", method, "--batch-size", str(batch_size)]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # erase-concept flags after `--`
+    flags = [*argv[:cut], "--method", method, "--batch-size", str(batch_size)]
     flags += ["--model", args.model, "--num-images", str(max(args.num_images, batch_size))]
-    command = [sys.executable, __file__, *flags]
+    command = [sys.executable, __file__, *flags, *argv[cut:]]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH-JSON ")]
     if done.returncode or not lines:
