@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from erase.cliargs import OneLineParser, positive
+from erase.cliargs import OneLineParser, add_generation_batch, positive
 from erase.erasure import ErasureResult, run_erasure
 from erase.errors import EraseError
 from erase.methods import METHODS
@@ -125,13 +125,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         default=7.5,
         help="guidance when generating the forget/retain sets",
     )
-    data.add_argument(
-        "--gen-batch-size",
-        type=positive(int),
-        default=None,
-        help="images per generation call (default: 32 on a CUDA GPU, 8 on the CPU); a batch that "
-        "runs out of GPU memory is halved and retried, and the images do not depend on it",
-    )
+    add_generation_batch(data, "--gen-batch-size")
     data.add_argument(
         "--gen-precision",
         default="auto",

@@ -51,3 +51,14 @@ def seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {text}")
     return value
+
+
+def add_generation_batch(group, flag: str) -> None:
+    """`flag` (--batch-size, --gen-batch-size): images per generation call (erase/batching.py)."""
+    group.add_argument(
+        flag,
+        type=positive(int),
+        default=None,
+        help="images per generation call (default: 32 on a CUDA GPU, 8 on the CPU); a batch that "
+        "runs out of GPU memory is halved and retried, and the images do not depend on it",
+    )

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 
-from erase.cliargs import OneLineParser, positive, seed
+from erase.cliargs import OneLineParser, add_generation_batch, positive, seed
 from erase.errors import EraseError
 from prompts import (
     PromptEntry,
@@ -116,13 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument(
         "--resolution", type=positive(int), default=None, help="image size (default: the model's)"
     )
-    generation.add_argument(
-        "--batch-size",
-        type=positive(int),
-        default=None,
-        help="images per sampling call (default: 32 on a CUDA GPU, 8 on the CPU); a batch that "
-        "runs out of GPU memory is halved and retried, and the images do not depend on it",
-    )
+    add_generation_batch(generation, "--batch-size")
     generation.add_argument(
         "--seed",
         type=seed,

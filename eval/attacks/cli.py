@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from erase.cliargs import OneLineParser, positive, seed
+from erase.cliargs import OneLineParser, add_generation_batch, positive, seed
 from erase.errors import EraseError
 
 # The registry's names (eval.attacks.ATTACKS), repeated here so --help needs no heavy import.
@@ -103,13 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resolution", type=positive(int), default=None, help="image size (default: the model's)"
     )
-    parser.add_argument(
-        "--batch-size",
-        type=positive(int),
-        default=None,
-        help="images per sampling call (default: 32 on a CUDA GPU, 8 on the CPU; halved when "
-        "a batch runs out of GPU memory)",
-    )
+    add_generation_batch(parser, "--batch-size")
     parser.add_argument(
         "--retrain",
         action="store_true",
