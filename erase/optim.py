@@ -82,12 +82,10 @@ class MaskedAdam:
     def gather_in_backward(self) -> None:
         """Gather each gradient as soon as backward has accumulated it, and free it (one process:
         under DDP the gradient is reduced only after backward, so call `gather` then instead)."""
-        grad = self.flat_gradient()
         for param, bits, start, stop in self.entries:
 
             def gather_one(param, bits=bits, start=start, stop=stop):
-                grad[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
-                param.grad = None
+                self.add_masked_gradient(param, bits, start, stop)
 
             self.hooks.append(param.register_post_accumulate_grad_hook(gather_one))
 
@@ -111,11 +109,14 @@ class MaskedAdam:
 
     def gather(self) -> None:
         """Add the masked values of every parameter's `.grad` to the flat buffer and free it."""
-        grad = self.flat_gradient()
         for param, bits, start, stop in self.entries:
             if param.grad is not None:
-                grad[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
-                param.grad = None
+                self.add_masked_gradient(param, bits, start, stop)
+
+    def add_masked_gradient(self, param, bits, start: int, stop: int) -> None:
+        """Add the masked values of one parameter's `.grad` to the flat buffer and free it."""
+        self.flat_gradient()[start:stop] += param.grad[unpack_mask(bits, param.shape)].float()
+        param.grad = None
 
     def remove_hooks(self) -> None:
         """Detach the backward hooks (after training)."""
