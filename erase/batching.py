@@ -40,3 +40,16 @@ def fitting_batches(
             continue
         yield start, stop, result
         start = stop
+
+
+def sample_in_batches(
+    backend, conditions, seeds, batch_size: int | None, **settings
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, stop, images) of `backend.sample(conditions, seeds, **settings)` in batches that
+    fit, starting from `batch_size` (None: the device's default)."""
+
+    def run(start: int, stop: int) -> torch.Tensor:
+        return backend.sample(conditions[start:stop], seeds[start:stop], **settings)
+
+    size = generation_batch_size(batch_size, backend.device)
+    yield from fitting_batches(len(seeds), size, run)

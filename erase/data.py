@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from erase.batching import fitting_batches, generation_batch_size
+from erase.batching import sample_in_batches
 from erase.concepts import Concept
 from erase.errors import EraseError
 from erase.models.base import Backend, Batch, Condition
@@ -213,18 +213,15 @@ def generated_set(
         cached, have = None, 0
     batches = [cached] if cached is not None else []
     progress = tqdm(total=count, initial=have, desc=f"generating {split} set", unit="img")
-
-    def generate(start: int, stop: int) -> torch.Tensor:  # (b, 3, H, W) in [0, 1]
-        return backend.sample(
-            wanted_prompts[have + start : have + stop],
-            seeds[have + start : have + stop],
-            num_steps=config.gen_steps,
-            guidance_scale=config.guidance_scale,
-            resolution=config.resolution,
-        )
-
-    batch_size = generation_batch_size(config.gen_batch_size, backend.device)
-    for start, stop, images in fitting_batches(count - have, batch_size, generate):
+    for start, stop, images in sample_in_batches(
+        backend,
+        wanted_prompts[have:],
+        seeds[have:],
+        config.gen_batch_size,
+        num_steps=config.gen_steps,
+        guidance_scale=config.guidance_scale,
+        resolution=config.resolution,
+    ):  # (b, 3, H, W) in [0, 1]
         batches.append((images * 255).round().to(torch.uint8))
         progress.update(stop - start)
     progress.close()

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from erase.batching import fitting_batches, generation_batch_size
+from erase.batching import sample_in_batches
 from erase.concepts import Concept
 
 PROMPTS_PER_SIDE = 3  # forget prompts, then as many retain prompts
@@ -26,18 +26,16 @@ def sample_grid_images(backend, prompts: list[str], args: argparse.Namespace) ->
     """SEEDS_PER_PROMPT images per prompt with the run's data settings: (P * S, 3, H, W)."""
     repeated = [prompt for prompt in prompts for _ in range(SEEDS_PER_PROMPT)]
     seeds = [args.seed + k for k in range(SEEDS_PER_PROMPT)] * len(prompts)
-
-    def generate(start: int, stop: int) -> torch.Tensor:
-        return backend.sample(
-            repeated[start:stop],
-            seeds[start:stop],
-            num_steps=args.gen_steps,
-            guidance_scale=args.guidance_scale,
-            resolution=args.resolution,
-        )
-
-    batch_size = generation_batch_size(getattr(args, "gen_batch_size", None), backend.device)
-    return torch.cat([images for _, _, images in fitting_batches(len(seeds), batch_size, generate)])
+    batches = sample_in_batches(
+        backend,
+        repeated,
+        seeds,
+        getattr(args, "gen_batch_size", None),
+        num_steps=args.gen_steps,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution,
+    )
+    return torch.cat([images for _, _, images in batches])
 
 
 def save_before_after(path: str, prompts: list[str], before, after) -> None:

@@ -24,7 +24,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from erase.batching import fitting_batches, generation_batch_size
+from erase.batching import sample_in_batches
 from prompts import PromptEntry
 
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's usual guidance when neither flag nor file sets one
@@ -263,19 +263,16 @@ def write_images(backend, unet, records, folder, config, state, progress) -> Non
     with open(part, "a", encoding="utf-8") as index:
         for guidance, group in groupby(by_guidance, key=lambda r: r["guidance_scale"]):
             group = list(group)
-
-            def generate(start: int, stop: int, group=group, guidance=guidance) -> torch.Tensor:
-                return backend.sample(
-                    [r["prompt"] for r in group[start:stop]],
-                    [r["seed"] for r in group[start:stop]],
-                    num_steps=config.num_steps,
-                    guidance_scale=guidance,
-                    resolution=config.resolution,
-                    unet=unet,
-                )  # (B, 3, H, W) in [0, 1]
-
-            batch_size = generation_batch_size(config.batch_size, backend.device)
-            for start, stop, images in fitting_batches(len(group), batch_size, generate):
+            for start, stop, images in sample_in_batches(
+                backend,
+                [r["prompt"] for r in group],
+                [r["seed"] for r in group],
+                config.batch_size,
+                num_steps=config.num_steps,
+                guidance_scale=guidance,
+                resolution=config.resolution,
+                unet=unet,
+            ):  # (B, 3, H, W) in [0, 1]
                 batch = group[start:stop]
                 for record, image in zip(batch, images):
                     save_png(image, os.path.join(folder, record["file"]))
