@@ -43,7 +43,6 @@ from erase.train import (
     count_changed_weights,
     make_accelerator,
     peak_memory_mb,
-    release_freed_memory,
     train,
     write_base_weights,
 )
@@ -325,8 +324,7 @@ def erase_into(
                 name: broadcast(bits.to(accelerator.device)).cpu()
                 for name, bits in mask.bits.items()
             }
-        del gradients
-        release_freed_memory()
+        del gradients  # the trainer hands the freed heap back before it makes its state
     lap("mask")
 
     if hasattr(method, "prepare"):  # a method's stage before training (FMN's textual inversion)
