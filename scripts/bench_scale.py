@@ -68,7 +68,7 @@ def build_sd14_shaped(folder: str) -> str:
 
 def sd14_shaped_components() -> dict:
     """SD v1.4's components with random weights (on the meta device inside `torch.device("meta")`)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from erase.models.tokenizer import build_word_tokenizer
@@ -92,14 +92,7 @@ def sd14_shaped_components() -> dict:
     )
     # diffusers' default UNet is SD v1.x's but for the text width (default 1280; SD v1.x: 768).
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
+    vae = sd_shaped_vae(sample_size=512)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -110,6 +103,21 @@ def sd14_shaped_components() -> dict:
     )
     return dict(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler
+    )
+
+
+def sd_shaped_vae(**config):
+    """Stable Diffusion's 4-level VAE (SD v1.x, 2.x and SDXL share it) with random weights;
+    `config` holds what a family sets differently (sample size, scaling, upcast)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        **config,
     )
 
 
@@ -127,7 +135,7 @@ def build_sdxl_shaped(folder: str) -> str:
 def sdxl_shaped_components() -> dict:
     """SDXL base 1.0's components with random weights (stabilityai/stable-diffusion-xl-base-1.0's
     configs: UNet 2.567 B weights, CLIP ViT-L and OpenCLIP bigG text towers, the VAE)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from erase.models.tokenizer import build_word_tokenizer
@@ -166,16 +174,7 @@ def sdxl_shaped_components() -> dict:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled 1280
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = sd_shaped_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     with torch.device("cpu"):  # its tables are real tensors even when the weights are meta
         scheduler = EulerDiscreteScheduler(
             beta_start=0.00085,
