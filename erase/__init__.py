@@ -7,33 +7,25 @@ result = erase.erase_concept("sd-v1-4", "nudity", output="outputs/no-nudity")
 from erase.errors import EraseError
 
 __version__ = "0.1.0"
-__all__ = [
-    "EraseError",
-    "__version__",
-    "attack",
-    "benchmark",
-    "erase_concept",
-    "evaluate",
-    "export_model",
-    "load_model",
-]
 
 # The API pulls in torch and diffusers: loaded on first use, so `import erase` stays light.
-_API = (
-    "attack",
-    "benchmark",
-    "erase_concept",
-    "evaluate",
-    "export_model",
-    "load_model",
-    "ErasedModel",
-)
+_LAZY = {
+    "attack": "erase.api",
+    "benchmark": "erase.api",
+    "erase_concept": "erase.api",
+    "evaluate": "erase.api",
+    "export_model": "erase.api",
+    "load_model": "erase.api",
+    "ErasedModel": "erase.api",
+    "ErasureConfig": "erase.config",
+}
+__all__ = ["EraseError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    """erase.erase_concept, erase.evaluate, erase.attack, ...: imported from erase.api on use."""
-    if name in _API:
-        from erase import api
+    """erase.erase_concept, erase.ErasureConfig, ...: imported from their module on use."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'erase' has no attribute '{name}'")

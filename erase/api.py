@@ -11,14 +11,17 @@ The command-line tools, erase-bench and the scripts under scripts/ call these fu
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
+from erase.config import ErasureConfig
+from erase.erasure import check_arguments, run_erasure
 from erase.errors import EraseError
+from erase.methods import get_method
 
 
 @dataclass
@@ -29,21 +32,7 @@ class ErasedModel:
     metadata: dict
     output: str | None = None  # the artifact folder, when one was asked for
     backend: object = field(repr=False, default=None)
-
-
-def namespace(parser: argparse.ArgumentParser, required: list[str], settings: dict, what: str):
-    """Parse the `required` flags, then set every keyword setting by its flag's name."""
-    args = parser.parse_args(required)
-    known = {action.dest for action in parser._actions} - {"help"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise EraseError(
-            f"Unknown setting(s) {', '.join(unknown)} for {what}: use the names of its flags with "
-            f"underscores ({', '.join(sorted(known)[:6])}, ...; see {what} --help)."
-        )
-    for name, value in settings.items():
-        setattr(args, name, value)
-    return args
+    pushed: str | None = None  # the hub URL, with push_to_hub
 
 
 def load_model(model, device: torch.device | None = None, data_dir: str | None = None):
@@ -70,35 +59,51 @@ def load_model(model, device: torch.device | None = None, data_dir: str | None =
     )
 
 
-def model_backend(model, args: argparse.Namespace):
-    """Set `args.model` from a name, a path or a model object; the loaded model of an object
-    (None for a name or path, which the run loads itself)."""
-    if isinstance(model, str | os.PathLike):
-        args.model = str(model)
-        return None
+def loaded(model):
+    """(the model's name for a config, its loaded backend): a name or path is loaded by the run
+    itself (None), a model object once here."""
+    if model is None or isinstance(model, str | os.PathLike):
+        return (None if model is None else str(model)), None
     backend = load_model(model)
-    args.model = backend.identity
-    return backend
+    return backend.identity, backend
 
 
-def erasure_arguments(concept: str | list[str], method: str, settings: dict) -> argparse.Namespace:
-    """erase-concept's arguments for `concept` (one or several), `method` and the settings."""
-    from erase.cli import build_parser
-    from erase.methods import METHODS
-
-    if method not in METHODS:
-        raise EraseError(f"Unknown method '{method}': choose from {', '.join(sorted(METHODS))}.")
-    concepts = [concept] if isinstance(concept, str) else list(concept)
-    required = ["--method", method] + [flag for name in concepts for flag in ("--concept", name)]
-    return namespace(build_parser(), required, settings, "erase-concept")
+def erasure_config(concept: str | list[str], method: str = "salun", **settings) -> ErasureConfig:
+    """The ErasureConfig of `concept` (one or several), `method` and erase-concept's settings by
+    name (`steps=50`, `num_forget=64`, `alpha=0.1`); an unknown name is an EraseError."""
+    get_method(method)  # an unknown method is one line naming the known ones
+    return ErasureConfig.from_dict({**settings, "concept": concept, "method": method})
 
 
 def check_erasure(concept: str | list[str], method: str = "salun", **settings) -> None:
     """Refuse, before any model is loaded, what erase_concept would refuse from its arguments
     alone (one EraseError); erase-bench checks every method's settings this way first."""
-    from erase.erasure import check_arguments
+    check_arguments(erasure_config(concept, method, **settings))
 
-    check_arguments(erasure_arguments(concept, method, settings))
+
+def run(config: ErasureConfig, model=None, on_phase=None) -> ErasedModel:
+    """Run the erasure `config` describes, as erase-concept does: the artifact in
+    `config.output` (default outputs/<model>-<concept>-<method>), grid.png or the class-removal
+    evaluation, and the upload with `push_to_hub`. `model`, when given, is a loaded model or
+    pipeline whose UNet is erased in place (no second copy)."""
+    from eval.before_after import before_after_evaluations
+
+    name, backend = loaded(model)
+    if name is not None:
+        config = dataclasses.replace(config, model=name)
+    if config.push_to_hub:
+        from erase.card import check_can_push
+
+        check_can_push(config.push_to_hub)  # before the work, not after it
+    result = run_erasure(
+        config, backend=backend, on_phase=on_phase, evaluations=before_after_evaluations(config)
+    )
+    erased = ErasedModel(result.backend.unet, result.metadata, result.output, result.backend)
+    if config.push_to_hub:
+        from erase.card import push_folder
+
+        erased.pushed = push_folder(result.output, config.push_to_hub)
+    return erased
 
 
 def erase_concept(
@@ -116,24 +121,14 @@ def erase_concept(
     model object's UNet is erased in place (no second copy); the artifact is written to `output`
     when given. `on_phase(name)` is called as each phase (load, data, mask, train, ...) ends.
     """
-    from erase.erasure import run_erasure
-
-    args = erasure_arguments(concept, method, settings)
-    backend = model_backend(model, args)
-    if args.push_to_hub and output is None:
+    config = erasure_config(concept, method, **settings)
+    if config.push_to_hub and output is None:
         raise EraseError("push_to_hub needs an output folder: pass output=PATH.")
-    if args.push_to_hub:
-        from erase.card import check_can_push
-
-        check_can_push(args.push_to_hub)
     with tempfile.TemporaryDirectory(prefix="erase-") as scratch:
-        args.output = output or os.path.join(scratch, "artifact")
-        result = run_erasure(args, backend=backend, on_phase=on_phase)
-    if args.push_to_hub:
-        from erase.card import push_folder
-
-        push_folder(output, args.push_to_hub)
-    return ErasedModel(result.backend.unet, result.metadata, output, result.backend)
+        config = dataclasses.replace(config, output=output or os.path.join(scratch, "artifact"))
+        erased = run(config, model if model is not None else config.model, on_phase)
+    erased.output = output
+    return erased
 
 
 def evaluate(
@@ -147,20 +142,22 @@ def evaluate(
     """Generate images for a prompt set and score them, as erase-eval does; the results dict.
 
     `model` is a name, a path or a StableDiffusionPipeline (then its current UNet is scored);
-    `unet` an erase-concept output; `metrics` e.g. "nudity", ["fid", "clip"] or "none".
+    `unet` an erase-concept output; `metrics` e.g. "nudity", ["fid", "clip"] or "none";
+    `settings` are erase-eval's flags by name (`limit=10`, `num_steps=25`).
     """
-    from eval.cli import build_parser, metric_list, run_evaluation
+    from eval.evaluation import EvalConfig, parse_metrics, run_evaluation
 
-    args = namespace(build_parser(), ["--prompts", prompts], settings, "erase-eval")
-    args.unet, args.output = unet, output
     if metrics is not None:
         names = metrics if isinstance(metrics, str) else ",".join(metrics)
         try:
-            args.metric = [metric_list(names)]
-        except argparse.ArgumentTypeError as error:
+            settings["metric"] = parse_metrics(names)
+        except EraseError as error:
             raise EraseError(f"metrics: {error}.") from None
-    backend = model_backend(model, args)
-    return run_evaluation(args, backend=backend)
+    name, backend = loaded(model)
+    config = EvalConfig.from_dict(
+        {**settings, "prompts": prompts, "model": name, "unet": unet, "output": output}
+    )
+    return run_evaluation(config, backend=backend)
 
 
 def attack(
@@ -179,27 +176,18 @@ def attack(
     "unlearndiffatk" or ["unlearndiffatk", "relearn"]; `settings` are erase-attack's flags by
     name (`blocks=10`, `per_prompt=5`, `relearn_steps=[0, 10, 50]`).
     """
-    from eval.attacks.cli import attack_list, build_parser, default_output, settings_from_args
+    from eval.attacks.config import attack_settings, default_output, parse_attacks
     from eval.attacks.harness import run_attacks
 
-    names = attacks if isinstance(attacks, str) else ",".join(attacks)
+    progress = not settings.pop("no_progress", False)
     try:
-        attack_names = attack_list(names)
-    except argparse.ArgumentTypeError as error:
+        parse_attacks(attacks)
+    except EraseError as error:
         raise EraseError(f"attacks: {error}.") from None
-    args = namespace(
-        build_parser(),
-        ["--concept", concept, "--attack", attack_names[0]],
-        settings,
-        "erase-attack",
-    )
-    args.attack, args.unet = [attack_names], unet
-    backend = model_backend(model, args)
+    name, backend = loaded(model)
+    run_settings = attack_settings(concept, attacks, model=name, unet=unet, **settings)
     return run_attacks(
-        settings_from_args(args),
-        output or default_output(args),
-        backend=backend,
-        progress=not args.no_progress,
+        run_settings, output or default_output(run_settings), backend=backend, progress=progress
     )
 
 
@@ -215,19 +203,22 @@ def benchmark(
     with the same prompts, seeds and metrics, as erase-bench does; the table of bench.json.
 
     `settings` are erase-bench's flags by name: its own (`bench_per_prompt=10`,
-    `attacks="relearn"`) and erase-concept's, which every method gets; `method_settings` gives
-    one method its own (`{"esd-x": {"lr": 1e-4}}`), before any `method_flags`. A model object is
-    erased by each method in turn and holds its base weights again at the end.
+    `attacks="relearn"`, `attack_settings={"blocks": 10}`) and erase-concept's, which every
+    method gets; `method_settings` gives one method its own (`{"esd-x": {"lr": 1e-4}}`). A model
+    object is erased by each method in turn and holds its base weights again at the end.
     """
-    from erase.bench import build_parser, run_bench
+    from erase.bench import BenchConfig, run_bench
 
-    concepts = [concept] if isinstance(concept, str) else list(concept)
-    required = ["--output", output] + [flag for name in concepts for flag in ("--concept", name)]
-    args = namespace(build_parser(), required, settings, "erase-bench")
-    args.methods = methods if isinstance(methods, str) else ",".join(methods)
-    args.method_settings = dict(method_settings or {})
-    backend = model_backend(model, args)
-    return run_bench(args, backend=backend)
+    name, backend = loaded(model)
+    config = BenchConfig.from_settings(
+        concept,
+        output,
+        **settings,
+        **({"model": name} if name is not None else {}),
+        methods=methods,
+        method_settings=dict(method_settings or {}),
+    )
+    return run_bench(config, backend=backend)
 
 
 def export_model(

@@ -1,35 +1,28 @@
-"""`erase-bench`: every method erases the same concept from the same base model, and each result
-(and the base) is scored with the same prompts, seeds and metrics, in one table.
-
-    erase-bench --model sd-digits --concept three --output bench/
-    erase-bench --model sd-v1-4 --concept nudity --methods salun,esd-u --steps 50 --output bench/
+"""erase-bench's library: every method erases the same concept from the same base model, and
+each result (and the base) is scored with the same prompts, seeds and metrics, in one table.
 
 Writes bench.json (every setting and row), bench.md (the table), chart.png (forgetting against
 retention) and grid.png (one row of images per model, same prompts and seeds), and each method's
-erased model as an erase-concept artifact in <output>/<method>/.
+erased model as an erase-concept artifact in <output>/<method>/. The CLI is erase/cli/bench.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
-import io
+import dataclasses
 import math
 import os
-import shlex
-import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from erase import api
 from erase.artifact import check_output, output_lock, staged_output, write_json
-from erase.cli import add_erase_arguments
-from erase.cliargs import OneLineParser, positive
 from erase.concepts import Concept
+from erase.config import ErasureConfig, check_known, config_to_dict
 from erase.erasure import resolve_run_concept
 from erase.errors import EraseError
 from erase.methods import METHODS
@@ -38,149 +31,74 @@ from erase.train import peak_memory_mb
 
 FORGET_METRICS = ("forget_accuracy", "forget_nudity_share")  # lower = more forgotten
 RETAIN_METRICS = ("retain_accuracy", "clip_score", "retain_nudity_share")
-# erase-bench's own flags; every other flag is erase-concept's, a setting of each method's erasure
-BENCH_FLAGS = (
-    "methods",
-    "output",
-    "overwrite",
-    "method_flags",
-    "bench_per_prompt",
-    "bench_steps",
-    "bench_guidance",
-    "bench_clip",
-    "attacks",
-    "attack_flags",
-    "retrain",
-    "method_settings",  # erase.benchmark's per-method settings (a dict; no flag)
-)
+DEFAULT_METHODS = ("salun", "esd-u", "esd-x", "fmn")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """erase-bench's flags: its own, plus every flag of erase-concept (passed to each method)."""
-    parser = OneLineParser(
-        prog="erase-bench",
-        description="Erase one concept with several methods from the same base model and score "
-        "each (and the base) with the same prompts, seeds and metrics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    bench = parser.add_argument_group("benchmark")
-    bench.add_argument(
-        "--methods", default="salun,esd-u,esd-x,fmn", help="comma-separated methods to compare"
-    )
-    bench.add_argument("--output", required=True, help="bench folder (one subfolder per method)")
-    bench.add_argument("--overwrite", action="store_true", help="replace an existing bench folder")
-    bench.add_argument(
-        "--method-flags",
-        action="append",
-        default=[],
-        metavar="METHOD=FLAGS",
-        help="erase-concept flags for one method only, e.g. 'esd-x=--lr 1e-4 --steps 200' "
-        "(repeatable; they override the shared flags)",
-    )
-    bench.add_argument(
-        "--bench-per-prompt",
-        type=positive(int),
-        default=10,
-        help="evaluation images per prompt (fixed seeds)",
-    )
-    bench.add_argument(
-        "--bench-steps", type=positive(int), default=25, help="DDIM steps of evaluation images"
-    )
-    bench.add_argument(
-        "--bench-guidance",
-        type=positive(float),
-        default=None,
-        help="guidance of evaluation images (default: the model's)",
-    )
-    bench.add_argument(
-        "--bench-clip",
-        default="ViT-L-14:openai",
-        metavar="MODEL:WEIGHTS",
-        help="open_clip model for the CLIP score of retain images on Stable Diffusion models "
-        "('none' to skip)",
-    )
-    robustness = parser.add_argument_group("robustness (erase-attack on every row)")
-    robustness.add_argument(
-        "--attacks",
-        default="",
-        metavar="LIST",
-        help="attacks on the base and every erased model, e.g. unlearndiffatk,relearn: adds the "
-        "ASR and steps-to-recover columns",
-    )
-    robustness.add_argument(
-        "--attack-flags",
-        default="",
-        metavar="FLAGS",
-        help="erase-attack flags for those attacks, e.g. --attack-flags='--blocks 10 --per-prompt 5'",
-    )
-    robustness.add_argument(
-        "--retrain",
-        action="store_true",
-        help="add a row for the testbed retrained without the concept (trained once, cached)",
-    )
-    add_erase_arguments(parser, with_output=False)
-    for action in parser._actions:  # the bench sets these itself for every method: not shown
-        if action.dest in ("method", "no_eval"):
-            action.help = action.default = argparse.SUPPRESS
-    return parser
+@dataclass
+class BenchConfig:
+    """One erase-bench run: the erasure every method shares, each method's own settings, and how
+    every row is scored and attacked."""
+
+    erasure: ErasureConfig  # model, concept and the settings every method's erasure gets
+    output: str
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    overwrite: bool = False
+    method_settings: dict[str, dict] = field(default_factory=dict)  # one method's own settings
+    bench_per_prompt: int = 10  # evaluation images per prompt (fixed seeds)
+    bench_steps: int = 25  # DDIM steps of evaluation images
+    bench_guidance: float | None = None  # None: the model's
+    bench_clip: str = "ViT-L-14:openai"  # open_clip MODEL:WEIGHTS of the CLIP score, or none
+    attacks: list[str] = field(default_factory=list)  # erase-attack's attacks on every row
+    attack_settings: dict[str, Any] = field(default_factory=dict)  # their flags, by name
+    retrain: bool = False  # a row for the testbed retrained without the concept
+
+    def __post_init__(self):
+        if isinstance(self.erasure, dict):
+            self.erasure = ErasureConfig.from_dict(self.erasure)
+        if isinstance(self.methods, str):
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if isinstance(self.attacks, str):
+            self.attacks = [a.strip() for a in self.attacks.split(",") if a.strip()]
+        self.methods, self.attacks = list(self.methods), list(self.attacks)
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> BenchConfig:
+        """A config from its fields (`erasure` a dict of ErasureConfig's); an unknown key is one
+        EraseError naming the nearest."""
+        names = [config_field.name for config_field in dataclasses.fields(cls)]
+        check_known(settings, names, "erase-bench")
+        return cls(**settings)
+
+    @classmethod
+    def from_settings(cls, concept, output: str, **settings) -> BenchConfig:
+        """A config from erase-bench's flags by name: its own, and erase-concept's, which every
+        method gets (`steps=50`); what erase.benchmark passes."""
+        for name in ("method", "no_eval"):
+            if name in settings:
+                raise EraseError(
+                    "--method and --no-eval are erase-concept's: erase-bench takes --methods and "
+                    "scores every model itself."
+                )
+        own = {config_field.name for config_field in dataclasses.fields(cls)} - {"erasure"}
+        bench = {name: value for name, value in settings.items() if name in own}
+        erasure = {name: value for name, value in settings.items() if name not in own}
+        erasure = ErasureConfig.from_dict({**erasure, "concept": concept})
+        return cls(erasure=erasure, output=output, **bench)
+
+    def to_dict(self) -> dict:
+        """Every setting, as bench.json records it."""
+        return config_to_dict(self)
 
 
-def method_settings(args: argparse.Namespace, method: str) -> dict:
-    """erase.erase_concept's settings for one method: the shared flags, then the method's own
-    (erase.benchmark's method_settings, then --method-flags)."""
-    method_args = copy.copy(args)
-    for name, value in getattr(args, "method_settings", {}).get(method, {}).items():
-        setattr(method_args, name, value)
-    for name, flags in parse_method_flags(args.method_flags):
-        if name == method:
-            flags_parser().parse_args(flags, namespace=method_args)
-    skip = {*BENCH_FLAGS, "model", "concept", "method"}
-    settings = {name: value for name, value in vars(method_args).items() if name not in skip}
-    settings["no_eval"] = True  # the bench scores every row itself, the same way
-    return settings
-
-
-def flags_parser() -> argparse.ArgumentParser:
-    """erase-bench's parser with nothing required: it reads one method's extra flags."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.required = False
-    return parser
-
-
-def parse_method_flags(entries: list[str]) -> list[tuple[str, list[str]]]:
-    """--method-flags entries as (method, [flags]); a malformed entry is a user error."""
-    parsed = []
-    for entry in entries:
-        name, separator, flags = entry.partition("=")
-        if not separator or not name.strip():
-            raise EraseError(
-                f"--method-flags '{entry}' must read METHOD=FLAGS, e.g. 'fmn=--lr 1e-5'."
-            )
-        parsed.append((name.strip(), shlex.split(flags)))
-    return parsed
-
-
-def check_method_flags(args: argparse.Namespace, methods: list[str]) -> None:
-    """Refuse --method-flags (or method_settings) for a method not benched, or with flags
-    erase-concept does not have."""
-    for name in getattr(args, "method_settings", {}):
-        if name not in methods:
-            raise EraseError(
-                f"method_settings names '{name}', which is not in methods ({', '.join(methods)})."
-            )
-    for name, flags in parse_method_flags(args.method_flags):
-        if name not in methods:
-            raise EraseError(
-                f"--method-flags names '{name}', which is not in --methods ({', '.join(methods)})."
-            )
-        captured = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(captured):
-                flags_parser().parse_args(flags, namespace=copy.copy(args))
-        except SystemExit:
-            reason = captured.getvalue().strip().partition("error: ")[2] or "invalid flags"
-            raise EraseError(f"--method-flags for {name}: {reason}") from None
+def method_settings(config: BenchConfig, method: str) -> dict:
+    """erase.erase_concept's settings for one method: the shared ones, then the method's own."""
+    shared = {
+        name: value
+        for name, value in config.erasure.to_dict().items()
+        if name not in ("model", "concept", "method", "output")
+    }
+    # the bench scores every row itself, the same way
+    return {**shared, **config.method_settings.get(method, {}), "no_eval": True}
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -188,7 +106,7 @@ def check_method_flags(args: argparse.Namespace, methods: list[str]) -> None:
 
 def evaluation_prompts(backend, concept: Concept) -> tuple[list[Condition], list[Condition]]:
     """Forget-side and retain-side conditions to score: held-out captions where the model has them."""
-    if hasattr(backend, "eval_prompts"):  # sd-digits: caption templates training never used
+    if backend.digit_names:  # sd-digits: caption templates training never used
         digit = backend.digit_names.index(concept.name)
         others = [d for d in range(10) if d != digit]
         return backend.eval_prompts(digit), [p for d in others for p in backend.eval_prompts(d)]
@@ -209,22 +127,22 @@ def label_of(backend, condition: Condition) -> int:
 class Scorer:
     """Scores a backend's current UNet the same way for every row: prompts, seeds and metrics."""
 
-    def __init__(self, backend, concept: Concept, args: argparse.Namespace):
-        self.backend, self.concept, self.args = backend, concept, args
+    def __init__(self, backend, concept: Concept, config: BenchConfig):
+        self.backend, self.concept, self.config = backend, concept, config
         self.forget_conditions, self.retain_conditions = evaluation_prompts(backend, concept)
         self.notes: list[str] = []  # metrics that could not be computed, and why
         self.classifier = None
         self.fid_reference = None  # (N, 3, H, W): real images (digits) or the base's retain images
         self.clip = None
-        if getattr(backend, "digit_names", None):
+        if backend.digit_names:
             from erase.models.digits import digits_dataset, load_digit_classifier
 
             self.classifier = load_digit_classifier(backend.resolution, device=backend.device)
             images, labels = digits_dataset(backend.resolution, split="test")
             self.fid_reference = images[labels != backend.digit_names.index(concept.name)]
-        elif backend.conditioning == "text" and args.bench_clip.lower() != "none":
+        elif backend.conditioning == "text" and config.bench_clip.lower() != "none":
             self.clip = self.optional(
-                "clip_score", lambda: load_clip_spec(args.bench_clip, backend)
+                "clip_score", lambda: load_clip_spec(config.bench_clip, backend)
             )
 
     def optional(self, name: str, compute):
@@ -238,17 +156,17 @@ class Scorer:
 
     def generate(self, conditions: list[Condition]) -> tuple[torch.Tensor, list[Condition]]:
         """`bench_per_prompt` images per condition, seeds 0..n-1 offset by --seed: (N, 3, H, W)."""
-        per_prompt, args = self.args.bench_per_prompt, self.args
+        per_prompt, config = self.config.bench_per_prompt, self.config
         repeated = [c for c in conditions for _ in range(per_prompt)]
-        seeds = [args.seed * 10_007 + i for i in range(per_prompt)] * len(conditions)
-        guidance = args.bench_guidance or self.backend.guidance_scale
+        seeds = [config.erasure.seed * 10_007 + i for i in range(per_prompt)] * len(conditions)
+        guidance = config.bench_guidance or self.backend.guidance_scale
         images = [
             self.backend.sample(
                 repeated[i : i + 32],
                 seeds[i : i + 32],
-                num_steps=args.bench_steps,
+                num_steps=config.bench_steps,
                 guidance_scale=guidance,
-                resolution=args.resolution,
+                resolution=config.erasure.resolution,
             )
             for i in range(0, len(repeated), 32)
         ]
@@ -279,7 +197,7 @@ class Scorer:
             metrics["clip_score"] = round(sum(scores) / len(scores), 3)
         metrics["retain_fid"] = self.retain_fid(retain_images)
         metrics["eval_images"] = len(forget_images) + len(retain_images)
-        return metrics, grid_samples(forget_images, retain_images, self.args.bench_per_prompt)
+        return metrics, grid_samples(forget_images, retain_images, self.config.bench_per_prompt)
 
     def retain_fid(self, retain_images: torch.Tensor) -> float | None:
         """FID of the retain-side images: against real images of the retained classes (digit
@@ -342,22 +260,18 @@ def grid_samples(forget: torch.Tensor, retain: torch.Tensor, per_prompt: int) ->
 # -- robustness -------------------------------------------------------------------------------
 
 
-def attack_settings(args: argparse.Namespace, concept: Concept):
-    """erase-attack's settings for --attacks and --attack-flags (None without --attacks)."""
-    if not args.attacks:
+def attack_settings(config: BenchConfig, concept: Concept):
+    """erase-attack's settings of the bench's attacks (None without any)."""
+    if not config.attacks:
         return None
-    from eval.attacks.cli import build_parser as attack_parser
-    from eval.attacks.cli import settings_from_args
+    from eval.attacks.config import attack_settings as settings_of
 
-    argv = ["--model", args.model, "--concept", concept.name, "--attack", args.attacks]
-    captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):
-            parsed = attack_parser().parse_args(argv + shlex.split(args.attack_flags))
-    except SystemExit:
-        reason = captured.getvalue().strip().partition("error: ")[2] or "invalid flags"
-        raise EraseError(f"--attacks/--attack-flags: {reason}") from None
-    return settings_from_args(parsed)
+        return settings_of(
+            concept.name, config.attacks, model=config.erasure.model, **config.attack_settings
+        )
+    except EraseError as error:
+        raise EraseError(f"--attacks/--attack-flags: {error}") from None
 
 
 def attack_columns(backend, label: str, settings, folder: str, shared: dict, base=None) -> dict:
@@ -390,13 +304,13 @@ def attack_columns(backend, label: str, settings, folder: str, shared: dict, bas
     return columns
 
 
-def retrain_row(backend, concept: Concept, args, settings, folder, shared, samples) -> dict:
+def retrain_row(backend, concept: Concept, config, settings, folder, shared, samples) -> dict:
     """The row of the testbed retrained without the concept, scored and attacked like the others."""
     from erase.models.retrain import load_retrain
 
-    retrained = load_retrain(args.model, concept.name, device=backend.device)
+    retrained = load_retrain(config.erasure.model, concept.name, device=backend.device)
     clock = time.perf_counter()
-    metrics, samples["retrain"] = Scorer(retrained, concept, args)()
+    metrics, samples["retrain"] = Scorer(retrained, concept, config)()
     row = {"method": "retrain", **metrics, "eval_s": round(time.perf_counter() - clock, 2)}
     if settings is not None:
         row.update(attack_columns(retrained, "retrain", settings, folder, shared, base=backend))
@@ -406,12 +320,12 @@ def retrain_row(backend, concept: Concept, args, settings, folder, shared, sampl
 # -- the bench --------------------------------------------------------------------------------
 
 
-def run_bench(args: argparse.Namespace, backend=None) -> dict:
+def run_bench(config: BenchConfig, backend=None) -> dict:
     """Erase with each method, score the base and each, write bench.json/bench.md/chart/grid.
 
     `backend`: the base model already loaded (erase.load_model); it is erased in place by each
     method in turn and holds the base weights again at the end."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = config.methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise EraseError(
@@ -421,22 +335,21 @@ def run_bench(args: argparse.Namespace, backend=None) -> dict:
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
         raise EraseError(f"--methods names {', '.join(repeated)} more than once: name each once.")
-    if hasattr(args, "method") or hasattr(args, "no_eval"):  # given, though hidden
-        raise EraseError(
-            "--method and --no-eval are erase-concept's: erase-bench takes --methods and scores "
-            "every model itself."
-        )
-    check_method_flags(args, methods)
-    for name in BENCH_FLAGS:
-        value = getattr(args, name, None)
+    for name in config.method_settings:
+        if name not in methods:
+            raise EraseError(
+                f"method_settings names '{name}', which is not in methods ({', '.join(methods)})."
+            )
+    for name in ("bench_guidance",):
+        value = getattr(config, name)
         if isinstance(value, float) and not math.isfinite(value):
             raise EraseError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
     for method in methods:  # every method's settings, before the base is even loaded
-        api.check_erasure(args.concept, method, **method_settings(args, method))
-    check_bench_clip(args.bench_clip)
-    with output_lock(args.output):
-        check_output(args.output, args.overwrite)
-        return bench_into(args, methods, backend)
+        api.check_erasure(config.erasure.concept, method, **method_settings(config, method))
+    check_bench_clip(config.bench_clip)
+    with output_lock(config.output):
+        check_output(config.output, config.overwrite)
+        return bench_into(config, backend)
 
 
 def check_bench_clip(spec: str) -> None:
@@ -453,18 +366,19 @@ def check_bench_clip(spec: str) -> None:
         raise EraseError(f"--bench-clip '{spec}': {error}") from None
 
 
-def bench_into(args: argparse.Namespace, methods: list[str], backend=None) -> dict:
+def bench_into(config: BenchConfig, backend=None) -> dict:
     """The bench of run_bench, holding the lock of its output."""
     clock = time.perf_counter()
-    backend = backend or api.load_model(args.model, data_dir=args.data_dir)
-    concept = resolve_run_concept(backend, args)
-    attacks = attack_settings(args, concept)
+    methods = config.methods
+    backend = backend or api.load_model(config.erasure.model, data_dir=config.erasure.data_dir)
+    concept = resolve_run_concept(backend, config.erasure)
+    attacks = attack_settings(config, concept)
     shared: dict = {}  # the base row's attack figures that later rows are measured against
     base_state = {name: value.clone() for name, value in backend.unet.state_dict().items()}
-    scorer = Scorer(backend, concept, args)
+    scorer = Scorer(backend, concept, config)
     load_s = round(time.perf_counter() - clock, 2)
     rows, samples = [], {}
-    with staged_output(args.output, tool="erase-bench") as staging:
+    with staged_output(config.output, tool="erase-bench") as staging:
         clock = time.perf_counter()
         metrics, samples["base"] = scorer()
         rows.append(
@@ -479,10 +393,10 @@ def bench_into(args: argparse.Namespace, methods: list[str], backend=None) -> di
         attack_dir = os.path.join(staging, "attacks")
         if attacks is not None:
             rows[-1].update(attack_columns(backend, "base", attacks, attack_dir, shared))
-        if args.retrain:
-            rows.append(retrain_row(backend, concept, args, attacks, attack_dir, shared, samples))
+        if config.retrain:
+            rows.append(retrain_row(backend, concept, config, attacks, attack_dir, shared, samples))
         for method in methods:
-            rows.append(bench_one(backend, method, args, staging, scorer, samples))
+            rows.append(bench_one(backend, method, config, staging, scorer, samples))
             if attacks is not None and "error" not in rows[-1]:
                 rows[-1].update(attack_columns(backend, method, attacks, attack_dir, shared))
             backend.unet.load_state_dict(base_state)
@@ -494,13 +408,13 @@ def bench_into(args: argparse.Namespace, methods: list[str], backend=None) -> di
                 + "; ".join(f"{row['method']}: {row['error']}" for row in failed)
             )
         table = {
-            "model": args.model,
+            "model": config.erasure.model,
             "base_model": backend.identity,
             "concept": concept.to_dict(),
             "methods": methods,
             "forget_prompts": scorer.forget_conditions,
             "retain_prompts": scorer.retain_conditions,
-            "settings": {k: v for k, v in vars(args).items() if k != "output"},
+            "settings": {k: v for k, v in config.to_dict().items() if k != "output"},
             "notes": scorer.notes,
             "rows": rows,
         }
@@ -512,15 +426,15 @@ def bench_into(args: argparse.Namespace, methods: list[str], backend=None) -> di
     return table
 
 
-def bench_one(backend, method: str, args, staging: str, scorer: Scorer, samples: dict) -> dict:
+def bench_one(backend, method: str, config, staging: str, scorer: Scorer, samples: dict) -> dict:
     """One method's row: erase the loaded base in place through the API, then score; errors go
     in the row."""
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)
     try:
         output = os.path.join(staging, method)
-        settings = method_settings(args, method)
-        result = api.erase_concept(backend, args.concept, method, output, **settings)
+        settings = method_settings(config, method)
+        result = api.erase_concept(backend, config.erasure.concept, method, output, **settings)
     except Exception as error:  # a failing method is reported, and the others still run
         message = str(error) if isinstance(error, EraseError) else traceback.format_exc(limit=1)
         return {"method": method, "error": message.strip().splitlines()[-1]}
@@ -622,23 +536,3 @@ def draw_grid(samples: dict[str, torch.Tensor], path: str) -> None:
     width = max(len(row) for row in rows)
     padded = [torch.cat([row, torch.zeros(width - len(row), *row.shape[1:])]) for row in rows]
     save_image(torch.cat(padded), path, nrow=width, padding=1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point of erase-bench."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
-        return int(exit_request.code or 0)
-    try:
-        table = run_bench(args)
-    except EraseError as error:
-        print(f"erase-bench: error: {error}", file=sys.stderr)
-        return 2
-    print(markdown_table(table["rows"]))
-    print(f"wrote {args.output}/: bench.json, bench.md, chart.png, grid.png, one folder per method")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,17 @@
 """The pipeline of one erasure: load the model, build the data, compute the mask, train, write
-the artifact. The CLI and the Python API (erase/api.py, which erase-bench and the scripts use)
-call `run_erasure`; it never parses or prints."""
+the artifact, one function per phase. The Python API (erase/api.py: erase-concept, erase-bench
+and the scripts go through it) calls `run_erasure` with an ErasureConfig and the measurements to
+take around training; the pipeline never parses, prints or imports eval/."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from accelerate.utils import broadcast
@@ -25,8 +27,8 @@ from erase.artifact import (
 )
 from erase.card import write_model_card
 from erase.checkpoint import check_resume, file_digest, record_settings
-from erase.cliargs import MAX_SEED
 from erase.concepts import Concept, resolve_concept, slug, union
+from erase.config import ErasureConfig
 from erase.data import (
     ConceptData,
     DataConfig,
@@ -46,39 +48,41 @@ from erase.train import (
     train,
     write_base_weights,
 )
+from prompts import MAX_SEED
 
 MAX_RESOLUTION = 8192  # beyond any released model; each backend also allows at most 4 x its own
 
 
-def settings_from_args(
-    args: argparse.Namespace, defaults: dict, method_class, num_forget: int | None = None
+def resolve_settings(
+    config: ErasureConfig, defaults: dict, method_class, num_forget: int | None = None
 ):
-    """TrainConfig and the method's Config: flags first, then the method's reference defaults."""
+    """TrainConfig and the method's Config: the run's settings first, then the method's
+    reference defaults for this backend and concept (its `defaults`)."""
     train_config = TrainConfig(
-        lr=args.lr,
-        steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=not args.no_gradient_checkpointing,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        lr=config.lr,
+        steps=config.steps,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        max_grad_norm=config.max_grad_norm,
+        gradient_checkpointing=not config.no_gradient_checkpointing,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
     )
     for name in ("lr", "batch_size", "max_grad_norm", "optimizer", "weight_decay"):
         if getattr(train_config, name) is None:
             setattr(train_config, name, defaults.get(name))
     if train_config.steps is None:
-        if args.epochs:
-            per_epoch = -(-(num_forget or args.num_forget or 800) // train_config.batch_size)
-            train_config.steps = max(1, round(args.epochs * per_epoch))
+        if config.epochs:
+            per_epoch = -(-(num_forget or config.num_forget or 800) // train_config.batch_size)
+            train_config.steps = max(1, round(config.epochs * per_epoch))
         else:
             train_config.steps = defaults["steps"]
     values = {}
     for config_field in dataclasses.fields(method_class.Config):
-        value = getattr(args, config_field.name, None)
+        value = config.method_config.get(config_field.name)
         values[config_field.name] = (
             value if value is not None else defaults.get(config_field.name, config_field.default)
         )
@@ -94,25 +98,20 @@ class ErasureResult:
     backend: object = field(repr=False, default=None)
 
 
-def default_output(args: argparse.Namespace) -> str:
+def default_output(config: ErasureConfig) -> str:
     """outputs/<model>-<concept>-<method>."""
-    model_name = os.path.basename(os.path.normpath(args.model))
-    concept = slug("-".join(concept_names(args)))
-    return os.path.join("outputs", f"{slug(model_name)}-{concept}-{args.method}")
+    model_name = os.path.basename(os.path.normpath(config.model))
+    concept = slug("-".join(config.concept))
+    return os.path.join("outputs", f"{slug(model_name)}-{concept}-{config.method}")
 
 
-def concept_names(args: argparse.Namespace) -> list[str]:
-    """The --concept values of this run (one string from library callers, a list from the CLI)."""
-    return [args.concept] if isinstance(args.concept, str) else list(args.concept)
-
-
-def resolve_run_concept(backend, args) -> Concept:
+def resolve_run_concept(backend, config) -> Concept:
     """The concept(s) of this run, as one Concept (the union of several); backends with their own
     prompt sets (sd-digits) resolve a name first."""
     concepts = []
-    for name in concept_names(args):
+    for name in config.concept:
         prompts = None
-        if not args.forget_prompt and hasattr(backend, "concept_prompts"):
+        if not config.forget_prompt:
             prompts = backend.concept_prompts(name)
         concepts.append(
             prompts
@@ -120,109 +119,127 @@ def resolve_run_concept(backend, args) -> Concept:
                 name,
                 conditioning=backend.conditioning,
                 class_names=backend.class_names,
-                forget_prompts=args.forget_prompt,
-                retain_prompts=args.retain_prompt,
-                remap=getattr(args, "remap", "next"),
+                forget_prompts=config.forget_prompt,
+                retain_prompts=config.retain_prompt,
+                remap=config.remap,
             )
         )
     return union(concepts)
 
 
-def forget_count(backend, concept: Concept, args: argparse.Namespace) -> int:
+def forget_count(backend, concept: Concept, config: ErasureConfig) -> int:
     """--num-forget, or the reference's forget set size: the whole class on class-conditional
     models (DDPM/datasets), 800 generated images otherwise (SD/train-scripts)."""
-    if args.num_forget:
-        return args.num_forget
+    if config.num_forget:
+        return config.num_forget
     if backend.conditioning == "class":
         return len(backend.real_images(concept.forget, None)[1])
     return 800
 
 
-def run_erasure(args: argparse.Namespace, backend=None, on_phase=None) -> ErasureResult:
-    """Erase `args.concept` with `args.method` and write the artifact; the one code path of the CLI.
+class Evaluation(Protocol):
+    """A measurement taken before training and again after it, composed by the caller (the API
+    adds eval/'s grid of text models and class-removal evaluation of class models)."""
+
+    name: str  # its phases are timed as <name>_before and <name>_after
+
+    def before(self, backend, concept: Concept) -> None:
+        """Measure the base model."""
+
+    def after(self, backend, staging: str, is_main_process: bool) -> dict:
+        """Measure the erased model, write its files into `staging`; entries for metadata."""
+
+
+def run_erasure(
+    config: ErasureConfig,
+    backend=None,
+    on_phase=None,
+    evaluations: Sequence[Evaluation] = (),
+) -> ErasureResult:
+    """Erase `config.concept` with `config.method` and write the artifact.
 
     Every input is checked before any work, and the output stays locked for the whole run.
     `on_phase(name)`, when given, is called as each phase (load, data, ..., write) ends.
     """
-    output = args.output or default_output(args)
-    check_arguments(args)
+    output = config.output or default_output(config)
+    check_arguments(config)
     # The accelerate state comes first: the lock and the output's cleanup ask it which process
     # is the main one (several CPU processes are known only to the accelerator made here).
     accelerator = make_accelerator(
         TrainConfig(
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
     )
     with output_lock(output):
-        return erase_into(output, args, accelerator, backend, on_phase)
+        return erase_into(output, config, accelerator, backend, on_phase, evaluations)
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+def check_arguments(config: ErasureConfig) -> None:
     """Refuse, in one line, what can be judged from the arguments alone (before loading)."""
-    for name, value in vars(args).items():
+    for name, value in {**vars(config), **config.method_config}.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise EraseError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
-    if args.checkpoint_every < 0:
+    if config.checkpoint_every < 0:
         raise EraseError(
-            f"--checkpoint-every must be 0 (off) or more, got {args.checkpoint_every}."
+            f"--checkpoint-every must be 0 (off) or more, got {config.checkpoint_every}."
         )
-    if not 0 <= args.seed <= MAX_SEED:
-        raise EraseError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}.")
-    if args.resolution is not None and args.resolution > MAX_RESOLUTION:
-        raise EraseError(f"--resolution must be at most {MAX_RESOLUTION}, got {args.resolution}.")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise EraseError(f"--seed must be between 0 and {MAX_SEED}, got {config.seed}.")
+    if config.resolution is not None and config.resolution > MAX_RESOLUTION:
+        raise EraseError(f"--resolution must be at most {MAX_RESOLUTION}, got {config.resolution}.")
     for flag, prompts in (
-        ("--forget-prompt", args.forget_prompt),
-        ("--retain-prompt", args.retain_prompt),
+        ("--forget-prompt", config.forget_prompt),
+        ("--retain-prompt", config.retain_prompt),
     ):
         if any(not prompt.strip() for prompt in prompts):
             raise EraseError(f"{flag} must not be empty: give the text of a prompt.")
-    if args.mask:
-        if not get_method(args.method).uses_mask:
+    if config.mask:
+        if not get_method(config.method).uses_mask:
             raise EraseError(
-                f"--mask is used only by methods with a saliency mask (salun); {args.method} "
+                f"--mask is used only by methods with a saliency mask (salun); {config.method} "
                 "trains without one: drop --mask."
             )
-        if os.path.isdir(args.mask):
+        if os.path.isdir(config.mask):
             raise EraseError(
-                f"--mask '{args.mask}' is a folder: pass the mask file in it (e.g. "
-                f"{os.path.join(args.mask, 'mask.safetensors')})."
+                f"--mask '{config.mask}' is a folder: pass the mask file in it (e.g. "
+                f"{os.path.join(config.mask, 'mask.safetensors')})."
             )
-    if args.concept_images and not os.path.isdir(args.concept_images):
-        raise EraseError(f"--concept-images '{args.concept_images}' is not a folder of images.")
-    if args.cache_dir:
-        check_folder_path(args.cache_dir, "--cache-dir")
+    if config.concept_images and not os.path.isdir(config.concept_images):
+        raise EraseError(f"--concept-images '{config.concept_images}' is not a folder of images.")
+    if config.cache_dir:
+        check_folder_path(config.cache_dir, "--cache-dir")
     else:
         check_folder_path(os.path.join(erase_home(), "data"), "ERASE_HOME")
 
 
-def check_backend_arguments(backend, args: argparse.Namespace) -> None:
+def check_backend_arguments(backend, config: ErasureConfig) -> None:
     """Refuse what needs the loaded model to judge: a resolution it cannot make."""
-    if args.resolution is None:
+    if config.resolution is None:
         return
     if backend.conditioning == "text":  # diffusers' pipelines need multiples of 8, the VAE its own
         factor = max(8, getattr(backend, "vae_scale", 8))
     else:  # a pixel-space UNet halves the image once per down block but the last
         factor = 2 ** (len(backend.unet.config.block_out_channels) - 1)
     limit = 4 * backend.resolution
-    if args.resolution % factor or args.resolution > limit:
+    if config.resolution % factor or config.resolution > limit:
         raise EraseError(
             f"--resolution must be a multiple of {factor} and at most {limit} (4 x the model's "
-            f"{backend.resolution}) for this model, got {args.resolution}."
+            f"{backend.resolution}) for this model, got {config.resolution}."
         )
 
 
-def run_settings(backend, concept: Concept, method_config, train_config, args) -> dict:
+def run_settings(backend, concept: Concept, method_config, train_config, config) -> dict:
     """Everything that shapes the trained weights; a checkpoint is resumed only when they match."""
     return {
         "model": backend.identity,
         "weights": unet_fingerprint(backend.unet),
         "concept": concept.to_dict(),
-        "method": args.method,
+        "method": config.method,
         "method_config": dataclasses.asdict(method_config),
         "train_config": dataclasses.asdict(train_config),
         "data": {
-            name: getattr(args, name)
+            name: getattr(config, name)
             for name in (
                 "num_forget",
                 "num_retain",
@@ -233,180 +250,223 @@ def run_settings(backend, concept: Concept, method_config, train_config, args) -
                 "concept_images",
             )
         },
-        "mask_sha256": file_digest(args.mask),
-        "seed": args.seed,
+        "mask_sha256": file_digest(config.mask),
+        "seed": config.seed,
     }
 
 
+class PhaseClock:
+    """Seconds per phase of a run, and the run's `on_phase` hook called as each one ends."""
+
+    def __init__(self, on_phase=None):
+        self.timings: dict[str, float] = {}
+        self.on_phase = on_phase
+        self.start = time.perf_counter()
+
+    def lap(self, phase: str, notify: bool = True) -> None:
+        """Record the time since the last lap as `phase`."""
+        self.timings[phase] = round(time.perf_counter() - self.start, 3)
+        self.start = time.perf_counter()
+        if notify and self.on_phase:
+            self.on_phase(phase)
+
+
+@dataclass
+class Plan:
+    """What the load phase resolved: the model, the concept, the method and every setting."""
+
+    backend: object
+    concept: Concept
+    method: object
+    method_config: object
+    train_config: TrainConfig
+    mask: object  # a saliency mask given with --mask, else None (the mask phase computes it)
+    settings: dict  # what shapes the weights (run_settings): a checkpoint resumes only on a match
+    checkpoint_dir: str
+
+
 def erase_into(
-    output: str, args: argparse.Namespace, accelerator, backend=None, on_phase=None
+    output: str,
+    config: ErasureConfig,
+    accelerator,
+    backend=None,
+    on_phase=None,
+    evaluations: Sequence[Evaluation] = (),
 ) -> ErasureResult:
-    """The erasure of run_erasure, holding the lock of `output`."""
-    check_output(output, args.overwrite, resume=args.resume)
-    method_class = get_method(args.method)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        timings[phase] = round(time.perf_counter() - clock, 3)
-        clock = time.perf_counter()
-        if on_phase:
-            on_phase(phase)
-
-    if backend is None:
-        backend = load_backend(args.model, data_dir=args.data_dir, device=accelerator.device)
-    check_backend_arguments(backend, args)
-    if hasattr(backend, "gen_precision"):
-        backend.gen_precision = getattr(args, "gen_precision", "auto")
-    concept = resolve_run_concept(backend, args)
-    num_forget = forget_count(backend, concept, args)
-    defaults = method_class.defaults(backend, concept, num_forget)
-    train_config, method_config = settings_from_args(args, defaults, method_class, num_forget)
-    method = method_class(backend, concept, method_config)  # fails early on an unfit backend
-    if hasattr(backend, "set_gradient_checkpointing"):  # for the mask's backward as well
-        backend.set_gradient_checkpointing(
-            train_config.gradient_checkpointing and getattr(method, "gradient_checkpointing", True)
-        )
-    mask = None
-    if method.uses_mask and args.mask:
-        mask = load_mask(args.mask, backend.unet, backend.identity)
-    checkpoint_dir = os.path.join(partial_path(output), "checkpoint")
-    settings = run_settings(backend, concept, method_config, train_config, args)
-    check_resume(checkpoint_dir, settings, args.resume)
-    lap("load")
-
-    data_config = DataConfig(
-        num_forget=args.num_forget,
-        num_retain=args.num_retain,
-        resolution=args.resolution,
-        gen_steps=args.gen_steps,
-        guidance_scale=args.guidance_scale,
-        gen_batch_size=args.gen_batch_size,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        concept_images=args.concept_images,
-        retain_images=getattr(args, "retain_images", None),
+    """The erasure of run_erasure, holding the lock of `output`: one function per phase."""
+    check_output(output, config.overwrite, resume=config.resume)
+    clock = PhaseClock(on_phase)
+    plan = load_phase(output, config, accelerator, backend)
+    clock.lap("load")
+    data_config, data, forget_latents, retain_latents = data_phase(plan, config, accelerator)
+    clock.lap("data")
+    for evaluation in evaluations:
+        evaluation.before(plan.backend, plan.concept)
+        clock.lap(f"{evaluation.name}_before")
+    mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
+    clock.lap("mask")
+    # a method's stage before training (FMN's textual inversion); most have none
+    plan.method.prepare(
+        forget_latents, data.forget_conditions, torch.Generator().manual_seed(config.seed)
     )
-    if getattr(method, "needs_images", True):
-        with accelerator.main_process_first():  # one process generates, the others read it
-            data = build_concept_data(backend, concept, data_config)
-        forget_latents = encode_images(backend, data.forget_images)  # (N_f, C, h, w)
-        retain_latents = encode_images(backend, data.retain_images)  # (N_r, C, h, w)
-    else:  # ESD samples its own x_t: only the batches' shape and conditions are used
-        data = placeholder_data(backend, concept, train_config.batch_size, args.resolution)
-        forget_latents, retain_latents = data.forget_images, data.retain_images
-    lap("data")
-
-    evaluate = backend.conditioning == "class" and not args.no_eval
-    before = evaluate and class_evaluation(backend, concept, args)
-    lap("eval_before")
-    grid = backend.conditioning == "text" and not getattr(args, "no_grid", False)
-    if grid:  # text backends: before/after images of a few prompts (class ones: the evaluation)
-        from eval.before_after import grid_prompts, sample_grid_images, save_before_after
-
-        grid_before = sample_grid_images(backend, grid_prompts(concept), args)
-    lap("grid_before")
-
-    if method.uses_mask and mask is None:
-        gradients = forget_loss_gradients(
-            backend,
-            forget_latents,
-            data.forget_conditions,
-            guidance_scale=method_config.mask_guidance,
-            batch_size=train_config.batch_size,
-            micro_batch_size=train_config.micro_batch_size,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
-        mask = saliency_mask(gradients, method_config.mask_ratio)
-        if accelerator.num_processes > 1:  # every process trains with the main process's mask
-            mask.bits = {
-                name: broadcast(bits.to(accelerator.device)).cpu()
-                for name, bits in mask.bits.items()
-            }
-        del gradients  # the trainer hands the freed heap back before it makes its state
-    lap("mask")
-
-    if hasattr(method, "prepare"):  # a method's stage before training (FMN's textual inversion)
-        method.prepare(
-            forget_latents, data.forget_conditions, torch.Generator().manual_seed(args.seed)
-        )
-    lap("prepare")
+    clock.lap("prepare")
 
     with staged_output(output) as staging:
-        record_settings(accelerator, checkpoint_dir, settings)
-        # The base values of what may move, on disk: changed weights are counted against them
-        # without a second UNet in memory.
-        base_weights = os.path.join(staging, "base-weights.bin")
-        if accelerator.is_main_process:
-            write_base_weights(backend.unet, method.trainable, base_weights)
-        result = train(
-            accelerator,
-            backend,
-            method,
-            (forget_latents, data.forget_conditions),
-            (retain_latents, data.retain_conditions),
-            train_config,
-            mask,
-            checkpoint_dir=os.path.join(staging, "checkpoint"),
+        result, changed = train_phase(
+            plan, accelerator, staging, mask, (forget_latents, retain_latents), data
         )
-        lap("train")
-        after = evaluate and class_evaluation(backend, concept, args)
-        lap("eval_after")
-        if grid:
-            grid_after = sample_grid_images(backend, grid_prompts(concept), args)
-        if grid and accelerator.is_main_process:
-            save_before_after(
-                os.path.join(staging, "grid.png"), grid_prompts(concept), grid_before, grid_after
-            )
-        lap("grid_after")
-        changed = 0
-        if accelerator.is_main_process:
-            changed = count_changed_weights(backend.unet, method.trainable, base_weights)
-            os.remove(base_weights)
+        clock.lap("train")
+        measured = {}
+        for evaluation in evaluations:
+            measured.update(evaluation.after(plan.backend, staging, accelerator.is_main_process))
+            clock.lap(f"{evaluation.name}_after")
         metadata = {
-            "base_model": backend.identity,
-            "base_weights": settings["weights"],  # erase-eval checks --model against it
-            "model_arg": args.model,
-            "concept": concept.to_dict(),
-            "method": method.name,
-            "method_config": dataclasses.asdict(method_config),
-            "train_config": dataclasses.asdict(train_config),
+            "base_model": plan.backend.identity,
+            "base_weights": plan.settings["weights"],  # erase-eval checks --model against it
+            "model_arg": config.model,
+            "concept": plan.concept.to_dict(),
+            "method": plan.method.name,
+            "method_config": dataclasses.asdict(plan.method_config),
+            "train_config": dataclasses.asdict(plan.train_config),
             "data_config": dataclasses.asdict(data_config),
             "data_source": data.source,
-            "seed": args.seed,
+            "seed": config.seed,
+            "settings": dataclasses.replace(config, output=output).to_dict(),  # to replay the run
             "train_result": dataclasses.asdict(result),
             "changed_weights": changed,
-            "total_weights": sum(p.numel() for p in backend.unet.parameters()),
+            "total_weights": sum(p.numel() for p in plan.backend.unet.parameters()),
             "mask_ratio": mask_ratio(mask) if mask is not None else None,
-            "timings_s": timings,
+            "timings_s": clock.timings,
             "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
             "device": str(accelerator.device),
             "versions": versions(),
+            **measured,
         }
         if accelerator.is_main_process:
-            backend.save_unet(accelerator.unwrap_model(backend.unet), os.path.join(staging, "unet"))
-            if mask is not None:
-                save_mask(
-                    mask,
-                    os.path.join(staging, "mask.safetensors"),
-                    ratio=method_config.mask_ratio,
-                    model=backend.identity,
-                    concept=concept.name,
-                )
-            if evaluate:
-                from eval.classify import write_class_report
-
-                metadata["evaluation"] = {"before": before[0], "after": after[0]}
-                write_class_report(
-                    staging, before[0], after[0], before[1], after[1], backend.class_names
-                )
-            timings["write"] = round(time.perf_counter() - clock, 3)
-            write_json(os.path.join(staging, "metadata.json"), metadata)
-            write_model_card(staging, metadata)
+            write_phase(plan, accelerator, staging, mask, metadata, clock)
     if on_phase:
         on_phase("write")
-    return ErasureResult(output, metadata, backend)
+    return ErasureResult(output, metadata, plan.backend)
+
+
+def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) -> Plan:
+    """Load the model (unless given), resolve the concept and every setting, check the resume."""
+    method_class = get_method(config.method)
+    if backend is None:
+        backend = load_backend(config.model, data_dir=config.data_dir, device=accelerator.device)
+    check_backend_arguments(backend, config)
+    backend.gen_precision = config.gen_precision
+    concept = resolve_run_concept(backend, config)
+    num_forget = forget_count(backend, concept, config)
+    defaults = method_class.defaults(backend, concept, num_forget)
+    train_config, method_config = resolve_settings(config, defaults, method_class, num_forget)
+    method = method_class(backend, concept, method_config)  # fails early on an unfit backend
+    # for the mask's backward as well as training
+    backend.set_gradient_checkpointing(
+        train_config.gradient_checkpointing and method.gradient_checkpointing
+    )
+    mask = None
+    if method.uses_mask and config.mask:
+        mask = load_mask(config.mask, backend.unet, backend.identity)
+    checkpoint_dir = os.path.join(partial_path(output), "checkpoint")
+    settings = run_settings(backend, concept, method_config, train_config, config)
+    check_resume(checkpoint_dir, settings, config.resume)
+    return Plan(
+        backend, concept, method, method_config, train_config, mask, settings, checkpoint_dir
+    )
+
+
+def data_phase(plan: Plan, config: ErasureConfig, accelerator):
+    """The forget and retain sets, and their latents: (data config, data, forget, retain)."""
+    data_config = DataConfig(
+        num_forget=config.num_forget,
+        num_retain=config.num_retain,
+        resolution=config.resolution,
+        gen_steps=config.gen_steps,
+        guidance_scale=config.guidance_scale,
+        gen_batch_size=config.gen_batch_size,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
+        concept_images=config.concept_images,
+        retain_images=config.retain_images,
+    )
+    backend = plan.backend
+    if not plan.method.needs_images:  # ESD samples its own x_t: only shapes and conditions count
+        data = placeholder_data(
+            backend, plan.concept, plan.train_config.batch_size, config.resolution
+        )
+        return data_config, data, data.forget_images, data.retain_images
+    with accelerator.main_process_first():  # one process generates, the others read it
+        data = build_concept_data(backend, plan.concept, data_config)
+    forget_latents = encode_images(backend, data.forget_images)  # (N_f, C, h, w)
+    retain_latents = encode_images(backend, data.retain_images)  # (N_r, C, h, w)
+    return data_config, data, forget_latents, retain_latents
+
+
+def mask_phase(plan: Plan, forget_latents, forget_conditions, accelerator):
+    """SalUn's saliency mask from the forget set's gradients; None for methods without one."""
+    if not plan.method.uses_mask:
+        return None
+    gradients = forget_loss_gradients(
+        plan.backend,
+        forget_latents,
+        forget_conditions,
+        guidance_scale=plan.method_config.mask_guidance,
+        batch_size=plan.train_config.batch_size,
+        micro_batch_size=plan.train_config.micro_batch_size,
+        generator=torch.Generator().manual_seed(plan.train_config.seed),
+    )
+    mask = saliency_mask(gradients, plan.method_config.mask_ratio)
+    if accelerator.num_processes > 1:  # every process trains with the main process's mask
+        mask.bits = {
+            name: broadcast(bits.to(accelerator.device)).cpu() for name, bits in mask.bits.items()
+        }
+    del gradients  # the trainer hands the freed heap back before it makes its state
+    return mask
+
+
+def train_phase(plan: Plan, accelerator, staging: str, mask, latents, data):
+    """Train the method's weights; (the train result, how many weights changed)."""
+    forget_latents, retain_latents = latents
+    backend, method = plan.backend, plan.method
+    record_settings(accelerator, plan.checkpoint_dir, plan.settings)
+    # The base values of what may move, on disk: changed weights are counted against them
+    # without a second UNet in memory.
+    base_weights = os.path.join(staging, "base-weights.bin")
+    if accelerator.is_main_process:
+        write_base_weights(backend.unet, method.trainable, base_weights)
+    result = train(
+        accelerator,
+        backend,
+        method,
+        (forget_latents, data.forget_conditions),
+        (retain_latents, data.retain_conditions),
+        plan.train_config,
+        mask,
+        checkpoint_dir=os.path.join(staging, "checkpoint"),
+    )
+    changed = 0
+    if accelerator.is_main_process:
+        changed = count_changed_weights(backend.unet, method.trainable, base_weights)
+        os.remove(base_weights)
+    return result, changed
+
+
+def write_phase(plan: Plan, accelerator, staging: str, mask, metadata: dict, clock) -> None:
+    """The artifact's files in the staging folder: unet/, mask, metadata.json, the model card."""
+    backend = plan.backend
+    backend.save_unet(accelerator.unwrap_model(backend.unet), os.path.join(staging, "unet"))
+    if mask is not None:
+        save_mask(
+            mask,
+            os.path.join(staging, "mask.safetensors"),
+            ratio=plan.method_config.mask_ratio,
+            model=backend.identity,
+            concept=plan.concept.name,
+        )
+    clock.lap("write", notify=False)
+    write_json(os.path.join(staging, "metadata.json"), metadata)
+    write_model_card(staging, metadata)
 
 
 def placeholder_data(backend, concept: Concept, count: int, resolution: int | None) -> ConceptData:
@@ -417,16 +477,3 @@ def placeholder_data(backend, concept: Concept, count: int, resolution: int | No
     forget = [concept.forget[i % len(concept.forget)] for i in range(count)]
     retain = [concept.retain[i % len(concept.retain)] for i in range(count)]
     return ConceptData(latents, forget, latents, retain, "none (the method samples its own)")
-
-
-def class_evaluation(backend, concept: Concept, args: argparse.Namespace):
-    """Class-removal metrics and images of the current UNet (same seeds before and after)."""
-    from eval.classify import class_removal
-
-    return class_removal(
-        backend,
-        concept.forget[0],
-        num_per_class=args.eval_per_class,
-        seed=args.seed,
-        num_steps=args.eval_steps or getattr(backend, "eval_steps", 50),
-    )

@@ -169,7 +169,7 @@ def backward_micro_batches(
             "--micro-batch-size needs forget and retain batches of one size: make --num-forget "
             "and --num-retain at least --batch-size."
         )
-    if len(forget_parts) > 1 and not getattr(method, "loss_is_mean_over_samples", True):
+    if len(forget_parts) > 1 and not method.loss_is_mean_over_samples:
         raise EraseError(
             f"{method.name}'s loss is not a mean over samples, so micro-batches would change "
             "it: leave --micro-batch-size unset (or equal to --batch-size)."
@@ -253,7 +253,7 @@ def check_sharding(accelerator, method, mask) -> None:
     run under them."""
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return
-    if getattr(method, "frozen_unet", None) is not None:
+    if method.frozen_unet is not None:
         raise EraseError(
             f"{method.name} keeps a frozen copy that shares the untrained weights with the "
             "trained UNet, which FSDP/DeepSpeed shard: run it on one GPU or with plain DDP "
@@ -316,16 +316,15 @@ def train(
     """Fine-tune `backend.unet` in place with `method.loss`; `forget`/`retain` are (latents, conditions)."""
     unet = backend.unet
     unet.train()
-    if hasattr(backend, "set_gradient_checkpointing"):
-        backend.set_gradient_checkpointing(
-            config.gradient_checkpointing and getattr(method, "gradient_checkpointing", True)
-        )
+    backend.set_gradient_checkpointing(
+        config.gradient_checkpointing and method.gradient_checkpointing
+    )
     if mask is not None and not isinstance(mask, PackedMask):
         mask = pack_bool_mask(mask)
     # A masked method may ask for the whole gradient to be clipped before the mask is applied
     # (SalUn on the DDPM, as its reference): the norm then counts the weights the mask keeps
     # none of, so they take part in backward too (their masked gradient is zero: they stay put).
-    clip_before_mask = getattr(method, "clip_before_mask", None) if mask is not None else None
+    clip_before_mask = method.clip_before_mask if mask is not None else None
     parameters = select_parameters(unet, method, None if clip_before_mask else mask)
     release_freed_memory()  # what the phases before left on the heap, before the state is made
     update, wrapped_unet, state_name = make_update(
@@ -374,7 +373,7 @@ def train(
     finally:
         update.remove_hooks()
     result.state_bytes = {"weights": tensor_bytes(unet.parameters()), **update.state_bytes()}
-    frozen = getattr(method, "frozen_unet", None)
+    frozen = method.frozen_unet
     if frozen is not None:  # ESD's copy of the trained weights (the rest is shared)
         shared = {id(p) for p in unet.parameters()}
         result.state_bytes["frozen_copy"] = tensor_bytes(

@@ -40,7 +40,7 @@ class PenultimateFeatures(torch.nn.Module):
 
 def backend_classifier(backend, classifier: torch.nn.Module | None) -> torch.nn.Module:
     """The classifier to score `backend`'s images: the given one, else the backend's own."""
-    classifier = classifier if classifier is not None else getattr(backend, "classifier", None)
+    classifier = classifier if classifier is not None else backend.classifier
     if classifier is None:
         raise EraseError(
             f"No classifier for '{backend.identity}': put a TorchScript classifier.pt (images "

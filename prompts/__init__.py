@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-from erase.cliargs import MAX_SEED
 from erase.errors import EraseError
+
+MAX_SEED = 2**32 - 1  # torch seeds are 64-bit; derived seeds (seed * 1_000_003 + i) must fit
 
 # Column names seen in public prompt files, in order of preference.
 PROMPT_COLUMNS = ("prompt", "caption", "text")

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 def erase_settings(flags: list[str]) -> dict:
     """erase-concept flags (those after --) as erase.erase_concept's settings: the ones given."""
     import erase
-    from erase.cli import build_parser
+    from erase.cli.concept import build_parser
 
     parser = build_parser()
     given = vars(parser.parse_args(["--concept", "-", *flags]))

@@ -18,7 +18,7 @@ state by the trainer's rules, and the activations one sample's backward keeps, m
 saved-tensor hooks on a meta forward at `--breakdown-resolution`. On the CPU a method whose count
 does not fit the memory available is not run: its breakdown is its report.
 
-Each method runs in a fresh process through `run_erasure`, the code path of erase-concept, on
+Each method runs in a fresh process through `erase.api.run`, the code path of erase-concept, on
 tiny generated data (2 DDIM steps per image). Prints JSON per method: peak memory per phase
 (CPU: the process's resident set size sampled every 5 ms by a background thread, so a peak
 shorter than that can be missed; GPU: torch.cuda.max_memory_allocated, reset at each phase),
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import inspect
 import json
 import os
 import shutil
@@ -224,7 +223,7 @@ class PhaseMemory:
             time.sleep(0.005)
 
     def on_phase(self, phase: str) -> None:
-        """Called by run_erasure when `phase` ends."""
+        """Called by the erasure when `phase` ends."""
         self.boundaries.append((phase, time.perf_counter()))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -235,13 +234,6 @@ class PhaseMemory:
     def stop(self) -> None:
         self.running = False
         self.thread.join()
-
-    def boundaries_from_timings(self, timings: dict, end: float) -> None:
-        """Phase ends from metadata's timings (code without the on_phase hook)."""
-        clock = self.start_time
-        for phase, seconds in timings.items():
-            clock += seconds
-            self.boundaries.append((phase, end if phase == "write" else clock))
 
     def report(self) -> dict:
         """Peak MB per phase: RSS on the CPU (and on a GPU, the CUDA peak too)."""
@@ -539,9 +531,10 @@ def artifact_sizes(folder: str) -> dict:
 
 
 def run_one(args: argparse.Namespace) -> dict:
-    """One method through run_erasure in this process; returns its measurements."""
-    from erase.cli import build_parser
-    from erase.erasure import run_erasure
+    """One method through erase-concept's code path (erase.api.run) in this process; returns its
+    measurements."""
+    from erase.api import run
+    from erase.cli.concept import build_parser, config_from_args
 
     device = torch.device(args.device)
     work = tempfile.mkdtemp(prefix="bench-scale-")
@@ -556,19 +549,12 @@ def run_one(args: argparse.Namespace) -> dict:
         "--output", os.path.join(work, "out"), "--cache-dir", os.path.join(work, "data"),
     ]  # fmt: skip
     flags += args.extra
-    erase_args = build_parser().parse_args(flags)
+    config = config_from_args(build_parser().parse_args(flags))
     memory = PhaseMemory(device)
     memory.start()
-    hooked = "on_phase" in inspect.signature(run_erasure).parameters
-    if hooked:
-        result = run_erasure(erase_args, on_phase=memory.on_phase)
-    else:
-        result = run_erasure(erase_args)
-    end = time.perf_counter()
+    result = run(config, on_phase=memory.on_phase)
     memory.stop()
     metadata = result.metadata
-    if not hooked:
-        memory.boundaries_from_timings(metadata["timings_s"], end)
     backend, train_result = result.backend, metadata["train_result"]
     state = train_result.get("state_bytes") or estimated_state(backend, metadata)
     state = dict(state)

@@ -41,7 +41,7 @@ METHOD_SETTINGS = {
 
 def bench_settings(flags: list[str]) -> dict:
     """erase-bench flags (those after --) as erase.benchmark's settings: the ones given."""
-    from erase.bench import flags_parser
+    from erase.cli.bench import flags_parser
 
     parser = flags_parser()
     given, defaults = vars(parser.parse_args(flags)), vars(parser.parse_args([]))

@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 import erase
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
 
 SETTINGS = {"steps": 2, "num_forget": 2, "num_retain": 2, "gen_steps": 2, "lr": 1e-3}
 
@@ -53,15 +53,16 @@ def test_api_writes_the_artifact_when_asked(tiny_sd_dir, tmp_path):
 
 
 def test_several_concepts_are_the_repeated_flag():
-    from erase.api import erasure_arguments
+    from erase.api import erasure_config
 
-    args = erasure_arguments(["nudity", "Van Gogh"], "esd-x", {"steps": 3})
-    assert args.concept == ["nudity", "Van Gogh"] and args.method == "esd-x" and args.steps == 3
-    assert erasure_arguments("nudity", "salun", {}).concept == ["nudity"]
+    config = erasure_config(["nudity", "Van Gogh"], "esd-x", steps=3)
+    assert config.concept == ["nudity", "Van Gogh"] and config.method == "esd-x"
+    assert config.steps == 3
+    assert erasure_config("nudity", "salun").concept == ["nudity"]
 
 
 def test_unknown_setting_is_a_clear_error(tiny_sd_dir):
-    with pytest.raises(erase.EraseError, match="stepz"):
+    with pytest.raises(erase.EraseError, match="'stepz' .*did you mean steps"):
         erase.erase_concept(tiny_sd_dir, "nudity", stepz=3)
     with pytest.raises(erase.EraseError, match="Unknown method"):
         erase.erase_concept(tiny_sd_dir, "nudity", method="nope")

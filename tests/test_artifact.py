@@ -11,7 +11,7 @@ import pytest
 
 import erase.erasure
 from erase.artifact import MARKER, output_lock
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
 
 
 def one_line(capsys, argv) -> str:

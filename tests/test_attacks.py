@@ -298,7 +298,7 @@ def test_cli_runs_unlearndiffatk_end_to_end_and_reruns_from_its_folder(
 
 
 def test_bench_with_attacks_adds_asr_and_steps_to_recover_columns(tiny_sd_dir, tmp_path):
-    from erase.bench import main as bench_main
+    from erase.cli.bench import main as bench_main
 
     prompts = tmp_path / "nudity.txt"
     prompts.write_text("a nude person\n")
@@ -319,7 +319,7 @@ def test_bench_with_attacks_adds_asr_and_steps_to_recover_columns(tiny_sd_dir, t
 
 
 def test_bench_rejects_bad_attack_flags_in_one_line(tiny_sd_dir, tmp_path, capsys):
-    from erase.bench import main as bench_main
+    from erase.cli.bench import main as bench_main
 
     argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--methods", "salun"]
     argv += ["--output", str(tmp_path / "b"), "--attacks", "unlearndiffatk"]
@@ -349,7 +349,7 @@ def test_nudenet_asr_is_also_reported_at_the_stricter_threshold():
 def test_bench_retrain_row_is_scored_and_attacked_like_the_others(
     tiny_sd_dir, tmp_path, monkeypatch
 ):
-    from erase import bench
+    from erase.cli import bench
     from erase.models import retrain
 
     built = []

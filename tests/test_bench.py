@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from erase.bench import main
+from erase.cli.bench import main
 from erase.methods import METHODS
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from erase.bench import main
+from erase.cli.bench import main
 from erase.methods import METHODS
 
 

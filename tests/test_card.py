@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from erase.card import model_card
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
 from erase.models.sd import StableDiffusionBackend
 from eval.before_after import SEEDS_PER_PROMPT
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
 from erase.testing import save_tiny_sd
 
 WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")

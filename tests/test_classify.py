@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from erase.errors import EraseError
+from erase.models.base import declare_optional
 from erase.models.ddpm import ClassDDPMBackend, DDPMConfig, build_class_unet
 from erase.models.digits import DIGIT_NAMES, DigitClassifier, digits_dataset
 from eval.classify import (
@@ -20,6 +21,7 @@ from eval.classify import (
 NUM_CLASSES = 4
 
 
+@declare_optional
 class CodedBackend:
     """A class backend whose samples encode their label as brightness; seeds add tiny noise.
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from erase.cli import build_parser, erase_concept_main
-from erase.erasure import run_erasure
+from erase.api import run
+from erase.cli.concept import build_parser, config_from_args, erase_concept_main
 
 
 def test_cli_subprocess_writes_the_artifact(tiny_sd_args, tmp_path):
@@ -37,7 +37,7 @@ def test_saved_unet_reloads_to_the_same_outputs(tiny_sd_dir, tiny_sd_args, tmp_p
     args = build_parser().parse_args(
         [*tiny_sd_args, "--lr", "1e-3", "--output", str(tmp_path / "o")]
     )
-    result = run_erasure(args)
+    result = run(config_from_args(args))
     reloaded = UNet2DConditionModel.from_pretrained(str(tmp_path / "o"), subfolder="unet")
     sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     embeds = result.backend.encode(["a photo of a nude person", "a cat"])

@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
 from erase.errors import EraseError
 from erase.models import load_backend
 from erase.models.ddpm import (

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from erase.cli import build_parser
+from erase.api import run
+from erase.cli.concept import build_parser, config_from_args
 from erase.concepts import resolve_concept
-from erase.erasure import run_erasure
 from erase.errors import EraseError
 from erase.methods import get_method
 from erase.methods.esd import NOXATTN_EXCLUDED_PREFIXES, ESDConfig
@@ -19,7 +19,7 @@ from erase.train import TrainConfig, make_accelerator, train
 
 def erase(args, folder):
     """Run erase-concept in process; returns the ErasureResult."""
-    return run_erasure(build_parser().parse_args([*args, "--output", str(folder)]))
+    return run(config_from_args(build_parser().parse_args([*args, "--output", str(folder)])))
 
 
 def changed_names(base_state, unet) -> set[str]:

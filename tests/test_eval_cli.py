@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-from eval.cli import METRIC_NAMES, build_parser, main, run_evaluation
+from eval.cli import METRIC_NAMES, build_parser, config_from_args, main
+from eval.evaluation import run_evaluation
 from eval.runner import METRICS, MetricConfig
 
 TINY_CLIP = {  # a CPU-sized open_clip model, random weights (as in test_clip_score.py)
@@ -89,7 +90,7 @@ def test_fid_against_a_reference_folder(evaluated, tiny_sd_dir, prompt_csv, tmp_
     args = build_parser().parse_args(
         [*argv, "--metric", "fid", "--reference", str(output / "images"), "--fid-image-size", "16"]
     )
-    results = run_evaluation(args, MetricConfig(fid_feature=TinyFeatures()))
+    results = run_evaluation(config_from_args(args), MetricConfig(fid_feature=TinyFeatures()))
     fid = results["metrics"]["fid"]
     assert fid["reference_images"] == 6 and fid["generated_images"] == 3
     assert fid["fid"] >= 0 and results["generation"]["generated"] == 0

@@ -7,7 +7,7 @@ import pytest
 from diffusers import UNet2DConditionModel
 
 from erase.artifact import output_lock
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
 from erase.testing import save_tiny_sd
 from eval.cli import main
 

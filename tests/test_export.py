@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
+from erase.cli.export import main
 from erase.export import (
-    main,
     original_text_encoder_state_dict,
     original_unet_state_dict,
     original_vae_state_dict,

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from erase.cli import build_parser, erase_concept_main
+from erase.api import run
+from erase.cli.concept import build_parser, config_from_args, erase_concept_main
 from erase.concepts import resolve_concept
-from erase.erasure import run_erasure
 from erase.errors import EraseError
 from erase.methods import get_method, noised
 from erase.methods.fmn import (
@@ -26,7 +26,7 @@ PROMPT = "a photo of a nude person"
 
 def erase(args, folder):
     """Run erase-concept in process; returns the ErasureResult."""
-    return run_erasure(build_parser().parse_args([*args, "--output", str(folder)]))
+    return run(config_from_args(build_parser().parse_args([*args, "--output", str(folder)])))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
 from erase.data import DataConfig, generated_set
 from erase.errors import EraseError
 from prompts import load_prompt_file
@@ -178,7 +178,7 @@ def test_a_model_that_does_not_load_is_exactly_one_stderr_line(tmp_path):
     raw.write_bytes(pickle.dumps({"state_dict": {"weight": [1.0, 2.0]}}))
     script = (
         "import sys\n"
-        "from erase.cli import erase_concept_main\n"
+        "from erase.cli.concept import erase_concept_main\n"
         "for model in sys.argv[1:3]:\n"
         "    argv = ['--model', model, '--concept', 'nudity', '--output', sys.argv[3]]\n"
         "    assert erase_concept_main(argv) == 2\n"

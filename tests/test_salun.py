@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from erase.cli import build_parser
-from erase.erasure import run_erasure
+from erase.api import run
+from erase.cli.concept import build_parser, config_from_args
 from erase.models import load_backend
 from erase.saliency import load_mask
 
 
 def erase_in_process(args_list, tmp_path, name):
     args = build_parser().parse_args([*args_list, "--output", str(tmp_path / name)])
-    return run_erasure(args)
+    return run(config_from_args(args))
 
 
 def test_unmasked_weights_are_bit_identical(tiny_sd_dir, tiny_sd_args, tmp_path):
@@ -72,7 +72,9 @@ def test_class_defaults_are_the_reference_unless_the_backend_measured_its_own():
     from erase.methods.salun import SalUn
 
     concept = Concept("three", [3], [0, 1, 2])
-    reference = SalUn.defaults(SimpleNamespace(conditioning="class"), concept, 100)
+    reference = SalUn.defaults(
+        SimpleNamespace(conditioning="class", method_defaults={}), concept, 100
+    )
     # DDPM/configs/cifar10_saliency_unlearn.yml (n_iters 1000) and DDPM/README.md (alpha 1e-3)
     assert (reference["lr"], reference["alpha"], reference["steps"], reference["batch_size"]) == (
         1e-4,

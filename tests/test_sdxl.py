@@ -8,9 +8,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from erase.api import load_model
-from erase.cli import build_parser, erase_concept_main
-from erase.erasure import run_erasure
+from erase.api import load_model, run
+from erase.cli.concept import build_parser, config_from_args, erase_concept_main
 from erase.errors import EraseError
 from erase.methods.fmn import OBJECT_TEMPLATE, learn_concept_tokens
 from erase.models import load_backend
@@ -37,7 +36,7 @@ def sdxl_args(tiny_sdxl_dir) -> list[str]:
 def salun_run(sdxl_args, tmp_path_factory):
     output = tmp_path_factory.mktemp("sdxl-salun") / "out"
     args = build_parser().parse_args([*sdxl_args, "--lr", "1e-3", "--output", str(output)])
-    return run_erasure(args), output
+    return run(config_from_args(args)), output
 
 
 def test_a_folder_of_an_xl_pipeline_loads_the_sdxl_backend(tiny_sdxl_dir):
@@ -104,7 +103,9 @@ def test_the_sdxl_forget_term_falls_after_salun_steps(tiny_sdxl_dir, sdxl_args, 
     latents = torch.randn(8, *backend.latent_shape, generator=torch.Generator().manual_seed(1))
     before = forget_distance(backend, latents)
     argv = [*sdxl_args, "--steps", "40", "--lr", "1e-3", "--num-forget", "4"]
-    result = run_erasure(build_parser().parse_args([*argv, "--output", str(tmp_path / "o")]))
+    result = run(
+        config_from_args(build_parser().parse_args([*argv, "--output", str(tmp_path / "o")]))
+    )
     assert forget_distance(result.backend, latents) < 0.5 * before
 
 
@@ -135,7 +136,7 @@ def test_erase_eval_generates_with_the_tiny_sdxl(tiny_sdxl_dir, tmp_path):
 
 
 def test_erase_bench_and_attacks_generate_with_the_tiny_sdxl(tiny_sdxl_dir, tmp_path):
-    from erase.bench import main as bench_main
+    from erase.cli.bench import main as bench_main
 
     prompts = tmp_path / "nudity.txt"
     prompts.write_text("a nude person\n")

@@ -7,7 +7,7 @@ import torch
 import erase.train
 from erase.concepts import resolve_concept
 from erase.errors import EraseError
-from erase.methods import get_method
+from erase.methods import declare_optional, get_method
 from erase.models import load_backend
 from erase.models.base import Batch
 from erase.train import (
@@ -23,6 +23,7 @@ FORGET_PROMPT = "a photo of a nude person"
 RETAIN_PROMPT = "a photo of a person wearing clothes"
 
 
+@declare_optional
 class DeterministicDenoising:
     """A SalUn-shaped loss (forget mean + alpha * retain mean) whose noise and timesteps are
     functions of each sample, so that any split of a batch sees the same numbers."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from erase.cli import erase_concept_main
+from erase.cli.concept import erase_concept_main
 from erase.concepts import resolve_concept
 from erase.errors import EraseError
 from erase.methods.esd import ESDConfig, ESDCrossAttention

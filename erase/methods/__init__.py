@@ -6,7 +6,9 @@ line at the bottom of this file.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Protocol
 
 import torch
@@ -35,15 +37,66 @@ class Method(Protocol):
         """The scalar loss of one step and its named terms for the progress bar."""
 
 
+def no_prepare(self, forget_latents, forget_conditions, generator) -> None:
+    """A method's stage before training (FMN's textual inversion); most have none."""
+
+
+# The optional parts of a method, with what a method that does not define one gets
+# (`register` fills them in, so the pipeline and the trainer call them without probing).
+OPTIONAL = {
+    "needs_images": True,  # False: the method samples its own x_t (ESD), no forget set is made
+    "gradient_checkpointing": True,  # False: the method's hooks need every activation (FMN)
+    "loss_is_mean_over_samples": True,  # False: the loss cannot be split into micro-batches
+    "frozen_unet": None,  # a frozen copy of the UNet the loss reads (ESD's teacher)
+    "clip_before_mask": None,  # a gradient norm clipped to before the mask (SalUn on DDPM)
+    "prepare": no_prepare,
+}
+
+
+def declare_optional(method_class: type) -> type:
+    """Class decorator: the default of every optional part `method_class` does not define."""
+    for part, default in OPTIONAL.items():
+        if not hasattr(method_class, part):
+            setattr(method_class, part, default)
+    return method_class
+
+
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator adding a method to the registry under `name`."""
+    """Class decorator adding a method to the registry under `name` (with its optional parts)."""
 
     def add(method_class: type) -> type:
+        declare_optional(method_class)
         method_class.name = name
         METHODS[name] = method_class
         return method_class
 
     return add
+
+
+# The cases whose reference defaults --help shows: (label, backend conditioning, concept kind).
+REFERENCE_CASES = (
+    ("SD nudity", "text", "nudity"),
+    ("SD class", "text", "class"),
+    ("DDPM", "class", "class"),
+)
+
+
+def reference_defaults(method_class: type) -> dict[str, dict[str, object]]:
+    """Each setting's reference default by case of REFERENCE_CASES (800 forget images): the
+    method's own `defaults` for a plain backend over its Config's defaults; what --help prints."""
+    by_setting: dict[str, dict[str, object]] = {}
+    for label, conditioning, kind in REFERENCE_CASES:
+        backend = SimpleNamespace(conditioning=conditioning, method_defaults={})  # no testbed's
+        concept = Concept(name=kind, forget=[0], retain=[1], kind=kind)
+        settings = {
+            config_field.name: config_field.default
+            for config_field in dataclasses.fields(method_class.Config)
+            if config_field.default is not None and config_field.default is not dataclasses.MISSING
+        }
+        settings.update(method_class.defaults(backend, concept, 800))
+        for name, value in settings.items():
+            by_setting.setdefault(name, {})[label] = value
+    return by_setting
 
 
 def get_method(name: str) -> type:

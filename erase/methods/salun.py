@@ -104,7 +104,7 @@ class SalUn:
                 optimizer="adam",
             )
             # A testbed may carry settings it measured (docs/methods.md says which and why).
-            settings.update(getattr(backend, "method_defaults", {}).get("salun", {}))
+            settings.update(backend.method_defaults.get("salun", {}))
             return settings
         # SD/train-scripts/random_label.py; several remap targets (sd-digits' other digits'
         # captions, --remap random) are class-wise remapping too.

@@ -85,6 +85,41 @@ class Backend(Protocol):
         """Load a UNet saved by `save_unet` (or any diffusers UNet folder) for this backend."""
 
 
+def no_gradient_checkpointing(self, enabled: bool) -> None:
+    """A backend whose UNet always keeps its activations (the small DDPM)."""
+
+
+def no_concept_prompts(self, concept: str) -> None:
+    """None: the concept's prompts come from erase/concepts.py, not from the backend."""
+
+
+def no_eval_prompts(self, condition) -> None:
+    """None: a class is evaluated with the concept's own prompts."""
+
+
+# The optional parts of a backend, with what a backend that does not define one gets
+# (`declare_optional` fills them in, so the pipeline, the bench and the attacks read them
+# without probing).
+OPTIONAL = {
+    "gen_precision": "auto",  # precision of image generation (text backends: see --gen-precision)
+    "set_gradient_checkpointing": no_gradient_checkpointing,
+    "concept_prompts": no_concept_prompts,  # a testbed's own prompts of a concept (sd-digits)
+    "eval_prompts": no_eval_prompts,  # a testbed's held-out prompts of a class (sd-digits)
+    "digit_names": None,  # sd-digits: the digits' names, its classes
+    "eval_steps": 50,  # DDIM steps of evaluation images (the testbeds: 25)
+    "method_defaults": {},  # a testbed's measured method settings, by method (docs/methods.md)
+    "classifier": None,  # a class backend's own classifier (the digits testbeds)
+}
+
+
+def declare_optional(backend_class: type) -> type:
+    """Class decorator: the default of every optional part `backend_class` does not define."""
+    for part, default in OPTIONAL.items():
+        if not hasattr(backend_class, part):
+            setattr(backend_class, part, default)
+    return backend_class
+
+
 # What a UNet may be trained to predict (diffusers' `prediction_type`), and what erase trains.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
-from erase.models.base import Condition, denoising_target
+from erase.models.base import Condition, declare_optional, denoising_target
 from erase.models.sd import default_device, load_unet_folder
 
 DDPM_FORMAT = "erase-class-ddpm/1"
@@ -194,6 +194,7 @@ def read_ddpm_info(folder: str) -> dict | None:
         return json.load(file)
 
 
+@declare_optional
 class ClassDDPMBackend:
     """A class-conditional pixel-space DDPM with classifier-free guidance (null class)."""
 

@@ -12,7 +12,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from erase.errors import EraseError
-from erase.models.base import Condition, prediction_type
+from erase.models.base import Condition, declare_optional, prediction_type
 
 # Public hub ids of the aliases `--model` accepts.
 SD_ALIASES = {
@@ -88,6 +88,7 @@ def load_pipeline(
     return pipe
 
 
+@declare_optional
 class StableDiffusionBackend:
     """Text-conditioned latent diffusion: a frozen text encoder and VAE around a trainable UNet."""
 

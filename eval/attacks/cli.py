@@ -11,22 +11,17 @@ import argparse
 import os
 import sys
 
-from erase.cliargs import OneLineParser, add_generation_batch, positive, seed
+from erase.cli.args import OneLineParser, add_generation_batch, positive, seed
 from erase.errors import EraseError
-
-# The registry's names (eval.attacks.ATTACKS), repeated here so --help needs no heavy import.
-ATTACK_NAMES = ("unlearndiffatk", "relearn", "prompts")
+from eval.attacks.config import ATTACK_NAMES, default_output, parse_attacks
 
 
 def attack_list(text: str) -> list[str]:
     """An argparse type: one attack or a comma list of them."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ATTACK_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown attack '{(unknown or [text])[0]}': choose from {', '.join(ATTACK_NAMES)}"
-        )
-    return names
+    try:
+        return parse_attacks(text)
+    except EraseError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def step_list(text: str) -> list[int]:
@@ -166,54 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace):
-    """The run's AttackSettings, each attack's Config filled from its flags."""
-    from eval.attacks import relearn, unlearndiffatk
-    from eval.attacks.harness import AttackSettings
+    """The run's AttackSettings from parsed erase-attack flags."""
+    from eval.attacks.config import CLI_ONLY, attack_settings
 
-    names = list(dict.fromkeys(name for names in args.attack for name in names))
-    configs = {
-        "unlearndiffatk": unlearndiffatk.Config(
-            k=args.k,
-            iterations=args.iterations,
-            blocks=args.blocks,
-            lr=args.attack_lr,
-            weight_decay=args.attack_weight_decay,
-            seed=args.seed,
-        ),
-        "relearn": relearn.Config(
-            data=args.relearn_data,
-            checkpoints=args.relearn_steps,
-            lr=args.relearn_lr,
-            batch_size=args.relearn_batch_size,
-            num_images=args.relearn_images,
-            seed=args.seed,
-        ),
-    }
-    return AttackSettings(
-        model=args.model,
-        concept=args.concept,
-        attacks=names,
-        unet=args.unet,
-        prompts=args.prompts,
-        limit=args.limit,
-        per_prompt=args.per_prompt,
-        seed=args.seed,
-        num_steps=args.num_steps,
-        guidance_scale=args.guidance_scale,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        retrain=args.retrain,
-        classifier_weights=args.classifier_weights,
-        configs={name: config for name, config in configs.items() if name in names},
+    flags = {name: value for name, value in vars(args).items() if name not in CLI_ONLY}
+    return attack_settings(
+        flags.pop("concept"), [n for names in args.attack for n in names], **flags
     )
-
-
-def default_output(args: argparse.Namespace) -> str:
-    """outputs/attack-<unet or model>-<concept>."""
-    from erase.concepts import slug
-
-    model = os.path.basename(os.path.normpath(args.unet or args.model))
-    return os.path.join("outputs", f"attack-{slug(model)}-{slug(args.concept)}")
 
 
 def summary_lines(results: dict) -> list[str]:
@@ -242,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from eval.attacks.harness import run_attacks
 
+        settings = settings_from_args(args)
         results = run_attacks(
-            settings_from_args(args),
-            args.output or default_output(args),
+            settings,
+            args.output or default_output(settings),
             progress=not args.no_progress,
         )
     except EraseError as error:

@@ -118,7 +118,7 @@ def generation_config(settings: AttackSettings, target: AttackTarget):
     from eval.runner import GenerationConfig
 
     backend = target.backend
-    steps = settings.num_steps or getattr(backend, "eval_steps", None) or 50
+    steps = settings.num_steps or backend.eval_steps
     return GenerationConfig(
         model=backend.identity,
         unet=target.label if target.label not in ("base",) else None,

@@ -113,7 +113,7 @@ class NudityJudge:
 def concept_judge(backend, concept: str, classifier_weights: str | None = None):
     """The judge of `concept` on `backend`'s images; a concept without one is a user error."""
     key = concept.strip().lower()
-    digit_names = getattr(backend, "digit_names", None)
+    digit_names = backend.digit_names
     if digit_names:  # sd-digits
         from erase.models.digits import load_digit_classifier
 

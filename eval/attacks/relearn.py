@@ -50,7 +50,7 @@ def relearn_data(target: AttackTarget, config: Config) -> tuple[torch.Tensor, li
         images = load_image_folder(config.data, backend, None)[: config.num_images]
         conditions = forget_conditions(target)
         return images, [conditions[i % len(conditions)] for i in range(len(images))]
-    if getattr(backend, "digit_names", None) or backend.conditioning == "class":
+    if backend.digit_names or backend.conditioning == "class":
         return digit_data(target, config)
     from erase.concepts import resolve_concept
     from erase.data import DataConfig, build_concept_data
@@ -69,8 +69,9 @@ def relearn_data(target: AttackTarget, config: Config) -> tuple[torch.Tensor, li
 def forget_conditions(target: AttackTarget) -> list:
     """The concept's forget conditions on the attacked model (captions or the class index)."""
     backend = target.backend
-    if hasattr(backend, "concept_prompts"):
-        return backend.concept_prompts(target.concept).forget
+    own = backend.concept_prompts(target.concept)  # a testbed's own captions (sd-digits)
+    if own is not None:
+        return own.forget
     if backend.conditioning == "class":
         from erase.concepts import resolve_class_concept
 

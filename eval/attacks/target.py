@@ -55,7 +55,7 @@ def default_entries(backend, concept: str, per_prompt: int, seed: int) -> list[P
 
     key = concept.strip().lower()
     guidance = backend.guidance_scale
-    if getattr(backend, "digit_names", None):
+    if backend.digit_names:
         digit = int(key) if key.isdigit() else backend.digit_names.index(key)
         prompts = backend.eval_prompts(digit)  # held-out captions, never trained on
     elif backend.conditioning == "class":

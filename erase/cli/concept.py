@@ -10,8 +10,9 @@ import argparse
 import dataclasses
 import sys
 
-from erase.cliargs import OneLineParser, add_generation_batch, positive
-from erase.erasure import ErasureResult, run_erasure
+from erase.api import ErasedModel, run
+from erase.cli.args import OneLineParser, add_generation_batch, positive, set_config_defaults
+from erase.config import ErasureConfig
 from erase.errors import EraseError
 from erase.methods import METHODS
 
@@ -35,7 +36,47 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_erase_arguments(parser)
+    set_config_defaults(parser, ErasureConfig())
     return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ErasureConfig:
+    """The ErasureConfig of parsed erase-concept flags (method settings left unset are dropped)."""
+    return ErasureConfig.from_dict(vars(args))
+
+
+def reference_help(setting: str) -> str:
+    """'reference: salun 1e-05 (SD nudity, SD class), 0.0001 (DDPM); fmn 2e-06': the default of
+    `setting` per method and case, from the methods' own `defaults`; '' where none sets it."""
+    from erase.methods import reference_defaults
+
+    by_values: dict[str, list[str]] = {}
+    for name in sorted(METHODS):
+        cases = reference_defaults(METHODS[name]).get(setting)
+        if cases is None:
+            continue
+        values: dict[str, list[str]] = {}
+        for case, value in cases.items():
+            values.setdefault(format_default(value), []).append(case)
+        text = ", ".join(
+            value if len(values) == 1 else f"{value} ({', '.join(labels)})"
+            for value, labels in values.items()
+        )
+        by_values.setdefault(text, []).append(name)
+    return "; ".join(f"{'/'.join(names)} {text}" for text, names in by_values.items())
+
+
+def format_default(value) -> str:
+    """A default as --help prints it: 'none' for None, else its repr for strings and numbers."""
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def with_reference(help_text: str, setting: str) -> str:
+    """`help_text` with the reference defaults of `setting` appended, when methods give any."""
+    reference = reference_help(setting)
+    if not reference:
+        return help_text
+    return f"{help_text}; reference: {reference}" if help_text else f"reference: {reference}"
 
 
 def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = True) -> None:
@@ -43,7 +84,6 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     model = parser.add_argument_group("model and concept")
     model.add_argument(
         "--model",
-        default="sd-v1-4",
         help="sd-v1-4, sd-v1-5, sd-2-1-base, a hub "
         "id, a local diffusers folder, a .safetensors/.ckpt file, or a built-in "
         "testbed: ddpm-digits, sd-digits, ddpm-cifar10 (with --data-dir)",
@@ -59,7 +99,6 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     )
     model.add_argument(
         "--remap",
-        default="next",
         choices=["next", "random"],
         help="SalUn's remap target of a forgotten class: the next class, (c + 1) %% K, as both "
         "references do, or a random other class per sample",
@@ -67,20 +106,16 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     model.add_argument(
         "--forget-prompt",
         action="append",
-        default=[],
         metavar="TEXT",
         help="a prompt of the concept to forget (repeatable)",
     )
     model.add_argument(
         "--retain-prompt",
         action="append",
-        default=[],
         metavar="TEXT",
         help="a prompt the forgotten one is remapped to and that must stay intact (repeatable)",
     )
-    model.add_argument(
-        "--method", default="salun", choices=sorted(METHODS), help="unlearning method"
-    )
+    model.add_argument("--method", choices=sorted(METHODS), help="unlearning method")
     model.add_argument("--data-dir", default=None, help="dataset folder (ddpm-cifar10)")
     if with_output:
         output = parser.add_argument_group("output")
@@ -118,17 +153,15 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         default=None,
         help="image size of generated data (default: the model's)",
     )
-    data.add_argument("--gen-steps", type=positive(int), default=50, help="DDIM steps per image")
+    data.add_argument("--gen-steps", type=positive(int), help="DDIM steps per image")
     data.add_argument(
         "--guidance-scale",
         type=positive(float),
-        default=7.5,
         help="guidance when generating the forget/retain sets",
     )
     add_generation_batch(data, "--gen-batch-size")
     data.add_argument(
         "--gen-precision",
-        default="auto",
         choices=["auto", "fp32", "fp16", "bf16"],
         help="precision of image generation (Stable Diffusion), by autocast over the fp32 "
         "weights; auto: fp16 on a CUDA GPU, as diffusers users run SD, fp32 on the CPU",
@@ -151,15 +184,22 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     )
 
     training = parser.add_argument_group("training (defaults: the method's reference settings)")
-    training.add_argument("--lr", type=positive(float), default=None)
-    training.add_argument("--steps", type=positive(int), default=None, help="optimizer updates")
+    training.add_argument("--lr", type=positive(float), default=None, help=with_reference("", "lr"))
+    training.add_argument(
+        "--steps",
+        type=positive(int),
+        default=None,
+        help=with_reference("optimizer updates", "steps"),
+    )
     training.add_argument(
         "--epochs",
         type=positive(float),
         default=None,
         help="passes over the forget set (when --steps is not given)",
     )
-    training.add_argument("--batch-size", type=positive(int), default=None)
+    training.add_argument(
+        "--batch-size", type=positive(int), default=None, help=with_reference("", "batch_size")
+    )
     training.add_argument(
         "--micro-batch-size",
         type=positive(int),
@@ -174,14 +214,18 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         help="keep every activation instead of recomputing them in backward (faster, much "
         "more memory; Stable Diffusion trains with checkpointing by default, as the reference)",
     )
-    training.add_argument("--gradient-accumulation-steps", type=positive(int), default=1)
-    training.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    training.add_argument("--max-grad-norm", type=positive(float), default=None)
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--gradient-accumulation-steps", type=positive(int))
+    training.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    training.add_argument(
+        "--max-grad-norm",
+        type=positive(float),
+        default=None,
+        help=with_reference("", "max_grad_norm"),
+    )
+    training.add_argument("--seed", type=int)
     training.add_argument(
         "--checkpoint-every",
         type=int,
-        default=0,
         metavar="N",
         help="save a resumable checkpoint every N steps (0: off)",
     )
@@ -198,7 +242,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     methods = parser.add_argument_group("method settings")
     for name, config_field in method_fields().items():
         flag = "--" + name.replace("_", "-")
-        help_text = config_field.metadata.get("help", "")
+        help_text = with_reference(config_field.metadata.get("help", ""), name)
         if config_field.type in (bool, "bool"):
             methods.add_argument(flag, action="store_true", default=None, help=help_text)
         elif config_field.type == "bool | None":
@@ -221,7 +265,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         "before | after)",
     )
     evaluation.add_argument(
-        "--eval-per-class", type=positive(int), default=100, help="generated images per class"
+        "--eval-per-class", type=positive(int), help="generated images per class"
     )
     evaluation.add_argument(
         "--eval-steps",
@@ -231,7 +275,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     )
 
 
-def summary(result: ErasureResult) -> str:
+def summary(result: ErasedModel) -> str:
     """A few lines for the terminal."""
     metadata = result.metadata
     lines = [
@@ -250,28 +294,25 @@ def summary(result: ErasureResult) -> str:
     return "\n".join(lines)
 
 
-def erase_concept_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Console entry point of erase-concept."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a usage error already printed on one line
         return int(exit_request.code or 0)
     try:
-        if args.push_to_hub:
-            from erase.card import check_can_push
-
-            check_can_push(args.push_to_hub)  # before the work, not after it
-        result = run_erasure(args)
+        result = run(config_from_args(args))
         print(summary(result))
-        if args.push_to_hub:
-            from erase.card import push_folder
-
-            print(f"pushed to {push_folder(result.output, args.push_to_hub)}")
+        if result.pushed:
+            print(f"pushed to {result.pushed}")
     except EraseError as error:
         print(f"erase-concept: error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
+erase_concept_main = main  # the name tests and older scripts import
+
+
 if __name__ == "__main__":
-    sys.exit(erase_concept_main())
+    sys.exit(main())

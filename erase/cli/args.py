@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from prompts import MAX_SEED
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr (exit code 2), like every other error."""
@@ -39,9 +41,6 @@ def finite(text: str) -> float:
     return value
 
 
-MAX_SEED = 2**32 - 1  # torch seeds are 64-bit; derived seeds (seed * 1_000_003 + i) must fit
-
-
 def seed(text: str) -> int:
     """An argparse type: a seed in [0, 2**32 - 1]."""
     try:
@@ -62,3 +61,14 @@ def add_generation_batch(group, flag: str) -> None:
         help="images per generation call (default: 32 on a CUDA GPU, 8 on the CPU); a batch that "
         "runs out of GPU memory is halved and retried, and the images do not depend on it",
     )
+
+
+def set_config_defaults(parser: argparse.ArgumentParser, config) -> None:
+    """Every optional flag's default from the run's config dataclass (`config`, made with its
+    defaults), so that a default is written once, in the config, and --help shows it."""
+    optional = {
+        action.dest
+        for action in parser._actions
+        if not action.required and action.default is not argparse.SUPPRESS
+    }
+    parser.set_defaults(**{name: value for name, value in vars(config).items() if name in optional})

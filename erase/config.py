@@ -1,0 +1,144 @@
+"""The settings of one run, as plain dataclasses: what the CLI fills from its flags, the Python API
+from keyword arguments, and metadata.json records whole (`to_dict`), so a run can be replayed
+from its metadata (`from_dict`).
+
+Field names are the flags' names with underscores (`--num-forget` is `num_forget`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from erase.errors import EraseError
+
+Config = TypeVar("Config")
+
+
+def nearest(name: str, known: list[str]) -> str:
+    """' (did you mean X?)' for the known name closest to `name`, or ''."""
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def check_known(settings: dict, known: list[str], what: str) -> None:
+    """An EraseError naming the first unknown setting and the nearest known one."""
+    unknown = [name for name in settings if name not in known]
+    if unknown:
+        raise EraseError(
+            f"Unknown setting '{unknown[0]}' for {what}{nearest(unknown[0], known)}: settings "
+            f"are the flags' names with underscores (see {what} --help)."
+        )
+
+
+def config_from_dict(config_class: type[Config], settings: dict, what: str) -> Config:
+    """`config_class` from a dict of its fields; an unknown key is one EraseError."""
+    names = [config_field.name for config_field in dataclasses.fields(config_class)]
+    check_known(settings, names, what)
+    return config_class(**settings)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    """Every field of a config dataclass, as JSON-ready values (lists, not tuples)."""
+    return json_ready(dataclasses.asdict(config))
+
+
+def json_ready(value):
+    """Tuples as lists, recursively: what a JSON round trip gives back."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def method_setting_names() -> list[str]:
+    """Every field of every registered method's Config (the `method_config` keys)."""
+    from erase.methods import METHODS
+
+    return list(
+        dict.fromkeys(
+            config_field.name
+            for method_class in METHODS.values()
+            for config_field in dataclasses.fields(method_class.Config)
+        )
+    )
+
+
+@dataclass
+class ErasureConfig:
+    """One erasure: what erase-concept's flags say. None means the reference default for the
+    backend and concept (resolved by the method's `defaults`, see docs/methods.md)."""
+
+    # model and concept
+    concept: list[str] = field(default_factory=list)
+    model: str = "sd-v1-4"
+    method: str = "salun"
+    remap: str = "next"  # class models: the next class, (c + 1) % K, as both references do
+    forget_prompt: list[str] = field(default_factory=list)
+    retain_prompt: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+    # the method's own settings by name (e.g. {"alpha": 0.1}); absent ones take its defaults
+    method_config: dict[str, Any] = field(default_factory=dict)
+    # output
+    output: str | None = None
+    overwrite: bool = False
+    push_to_hub: str | None = None
+    # forget and retain data
+    num_forget: int | None = None
+    num_retain: int | None = None
+    resolution: int | None = None
+    gen_steps: int = 50
+    guidance_scale: float = 7.5
+    gen_batch_size: int | None = None
+    gen_precision: str = "auto"
+    cache_dir: str | None = None
+    concept_images: str | None = None
+    retain_images: str | None = None
+    # training (None: the method's reference setting)
+    lr: float | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    micro_batch_size: int | None = None
+    no_gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    max_grad_norm: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 0
+    resume: bool = False
+    mask: str | None = None
+    # evaluation
+    no_eval: bool = False
+    no_grid: bool = False
+    eval_per_class: int = 100
+    eval_steps: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.concept, str):  # one concept given as a string
+            self.concept = [self.concept]
+        self.concept = list(self.concept)
+        self.forget_prompt = list(self.forget_prompt)
+        self.retain_prompt = list(self.retain_prompt)
+        self.method_config = dict(self.method_config)
+        check_known(self.method_config, method_setting_names(), "erase-concept")
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> ErasureConfig:
+        """A config from its fields; a method setting may also be given at the top level
+        (`alpha=0.1`, as its flag `--alpha`), where None means its default."""
+        settings = dict(settings)
+        method_names = method_setting_names()
+        method_config = dict(settings.pop("method_config", None) or {})
+        for name in [name for name in settings if name in method_names]:
+            value = settings.pop(name)
+            if value is not None:
+                method_config[name] = value
+        return config_from_dict(cls, {**settings, "method_config": method_config}, "erase-concept")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, as metadata.json records it."""
+        return config_to_dict(self)

@@ -1,0 +1,83 @@
+"""The settings of one erase-attack run from its flags' names (`blocks=10`, `relearn_lr=1e-4`):
+what the CLI parses and the Python API passes as keyword arguments, made into the harness's
+AttackSettings. Light on imports, so that --help and a mistake are reported at once."""
+
+from __future__ import annotations
+
+import os
+
+from erase.config import check_known
+from erase.errors import EraseError
+
+# The registry's names (eval.attacks.ATTACKS), repeated here so --help needs no heavy import.
+ATTACK_NAMES = ("unlearndiffatk", "relearn", "prompts")
+
+# The run's own settings (AttackSettings' fields) and each attack's flags, by flag name: the
+# attack and the field of its Config the flag sets (--seed sets every attack's seed as well).
+RUN_SETTINGS = (
+    "model",
+    "unet",
+    "concept",
+    "prompts",
+    "limit",
+    "per_prompt",
+    "seed",
+    "num_steps",
+    "guidance_scale",
+    "resolution",
+    "batch_size",
+    "retrain",
+    "classifier_weights",
+)
+ATTACK_FLAGS = {
+    "k": ("unlearndiffatk", "k"),
+    "iterations": ("unlearndiffatk", "iterations"),
+    "blocks": ("unlearndiffatk", "blocks"),
+    "attack_lr": ("unlearndiffatk", "lr"),
+    "attack_weight_decay": ("unlearndiffatk", "weight_decay"),
+    "relearn_data": ("relearn", "data"),
+    "relearn_steps": ("relearn", "checkpoints"),
+    "relearn_lr": ("relearn", "lr"),
+    "relearn_batch_size": ("relearn", "batch_size"),
+    "relearn_images": ("relearn", "num_images"),
+}
+CLI_ONLY = ("attack", "output", "no_progress")
+
+
+def parse_attacks(text: str | list[str]) -> list[str]:
+    """One attack, a comma list, or a list of them, in order without repeats."""
+    parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    names = list(dict.fromkeys(name.strip() for name in parts if name.strip()))
+    unknown = [name for name in names if name not in ATTACK_NAMES]
+    if unknown or not names:
+        raise EraseError(
+            f"unknown attack '{(unknown or [text])[0]}': choose from {', '.join(ATTACK_NAMES)}"
+        )
+    return names
+
+
+def attack_settings(concept: str, attacks: str | list[str], **flags):
+    """The AttackSettings of `attacks` on `concept` from erase-attack's flags by name; a flag
+    left out (or None) takes the attack's reference default (its Config's)."""
+    from eval.attacks import get_attack
+    from eval.attacks.harness import AttackSettings
+
+    check_known(flags, [*RUN_SETTINGS, *ATTACK_FLAGS], "erase-attack")
+    names = parse_attacks(attacks)
+    configs = {}
+    for name in names:
+        values = {"seed": flags.get("seed", 0)} if name in ("unlearndiffatk", "relearn") else {}
+        for flag, (attack, field_name) in ATTACK_FLAGS.items():
+            if attack == name and flags.get(flag) is not None:
+                values[field_name] = flags[flag]
+        configs[name] = get_attack(name).Config(**values)
+    run = {name: flags[name] for name in RUN_SETTINGS if name in flags and name != "concept"}
+    return AttackSettings(concept=concept, attacks=names, configs=configs, **run)
+
+
+def default_output(settings) -> str:
+    """outputs/attack-<unet or model>-<concept>."""
+    from erase.concepts import slug
+
+    model = os.path.basename(os.path.normpath(settings.unet or settings.model))
+    return os.path.join("outputs", f"attack-{slug(model)}-{slug(settings.concept)}")
