@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # The API pulls in torch and diffusers: loaded on first use, so `import erase` stays light.
 _LAZY = {
     "attack": "erase.api",
-    "benchmark": "erase.api",
+    "benchmark": "erase.bench",
     "erase_concept": "erase.api",
     "evaluate": "erase.api",
     "export_model": "erase.api",

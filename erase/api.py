@@ -6,7 +6,8 @@ callable from a notebook on a model name, a folder or a StableDiffusionPipeline 
     image = pipe("a photo of a person").images[0]      # pipe's UNet is now the erased one
     result.metadata["changed_weights"]
 
-The command-line tools, erase-bench and the scripts under scripts/ call these functions.
+The command-line tools, erase-bench (erase/bench.py, whose `benchmark` is erase.benchmark)
+and the scripts under scripts/ call these functions.
 """
 
 from __future__ import annotations
@@ -189,36 +190,6 @@ def attack(
     return run_attacks(
         run_settings, output or default_output(run_settings), backend=backend, progress=progress
     )
-
-
-def benchmark(
-    model,
-    concept: str | list[str],
-    output: str,
-    methods: str | list[str] = ("salun", "esd-u", "esd-x", "fmn"),
-    method_settings: dict[str, dict] | None = None,
-    **settings,
-) -> dict:
-    """Erase `concept` with each method from the same base model and score the base and each
-    with the same prompts, seeds and metrics, as erase-bench does; the table of bench.json.
-
-    `settings` are erase-bench's flags by name: its own (`bench_per_prompt=10`,
-    `attacks="relearn"`, `attack_settings={"blocks": 10}`) and erase-concept's, which every
-    method gets; `method_settings` gives one method its own (`{"esd-x": {"lr": 1e-4}}`). A model
-    object is erased by each method in turn and holds its base weights again at the end.
-    """
-    from erase.bench import BenchConfig, run_bench
-
-    name, backend = loaded(model)
-    config = BenchConfig.from_settings(
-        concept,
-        output,
-        **settings,
-        **({"model": name} if name is not None else {}),
-        methods=methods,
-        method_settings=dict(method_settings or {}),
-    )
-    return run_bench(config, backend=backend)
 
 
 def export_model(

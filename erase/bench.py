@@ -352,6 +352,34 @@ def run_bench(config: BenchConfig, backend=None) -> dict:
         return bench_into(config, backend)
 
 
+def benchmark(
+    model,
+    concept: str | list[str],
+    output: str,
+    methods: str | list[str] = ("salun", "esd-u", "esd-x", "fmn"),
+    method_settings: dict[str, dict] | None = None,
+    **settings,
+) -> dict:
+    """Erase `concept` with each method from the same base model and score the base and each
+    with the same prompts, seeds and metrics, as erase-bench does; the table of bench.json.
+
+    `settings` are erase-bench's flags by name: its own (`bench_per_prompt=10`,
+    `attacks="relearn"`, `attack_settings={"blocks": 10}`) and erase-concept's, which every
+    method gets; `method_settings` gives one method its own (`{"esd-x": {"lr": 1e-4}}`). A model
+    object is erased by each method in turn and holds its base weights again at the end.
+    """
+    name, backend = api.loaded(model)
+    config = BenchConfig.from_settings(
+        concept,
+        output,
+        **settings,
+        **({"model": name} if name is not None else {}),
+        methods=methods,
+        method_settings=dict(method_settings or {}),
+    )
+    return run_bench(config, backend=backend)
+
+
 def check_bench_clip(spec: str) -> None:
     """Refuse a --bench-clip model or weights name open_clip does not know (no download)."""
     if spec.lower() == "none":
