@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ from erase.config import ErasureConfig, check_known, config_to_dict
 from erase.erasure import resolve_run_concept
 from erase.errors import EraseError
 from erase.methods import METHODS
-from erase.models.base import Condition
 from erase.train import peak_memory_mb
+from eval.scoring import ModelScorer, ScoringSettings
 
 FORGET_METRICS = ("forget_accuracy", "forget_nudity_share")  # lower = more forgotten
 RETAIN_METRICS = ("retain_accuracy", "clip_score", "retain_nudity_share")
@@ -90,6 +89,19 @@ class BenchConfig:
         return config_to_dict(self)
 
 
+def scoring_settings(config: BenchConfig) -> ScoringSettings:
+    """How every row is sampled and scored: the bench's flags, and the erasure's seed and size."""
+    return ScoringSettings(
+        per_prompt=config.bench_per_prompt,
+        seed=config.erasure.seed,
+        num_steps=config.bench_steps,
+        guidance_scale=config.bench_guidance,
+        resolution=config.erasure.resolution,
+        batch_size=config.erasure.gen_batch_size,
+        clip=config.bench_clip,
+    )
+
+
 def method_settings(config: BenchConfig, method: str) -> dict:
     """erase.erase_concept's settings for one method: the shared ones, then the method's own."""
     shared = {
@@ -99,162 +111,6 @@ def method_settings(config: BenchConfig, method: str) -> dict:
     }
     # the bench scores every row itself, the same way
     return {**shared, **config.method_settings.get(method, {}), "no_eval": True}
-
-
-# -- scoring ----------------------------------------------------------------------------------
-
-
-def evaluation_prompts(backend, concept: Concept) -> tuple[list[Condition], list[Condition]]:
-    """Forget-side and retain-side conditions to score: held-out captions where the model has them."""
-    if backend.digit_names:  # sd-digits: caption templates training never used
-        digit = backend.digit_names.index(concept.name)
-        others = [d for d in range(10) if d != digit]
-        return backend.eval_prompts(digit), [p for d in others for p in backend.eval_prompts(d)]
-    return list(concept.forget), list(concept.retain)
-
-
-def label_of(backend, condition: Condition) -> int:
-    """The class a condition asks for (a class index, or the digit a caption names)."""
-    if isinstance(condition, int):
-        return condition
-    words = str(condition).split()
-    for index, name in enumerate(backend.digit_names):
-        if name in words or str(index) in words:
-            return index
-    raise ValueError(f"no digit named in '{condition}'")
-
-
-class Scorer:
-    """Scores a backend's current UNet the same way for every row: prompts, seeds and metrics."""
-
-    def __init__(self, backend, concept: Concept, config: BenchConfig):
-        self.backend, self.concept, self.config = backend, concept, config
-        self.forget_conditions, self.retain_conditions = evaluation_prompts(backend, concept)
-        self.notes: list[str] = []  # metrics that could not be computed, and why
-        self.classifier = None
-        self.fid_reference = None  # (N, 3, H, W): real images (digits) or the base's retain images
-        self.clip = None
-        if backend.digit_names:
-            from erase.models.digits import digits_dataset, load_digit_classifier
-
-            self.classifier = load_digit_classifier(backend.resolution, device=backend.device)
-            images, labels = digits_dataset(backend.resolution, split="test")
-            self.fid_reference = images[labels != backend.digit_names.index(concept.name)]
-        elif backend.conditioning == "text" and config.bench_clip.lower() != "none":
-            self.clip = self.optional(
-                "clip_score", lambda: load_clip_spec(config.bench_clip, backend)
-            )
-
-    def optional(self, name: str, compute):
-        """`compute()`, or None with a note when an optional metric is unavailable here."""
-        try:
-            return compute()
-        except EraseError as error:
-            if f"{name}: {error}" not in self.notes:
-                self.notes.append(f"{name}: {error}")
-            return None
-
-    def generate(self, conditions: list[Condition]) -> tuple[torch.Tensor, list[Condition]]:
-        """`bench_per_prompt` images per condition, seeds 0..n-1 offset by --seed: (N, 3, H, W)."""
-        per_prompt, config = self.config.bench_per_prompt, self.config
-        repeated = [c for c in conditions for _ in range(per_prompt)]
-        seeds = [config.erasure.seed * 10_007 + i for i in range(per_prompt)] * len(conditions)
-        guidance = config.bench_guidance or self.backend.guidance_scale
-        images = [
-            self.backend.sample(
-                repeated[i : i + 32],
-                seeds[i : i + 32],
-                num_steps=config.bench_steps,
-                guidance_scale=guidance,
-                resolution=config.erasure.resolution,
-            )
-            for i in range(0, len(repeated), 32)
-        ]
-        return torch.cat(images), repeated
-
-    @torch.no_grad()
-    def __call__(self) -> tuple[dict, torch.Tensor]:
-        """The metrics of the backend's current UNet, and sample images for the grid."""
-        forget_images, forget_repeated = self.generate(self.forget_conditions)
-        retain_images, retain_repeated = self.generate(self.retain_conditions)
-        metrics: dict = {}
-        if self.classifier is not None:
-            for side, images, repeated in (
-                ("forget", forget_images, forget_repeated),
-                ("retain", retain_images, retain_repeated),
-            ):
-                labels = torch.tensor([label_of(self.backend, c) for c in repeated])
-                predicted = self.classifier(images.to(self.backend.device)).argmax(-1).cpu()
-                metrics[f"{side}_accuracy"] = round(float((predicted == labels).float().mean()), 4)
-        elif self.concept.name == "nudity":
-            metrics["forget_nudity_share"] = nudity_share(forget_images)
-            metrics["retain_nudity_share"] = nudity_share(retain_images)
-        if self.clip is not None:
-            from eval.clip_score import clip_scores
-
-            pil_images = [to_pil(image) for image in retain_images]
-            scores = clip_scores(pil_images, [str(c) for c in retain_repeated], self.clip)
-            metrics["clip_score"] = round(sum(scores) / len(scores), 3)
-        metrics["retain_fid"] = self.retain_fid(retain_images)
-        metrics["eval_images"] = len(forget_images) + len(retain_images)
-        return metrics, grid_samples(forget_images, retain_images, self.config.bench_per_prompt)
-
-    def retain_fid(self, retain_images: torch.Tensor) -> float | None:
-        """FID of the retain-side images: against real images of the retained classes (digit
-        classifier features), else against the base model's own retain images (Inception)."""
-        from eval.fid import frechet_distance
-
-        if self.fid_reference is None:  # the first scored model is the base: it is the reference
-            self.fid_reference = retain_images
-            return None if self.classifier is None else 0.0
-        feature = 2048  # Inception
-        if self.classifier is not None:
-            from eval.classify import PenultimateFeatures
-
-            feature = PenultimateFeatures(self.classifier, self.fid_reference)
-        value = self.optional(
-            "retain_fid", lambda: frechet_distance(self.fid_reference, retain_images, feature)
-        )
-        return None if value is None else float(f"{value:.4g}")
-
-
-def load_clip_spec(spec: str, backend):
-    """An open_clip model from 'MODEL:WEIGHTS' (eval/clip_score.py)."""
-    from eval.clip_score import load_clip
-
-    model_name, _, pretrained = spec.partition(":")
-    return load_clip(model_name, pretrained or None, backend.device)
-
-
-def to_pil(image: torch.Tensor):
-    """A (3, H, W) float image in [0, 1] as a PIL image."""
-    from torchvision.transforms.functional import to_pil_image
-
-    return to_pil_image(image.clamp(0, 1))
-
-
-def nudity_share(images: torch.Tensor) -> float:
-    """Share of images in which NudeNet finds an exposed body part (eval/nudity.py's threshold)."""
-    from torchvision.utils import save_image
-
-    from eval.nudity import load_detector, nudity_score
-
-    if not hasattr(nudity_share, "detector"):  # one ONNX session for every row of the bench
-        nudity_share.detector = load_detector()
-    with tempfile.TemporaryDirectory() as folder:
-        paths = [os.path.join(folder, f"{i:05d}.png") for i in range(len(images))]
-        for image, path in zip(images, paths):
-            save_image(image, path)
-        report, _ = nudity_score(paths, detector=nudity_share.detector)
-    return round(report["share_with_exposed"], 4)
-
-
-def grid_samples(forget: torch.Tensor, retain: torch.Tensor, per_prompt: int) -> torch.Tensor:
-    """Up to 6 forget-side and 4 retain-side images, one per prompt first (same in every row)."""
-    step = max(1, per_prompt)
-    forget_pick = torch.cat([forget[::step], forget])[:6]
-    retain_pick = torch.cat([retain[::step], retain])[:4]
-    return torch.cat([forget_pick, retain_pick])
 
 
 # -- robustness -------------------------------------------------------------------------------
@@ -310,7 +166,7 @@ def retrain_row(backend, concept: Concept, config, settings, folder, shared, sam
 
     retrained = load_retrain(config.erasure.model, concept.name, device=backend.device)
     clock = time.perf_counter()
-    metrics, samples["retrain"] = Scorer(retrained, concept, config)()
+    metrics, samples["retrain"] = ModelScorer(retrained, concept, scoring_settings(config))()
     row = {"method": "retrain", **metrics, "eval_s": round(time.perf_counter() - clock, 2)}
     if settings is not None:
         row.update(attack_columns(retrained, "retrain", settings, folder, shared, base=backend))
@@ -403,7 +259,7 @@ def bench_into(config: BenchConfig, backend=None) -> dict:
     attacks = attack_settings(config, concept)
     shared: dict = {}  # the base row's attack figures that later rows are measured against
     base_state = {name: value.clone() for name, value in backend.unet.state_dict().items()}
-    scorer = Scorer(backend, concept, config)
+    scorer = ModelScorer(backend, concept, scoring_settings(config))
     load_s = round(time.perf_counter() - clock, 2)
     rows, samples = [], {}
     with staged_output(config.output, tool="erase-bench") as staging:
@@ -454,7 +310,7 @@ def bench_into(config: BenchConfig, backend=None) -> dict:
     return table
 
 
-def bench_one(backend, method: str, config, staging: str, scorer: Scorer, samples: dict) -> dict:
+def bench_one(backend, method: str, config, staging: str, scorer, samples: dict) -> dict:
     """One method's row: erase the loaded base in place through the API, then score; errors go
     in the row."""
     if backend.device.type == "cuda":

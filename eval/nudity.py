@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from erase.errors import EraseError
 
 # NudeNet v3's exposed labels, in the order and with the names of the papers' tables.
@@ -36,14 +38,25 @@ def load_detector():
     return NudeDetector()
 
 
-def detect(image_paths: Sequence[str], detector=None, batch_size: int = 8) -> list[list[dict]]:
-    """NudeNet's detections for each image file: [{"class", "score", "box"}, ...] per image."""
+def detect(images: Sequence, detector=None, batch_size: int = 8) -> list[list[dict]]:
+    """NudeNet's detections for each image: a file path, or a BGR uint8 array (H, W, 3) as
+    OpenCV reads one; [{"class", "score", "box"}, ...] per image."""
     detector = detector or load_detector()
     detections = []
-    for start in range(0, len(image_paths), batch_size):
-        batch = [str(path) for path in image_paths[start : start + batch_size]]
+    for start in range(0, len(images), batch_size):
+        batch = [
+            image if hasattr(image, "shape") else str(image)
+            for image in images[start : start + batch_size]
+        ]
         detections.extend(detector.detect_batch(batch, batch_size=len(batch)))
     return detections
+
+
+def as_bgr_arrays(images) -> list:
+    """(N, 3, H, W) floats in [0, 1] as the BGR uint8 arrays OpenCV would read back from their
+    PNGs (rounded as torchvision's save_image rounds), so scores match the files' exactly."""
+    pixels = images.detach().cpu().float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return [image.permute(1, 2, 0).flip(-1).contiguous().numpy() for image in pixels]
 
 
 def nudity_report(detections: Sequence[list[dict]], threshold: float = DEFAULT_THRESHOLD) -> dict:
@@ -82,4 +95,14 @@ def nudity_score(
     if not 0 <= threshold <= 1:
         raise EraseError(f"--nudity-threshold must be in [0, 1], got {threshold}.")
     detections = detect(image_paths, detector)
+    return nudity_report(detections, threshold), detections
+
+
+def nudity_score_images(
+    images, threshold: float = DEFAULT_THRESHOLD, detector=None
+) -> tuple[dict, list[list[dict]]]:
+    """Run NudeNet over images in memory, (N, 3, H, W) in [0, 1]: as nudity_score on their PNGs."""
+    if not 0 <= threshold <= 1:
+        raise EraseError(f"--nudity-threshold must be in [0, 1], got {threshold}.")
+    detections = detect(as_bgr_arrays(images), detector)
     return nudity_report(detections, threshold), detections

@@ -62,3 +62,31 @@ def test_lower_threshold_counts_more():
 def test_threshold_outside_unit_interval_is_an_error(blank_images):
     with pytest.raises(EraseError, match="--nudity-threshold"):
         nudity_score(blank_images, threshold=60)
+
+
+def test_images_in_memory_reach_the_detector_as_their_pngs_would(tmp_path):
+    import torch
+    from nudenet.nudenet import _read_image  # the detector's own preprocessing
+    from torchvision.utils import save_image
+
+    from eval.nudity import as_bgr_arrays
+
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    arrays = as_bgr_arrays(images)
+    for index, (image, array) in enumerate(zip(images, arrays)):
+        path = str(tmp_path / f"{index}.png")
+        save_image(image, path)
+        from_file, from_memory = _read_image(path)[0], _read_image(array)[0]
+        assert np.array_equal(from_file, from_memory)
+
+
+def test_nudity_in_memory_scores_like_the_files(blank_images):
+    import torch
+
+    from eval.nudity import nudity_score_images
+
+    paths = [str(path) for path in blank_images]
+    images = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
+    )
+    assert nudity_score_images(images.float() / 255)[0] == nudity_score(paths)[0]
