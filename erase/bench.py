@@ -162,7 +162,7 @@ def attack_columns(backend, label: str, settings, folder: str, shared: dict, bas
 
 def retrain_row(backend, concept: Concept, config, settings, folder, shared, samples) -> dict:
     """The row of the testbed retrained without the concept, scored and attacked like the others."""
-    from erase.models.retrain import load_retrain
+    from erase.testbeds.retrain import load_retrain
 
     retrained = load_retrain(config.erasure.model, concept.name, device=backend.device)
     clock = time.perf_counter()

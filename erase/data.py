@@ -157,7 +157,7 @@ def load_image_folder(
 
 def cache_folder(backend: Backend, concept: Concept, config: DataConfig) -> str:
     """The cache folder of a generated set, named by a hash of everything that shapes it."""
-    from erase.models import erase_home
+    from erase.home import erase_home
 
     key = {
         "model": backend.identity,

@@ -37,8 +37,9 @@ from erase.data import (
     unet_fingerprint,
 )
 from erase.errors import EraseError
+from erase.home import erase_home
 from erase.methods import get_method
-from erase.models import erase_home, load_backend
+from erase.models import load_backend
 from erase.saliency import forget_loss_gradients, load_mask, mask_ratio, saliency_mask, save_mask
 from erase.train import (
     TrainConfig,

@@ -13,8 +13,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from erase.models.small_sd import as_pipeline, small_sd_components
-from erase.models.tokenizer import build_word_tokenizer
+from erase.testbeds.small_sd import as_pipeline, small_sd_components
+from erase.testbeds.tokenizer import build_word_tokenizer
 from prompts import concept_templates
 
 TINY_WORDS = [

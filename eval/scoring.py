@@ -62,7 +62,7 @@ class ModelScorer:
         self.clip = None
         self.detector = None  # NudeNet's, loaded once for every model
         if backend.digit_names:
-            from erase.models.digits import digits_dataset, load_digit_classifier
+            from erase.testbeds.digits import digits_dataset, load_digit_classifier
 
             self.classifier = load_digit_classifier(backend.resolution, device=backend.device)
             images, labels = digits_dataset(backend.resolution, split="test")

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import erase
-    from erase.models import erase_home
-    from erase.models.digits import classifier_folder, load_digit_classifier
+    from erase.home import erase_home
+    from erase.testbeds.digits import classifier_folder, load_digit_classifier
 
     if args.threads:
         torch.set_num_threads(args.threads)

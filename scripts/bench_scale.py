@@ -48,7 +48,7 @@ PHASES = ("load", "data", "eval_before", "mask", "prepare", "train", "eval_after
 
 def model_folder(arch: str = "sd") -> str:
     """Where the v1.4-shaped (or SDXL-shaped) pipeline is cached."""
-    from erase.models import erase_home
+    from erase.home import erase_home
 
     name = {"sd": "sd-v1-4-shaped", "sdxl": "sdxl-base-shaped"}[arch]
     return os.path.join(erase_home(), "bench-scale", name)
@@ -56,7 +56,7 @@ def model_folder(arch: str = "sd") -> str:
 
 def build_sd14_shaped(folder: str) -> str:
     """Build SD v1.4's architecture with random weights and save it as a diffusers folder."""
-    from erase.models.small_sd import as_pipeline
+    from erase.testbeds.small_sd import as_pipeline
 
     pipeline = as_pipeline(**sd14_shaped_components())
     partial = folder + ".partial"
@@ -70,7 +70,7 @@ def sd14_shaped_components() -> dict:
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from erase.models.tokenizer import build_word_tokenizer
+    from erase.testbeds.tokenizer import build_word_tokenizer
     from erase.testing import TINY_WORDS
 
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def sdxl_shaped_components() -> dict:
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from erase.models.tokenizer import build_word_tokenizer
+    from erase.testbeds.tokenizer import build_word_tokenizer
     from erase.testing import TINY_WORDS
 
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ import time
 import torch
 
 import erase
-from erase.models.digits import load_digit_classifier
-from erase.models.sd_digits import TRAIN_TEMPLATES, held_out_accuracy
+from erase.testbeds.digits import load_digit_classifier
+from erase.testbeds.sd_digits import TRAIN_TEMPLATES, held_out_accuracy
 
 
 def main() -> None:

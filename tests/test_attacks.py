@@ -234,8 +234,9 @@ def test_unet_of_another_base_model_is_one_line(capsys, tiny_sd_dir, tmp_path):
 
 
 def test_unlearndiffatk_on_a_class_model_says_it_needs_tokens(capsys, tmp_path):
-    from erase.models.ddpm import DDPMConfig, build_class_unet, write_ddpm_folder
-    from erase.models.digits import DIGIT_NAMES
+    from erase.models.ddpm import write_ddpm_folder
+    from erase.testbeds.ddpm_training import DDPMConfig, build_class_unet
+    from erase.testbeds.digits import DIGIT_NAMES
 
     config = DDPMConfig(image_size=8, block_out_channels=(8, 16), norm_num_groups=4)
     folder = write_ddpm_folder(
@@ -350,7 +351,7 @@ def test_bench_retrain_row_is_scored_and_attacked_like_the_others(
     tiny_sd_dir, tmp_path, monkeypatch
 ):
     from erase.cli import bench
-    from erase.models import retrain
+    from erase.testbeds import retrain
 
     built = []
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from erase.models.ddpm import ClassDDPMBackend, DDPMConfig, train_class_ddpm
-from erase.models.digits import (
+from erase.models.ddpm import ClassDDPMBackend
+from erase.testbeds.ddpm_training import DDPMConfig, train_class_ddpm
+from erase.testbeds.digits import (
     DIGIT_NAMES,
     ClassifierConfig,
     digits_dataset,

@@ -8,8 +8,9 @@ from PIL import Image
 
 from erase.errors import EraseError
 from erase.models.base import declare_optional
-from erase.models.ddpm import ClassDDPMBackend, DDPMConfig, build_class_unet
-from erase.models.digits import DIGIT_NAMES, DigitClassifier, digits_dataset
+from erase.models.ddpm import ClassDDPMBackend
+from erase.testbeds.ddpm_training import DDPMConfig, build_class_unet
+from erase.testbeds.digits import DIGIT_NAMES, DigitClassifier, digits_dataset
 from eval.classify import (
     DIGIT_FID_FEATURE,
     PenultimateFeatures,

@@ -11,18 +11,12 @@ from safetensors.torch import load_file
 from erase.cli.concept import erase_concept_main
 from erase.errors import EraseError
 from erase.models import load_backend
-from erase.models.ddpm import (
-    ClassDDPMBackend,
-    DDPMConfig,
-    build_class_unet,
-    load_ddpm_cifar10,
-    load_ddpm_digits,
-    read_ddpm_info,
-    train_class_ddpm,
-    write_ddpm_folder,
-)
-from erase.models.digits import DIGIT_NAMES, ClassifierConfig, digits_dataset
+from erase.models.ddpm import ClassDDPMBackend, read_ddpm_info, write_ddpm_folder
 from erase.saliency import load_mask
+from erase.testbeds.ddpm_cifar10 import load_ddpm_cifar10
+from erase.testbeds.ddpm_digits import load_ddpm_digits
+from erase.testbeds.ddpm_training import DDPMConfig, build_class_unet, train_class_ddpm
+from erase.testbeds.digits import DIGIT_NAMES, ClassifierConfig, digits_dataset
 
 TINY = DDPMConfig(
     image_size=8, block_out_channels=(8, 16), norm_num_groups=4, steps=20, batch_size=32
@@ -50,7 +44,7 @@ def backend(tiny_unet) -> ClassDDPMBackend:
 @pytest.fixture(scope="module")
 def tiny_folder(tiny_unet, tmp_path_factory) -> str:
     """The tiny DDPM saved as a DDPM folder; its digit classifier pre-trained small in the cache."""
-    from erase.models.digits import (
+    from erase.testbeds.digits import (
         classifier_folder,
         save_digit_classifier,
         train_digit_classifier,
@@ -157,7 +151,7 @@ def test_load_backend_dispatches_a_ddpm_folder(tiny_folder):
 
 
 def test_builtin_digits_model_is_trained_once_then_cached(tmp_path, monkeypatch):
-    import erase.models.ddpm as ddpm
+    import erase.testbeds.ddpm_digits as ddpm_digits
 
     config = DDPMConfig(
         image_size=8, block_out_channels=(8, 16), norm_num_groups=4, steps=2, batch_size=8
@@ -168,9 +162,9 @@ def test_builtin_digits_model_is_trained_once_then_cached(tmp_path, monkeypatch)
         device=cpu, config=config, cache_dir=str(tmp_path), classifier_config=small
     )
     assert first.identity == "ddpm-digits" and first.classifier is not None
-    monkeypatch.setattr(ddpm, "train_class_ddpm", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(ddpm_digits, "train_class_ddpm", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(
-        "erase.models.digits.train_digit_classifier", lambda *a: pytest.fail("retrained")
+        "erase.testbeds.digits.train_digit_classifier", lambda *a: pytest.fail("retrained")
     )
     second = load_ddpm_digits(device=cpu, config=config, cache_dir=str(tmp_path))
     assert torch.equal(next(first.unet.parameters()), next(second.unet.parameters()))

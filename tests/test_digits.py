@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from erase.models import digits
-from erase.models.digits import (
+from erase.testbeds import digits
+from erase.testbeds.digits import (
     DIGIT_NAMES,
     ClassifierConfig,
     DigitClassifier,

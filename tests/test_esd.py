@@ -13,7 +13,8 @@ from erase.errors import EraseError
 from erase.methods import get_method
 from erase.methods.esd import NOXATTN_EXCLUDED_PREFIXES, ESDConfig
 from erase.models import load_backend
-from erase.models.ddpm import ClassDDPMBackend, DDPMConfig, build_class_unet
+from erase.models.ddpm import ClassDDPMBackend
+from erase.testbeds.ddpm_training import DDPMConfig, build_class_unet
 from erase.train import TrainConfig, make_accelerator, train
 
 

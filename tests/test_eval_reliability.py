@@ -83,7 +83,7 @@ def test_a_class_conditional_model_fails_before_it_is_trained(
     def no_training(*args, **kwargs):
         raise AssertionError("ddpm-digits should not be trained to be refused")
 
-    monkeypatch.setattr("erase.models.ddpm.load_ddpm_digits", no_training)
+    monkeypatch.setattr("erase.testbeds.ddpm_digits.load_ddpm_digits", no_training)
     argv = ["--model", "ddpm-digits", "--prompts", prompts, "--output", str(tmp_path / "e")]
     one_line(capsys, main(argv), "class-conditional")
     assert not (tmp_path / "e").exists()

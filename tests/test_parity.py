@@ -18,7 +18,8 @@ from erase.methods import (
     squared_error,
 )
 from erase.models.base import Batch
-from erase.models.ddpm import ClassDDPMBackend, DDPMConfig, build_class_unet
+from erase.models.ddpm import ClassDDPMBackend
+from erase.testbeds.ddpm_training import DDPMConfig, build_class_unet
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 CIFAR10 = [

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from erase.errors import EraseError
-from erase.models import retrain, sd_digits
+from erase.testbeds import retrain, sd_digits
 
 TINY = sd_digits.SDDigitsConfig(
     vae_steps=2, unet_steps=2, batch_size=4, unet_channels=(8, 16), text_width=8

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from erase.errors import EraseError
-from erase.models import sd_digits
-from erase.models.digits import DIGIT_NAMES
-from erase.models.sd_digits import (
+from erase.testbeds import sd_digits
+from erase.testbeds.digits import DIGIT_NAMES
+from erase.testbeds.sd_digits import (
     HELD_OUT_ONLY,
     HELD_OUT_TEMPLATES,
     TRAIN_TEMPLATES,

@@ -17,18 +17,10 @@ from erase.models.sdxl import SDXL_ALIASES, StableDiffusionXLBackend
 
 # Built-in models that are trained on first use and cached under $ERASE_HOME: name -> loader.
 BUILTIN_MODELS = {
-    "ddpm-digits": "erase.models.ddpm:load_ddpm_digits",
-    "ddpm-cifar10": "erase.models.ddpm:load_ddpm_cifar10",
-    "sd-digits": "erase.models.sd_digits:load_sd_digits",
+    "ddpm-digits": "erase.testbeds.ddpm_digits:load_ddpm_digits",
+    "ddpm-cifar10": "erase.testbeds.ddpm_cifar10:load_ddpm_cifar10",
+    "sd-digits": "erase.testbeds.sd_digits:load_sd_digits",
 }
-
-
-def erase_home() -> str:
-    """The cache folder for built-in models and generated data ($ERASE_HOME)."""
-    home = os.environ.get("ERASE_HOME", os.path.join(os.path.expanduser("~"), ".cache", "erase"))
-    if os.path.exists(home) and not os.path.isdir(home):
-        raise EraseError(f"ERASE_HOME '{home}' is a file: point ERASE_HOME at a folder.")
-    return home
 
 
 def model_conditioning(spec: str) -> str | None:
@@ -150,7 +142,6 @@ __all__ = [
     "Batch",
     "Condition",
     "BUILTIN_MODELS",
-    "erase_home",
     "load_backend",
     "model_conditioning",
 ]

@@ -5,36 +5,27 @@ guidance (the class is dropped to it with probability 0.1 in training). Noise: l
 1e-4..0.02 over 1000 steps (Ho et al. 2020); sampling: DDIM with the guided prediction
 `(1 + w) eps(x_t, c) - w eps(x_t, null)`, w = 2.0 (the SalUn DDPM/ reference).
 
-Built-in models: `ddpm-digits` (scikit-learn's digits, trained on first use on the CPU) and
-`ddpm-cifar10` (the reference architecture; a trained folder and CIFAR-10 given by --data-dir).
+The built-in DDPMs, `ddpm-digits` and `ddpm-cifar10`, and their training live in erase/testbeds/.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
-from erase.models.base import Condition, declare_optional, denoising_target
+from erase.models.base import Condition, declare_optional
 from erase.models.sd import default_device, load_unet_folder
 
 DDPM_FORMAT = "erase-class-ddpm/1"
 INFO_FILE = "ddpm.json"
-CIFAR10_NAMES = [
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
 
 # Noise schedule of the reference DDPM (linear betas 1e-4..0.02, T = 1000).
 SCHEDULER_CONFIG = {
@@ -48,126 +39,6 @@ SCHEDULER_CONFIG = {
 
 # A dataset loader: () -> (images (N, C, H, W) in [0, 1], labels (N,) long).
 DatasetLoader = Callable[[], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class DDPMConfig:
-    """Architecture and training budget of a class-conditional DDPM."""
-
-    image_size: int = 16
-    channels: int = 1
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    layers_per_block: int = 1
-    attention_levels: tuple[int, ...] = ()  # levels with self-attention (CIFAR-10: 16x16)
-    mid_attention: bool = False
-    dropout: float = 0.0
-    norm_num_groups: int = 8
-    class_drop: float = 0.1  # probability of training on the null class (for guidance)
-    # ddpm-digits: guided samples classified right: 95 % after 250 steps, 98.5 % 500, 100 % 1000
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    ema_decay: float = 0.995
-    hflip: bool = False  # random horizontal flips (CIFAR-10; never for digits)
-    seed: int = 0
-
-
-# The SalUn reference model for CIFAR-10 (DDPM/configs/cifar10_train.yml, docs/methods.md):
-# 128 channels x (1, 2, 2, 2), two res blocks per level, attention at 16x16, dropout 0.1, class
-# dropped with probability 0.1.
-CIFAR10_CONFIG = DDPMConfig(
-    image_size=32,
-    channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2,
-    attention_levels=(1,),
-    mid_attention=True,
-    dropout=0.1,
-    norm_num_groups=32,
-    steps=800_000,
-    batch_size=128,
-    lr=2e-4,
-    warmup_steps=5000,
-    ema_decay=0.9999,
-    hflip=True,
-)
-
-
-def build_class_unet(num_classes: int, config: DDPMConfig) -> UNet2DModel:
-    """A UNet2DModel with `num_classes + 1` class embeddings (the last one is the null class)."""
-    levels = range(len(config.block_out_channels))
-    down = tuple(
-        "AttnDownBlock2D" if i in config.attention_levels else "DownBlock2D" for i in levels
-    )
-    up = tuple(
-        "AttnUpBlock2D" if len(levels) - 1 - i in config.attention_levels else "UpBlock2D"
-        for i in levels
-    )
-    return UNet2DModel(
-        sample_size=config.image_size,
-        in_channels=config.channels,
-        out_channels=config.channels,
-        block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        down_block_types=down,
-        up_block_types=up,
-        add_attention=config.mid_attention,
-        dropout=config.dropout,
-        norm_num_groups=config.norm_num_groups,
-        num_class_embeds=num_classes + 1,
-    )
-
-
-def train_class_ddpm(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    config: DDPMConfig,
-    device: torch.device | None = None,
-) -> UNet2DModel:
-    """Train a class-conditional DDPM on images (N, C, H, W) in [0, 1]; returns the EMA UNet."""
-    device = device or default_device()
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    unet = build_class_unet(num_classes, config).to(device).train()
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
-    )
-    pixels = images * 2 - 1  # (N, C, H, W) in [-1, 1]
-    progress = tqdm(range(config.steps), desc="ddpm: training", unit="step")
-    for step in progress:
-        chosen = torch.randint(0, len(pixels), (config.batch_size,), generator=generator)
-        clean = pixels[chosen]
-        if config.hflip:
-            flip = torch.rand(len(clean), generator=generator) < 0.5
-            clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
-        class_labels = labels[chosen].clone()
-        dropped = torch.rand(len(chosen), generator=generator) < config.class_drop
-        class_labels[dropped] = num_classes  # the null class
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),))
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        prediction = unet(
-            noisy.to(device), timesteps.to(device), class_labels=class_labels.to(device)
-        ).sample
-        target = denoising_target(scheduler, clean, noise, timesteps)
-        loss = torch.nn.functional.mse_loss(prediction, target.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))  # short warm-up of the EMA
-        with torch.no_grad():
-            for ema_param, param in zip(ema.parameters(), unet.parameters()):
-                ema_param.lerp_(param, 1 - decay)
-        if step % 20 == 0:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-    return ema.eval()
 
 
 def write_ddpm_folder(folder: str, unet: UNet2DModel, info: dict) -> str:
@@ -414,6 +285,8 @@ class ClassDDPMBackend:
         cls, path: str, data_dir: str | None = None, device: torch.device | None = None
     ) -> ClassDDPMBackend:
         """A saved DDPM folder (unet/ + ddpm.json), or an erase-concept output of a DDPM."""
+        from erase.testbeds import datasets  # the datasets a saved folder may name
+
         info = read_ddpm_info(path)
         if info is None:
             return from_erased_output(path, data_dir, device)
@@ -423,13 +296,13 @@ class ClassDDPMBackend:
             unet,
             info["class_names"],
             identity=path,
-            dataset=dataset_loader(
+            dataset=datasets.dataset_loader(
                 dataset, unet.config.sample_size, data_dir or info.get("data_dir")
             ),
             device=device,
             guidance_scale=info.get("guidance_scale", 2.0),
             scheduler_config=info.get("scheduler"),
-            classifier=classifier_for(dataset, path, unet.config.sample_size, device),
+            classifier=datasets.classifier_for(dataset, path, unet.config.sample_size, device),
         )
 
 
@@ -454,181 +327,3 @@ def from_erased_output(path: str, data_dir, device) -> ClassDDPMBackend:
     backend.unet.requires_grad_(False)
     backend.identity = path
     return backend
-
-
-def dataset_loader(dataset: str | None, image_size: int, data_dir: str | None):
-    """The loader of a known dataset by name ("digits", "cifar10"), or None."""
-    if dataset == "digits":
-        from erase.models.digits import digits_dataset
-
-        return lambda: digits_dataset(image_size, split="train")
-    if dataset == "cifar10" and data_dir:
-        return lambda: cifar10_dataset(data_dir)
-    return None
-
-
-def classifier_for(dataset: str | None, folder: str, image_size: int, device):
-    """The evaluation classifier: the digit classifier, or a TorchScript classifier.pt in the folder.
-
-    classifier.pt maps images (B, C, H, W) in [0, 1] to logits (B, K), e.g. the ResNet-34 of the
-    CIFAR-10 reference; without one a model other than digits has no class-removal evaluation.
-    """
-    if dataset == "digits":
-        from erase.models.digits import load_digit_classifier
-
-        return load_digit_classifier(image_size, device=device)
-    path = os.path.join(folder, "classifier.pt")
-    if os.path.isfile(path):
-        try:
-            return torch.jit.load(path, map_location=device or default_device()).eval()
-        except Exception as error:
-            raise EraseError(
-                f"'{path}' is not a TorchScript classifier ({type(error).__name__}): save one with "
-                "torch.jit.script(model).save(path), or remove it."
-            ) from None
-    return None
-
-
-# -- ddpm-digits --------------------------------------------------------------------------------
-DIGITS_VERSION = 1  # bump when DDPMConfig defaults change, so stale caches are not reused
-
-
-def digits_folder(config: DDPMConfig, cache_dir: str | None = None) -> str:
-    """Where the ddpm-digits model of this configuration is cached."""
-    from erase.models import erase_home
-
-    default = config == DDPMConfig(image_size=config.image_size)
-    name = f"ddpm-digits-{config.image_size}-v{DIGITS_VERSION}"
-    if not default:  # tests and experiments: one folder per configuration
-        digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
-        name += f"-{digest[:10]}"
-    return os.path.join(cache_dir or erase_home(), name)
-
-
-def train_ddpm_digits(folder: str, config: DDPMConfig | None = None) -> str:
-    """Train the digits DDPM on the train split and save it to `folder`; returns the folder."""
-    from erase.models.digits import DIGIT_NAMES, digits_dataset
-
-    config = config or DDPMConfig()
-    images, labels = digits_dataset(config.image_size, split="train")  # (N, 1, H, W)
-    started = time.perf_counter()
-    unet = train_class_ddpm(images, labels, len(DIGIT_NAMES), config, device=default_device())
-    info = {
-        "dataset": "digits",
-        "class_names": DIGIT_NAMES,
-        "guidance_scale": 2.0,
-        "scheduler": SCHEDULER_CONFIG,
-        "training": asdict(config),
-        "train_seconds": round(time.perf_counter() - started, 1),
-    }
-    return write_ddpm_folder(folder, unet.cpu(), info)
-
-
-def load_ddpm_digits(
-    data_dir: str | None = None,
-    device: torch.device | None = None,
-    config: DDPMConfig | None = None,
-    cache_dir: str | None = None,
-    classifier_config=None,
-) -> ClassDDPMBackend:
-    """`ddpm-digits`: trained on first use (a few minutes on 2 CPU cores), cached in $ERASE_HOME.
-
-    `data_dir` is unused (the digits ship with scikit-learn); `config`, `cache_dir` and
-    `classifier_config` let tests and experiments train small versions elsewhere.
-    """
-    from erase.models.digits import DIGIT_NAMES, digits_dataset, load_digit_classifier
-
-    config = config or DDPMConfig()
-    # The classifier first: it is the cheaper half, and evaluation needs it anyway.
-    classifier = load_digit_classifier(
-        config.image_size, device=device, config=classifier_config, cache_dir=cache_dir
-    )
-    folder = digits_folder(config, cache_dir)
-    if read_ddpm_info(folder) is None:
-        train_ddpm_digits(folder, config)
-    info = read_ddpm_info(folder)
-    backend = ClassDDPMBackend(
-        load_unet_folder(UNet2DModel, folder),
-        DIGIT_NAMES,
-        identity="ddpm-digits",
-        dataset=lambda: digits_dataset(config.image_size, split="train"),
-        device=device,
-        guidance_scale=info.get("guidance_scale", 2.0),
-        scheduler_config=info.get("scheduler"),
-        classifier=classifier,
-    )
-    return backend
-
-
-# -- ddpm-cifar10 -------------------------------------------------------------------------------
-def cifar10_dataset(data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10's training set from a torchvision folder: (50000, 3, 32, 32) in [0, 1], labels."""
-    from torchvision.datasets import CIFAR10
-
-    try:
-        data = CIFAR10(data_dir, train=True, download=False)
-    except RuntimeError:
-        raise EraseError(
-            f"No CIFAR-10 in '{data_dir}': pass --data-dir with the folder holding "
-            "cifar-10-batches-py (torchvision's CIFAR10 format)."
-        ) from None
-    images = torch.from_numpy(data.data).permute(0, 3, 1, 2).float() / 255  # (N, 3, 32, 32)
-    return images, torch.tensor(data.targets, dtype=torch.long)
-
-
-def cifar10_folder(cache_dir: str | None = None) -> str:
-    """Where a trained ddpm-cifar10 model is looked for ($ERASE_HOME/ddpm-cifar10)."""
-    from erase.models import erase_home
-
-    return os.path.join(cache_dir or erase_home(), "ddpm-cifar10")
-
-
-def train_ddpm_cifar10(
-    data_dir: str, folder: str | None = None, config: DDPMConfig = CIFAR10_CONFIG
-) -> str:
-    """Train the reference CIFAR-10 DDPM (a GPU job: 800 k steps in the reference) and save it."""
-    images, labels = cifar10_dataset(data_dir)
-    unet = train_class_ddpm(images, labels, len(CIFAR10_NAMES), config)
-    info = {
-        "dataset": "cifar10",
-        "class_names": CIFAR10_NAMES,
-        "guidance_scale": 2.0,
-        "scheduler": SCHEDULER_CONFIG,
-        "training": asdict(config),
-    }
-    return write_ddpm_folder(folder or cifar10_folder(), unet.cpu(), info)
-
-
-def load_ddpm_cifar10(
-    data_dir: str | None = None, device: torch.device | None = None
-) -> ClassDDPMBackend:
-    """`ddpm-cifar10`: a trained DDPM folder plus CIFAR-10, both found through --data-dir."""
-    if not data_dir:
-        raise EraseError(
-            "ddpm-cifar10 needs CIFAR-10 on disk: pass --data-dir PATH (a torchvision CIFAR10 "
-            "folder, holding the trained model as ddpm.json + unet/ or in $ERASE_HOME/ddpm-cifar10)."
-        )
-    if not os.path.isdir(data_dir):
-        raise EraseError(f"--data-dir '{data_dir}' is not a folder: pass the CIFAR-10 folder.")
-    for folder in (data_dir, os.path.join(data_dir, "ddpm-cifar10"), cifar10_folder()):
-        if read_ddpm_info(folder) is not None:
-            backend = ClassDDPMBackend.from_folder(folder, data_dir=data_dir, device=device)
-            backend.identity = "ddpm-cifar10"
-            return backend
-    raise EraseError(
-        f"No trained ddpm-cifar10 model in '{data_dir}' or {cifar10_folder()}: train one on a GPU "
-        "with erase.models.ddpm.train_ddpm_cifar10(data_dir) or put a saved DDPM folder "
-        "(ddpm.json + unet/) there."
-    )
-
-
-__all__ = [
-    "CIFAR10_CONFIG",
-    "ClassDDPMBackend",
-    "DDPMConfig",
-    "build_class_unet",
-    "load_ddpm_cifar10",
-    "load_ddpm_digits",
-    "train_class_ddpm",
-    "train_ddpm_digits",
-]

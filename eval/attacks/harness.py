@@ -104,7 +104,7 @@ def load_target(settings: AttackSettings, backend=None, unet=None, label=None) -
 
 def retrain_target(settings: AttackSettings, target: AttackTarget) -> AttackTarget:
     """The same attack target on the testbed retrained without the concept."""
-    from erase.models.retrain import load_retrain
+    from erase.testbeds.retrain import load_retrain
     from eval.runner import process_state
 
     backend = load_retrain(settings.model, target.concept, device=process_state().device)

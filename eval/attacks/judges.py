@@ -115,7 +115,7 @@ def concept_judge(backend, concept: str, classifier_weights: str | None = None):
     key = concept.strip().lower()
     digit_names = backend.digit_names
     if digit_names:  # sd-digits
-        from erase.models.digits import load_digit_classifier
+        from erase.testbeds.digits import load_digit_classifier
 
         digit = int(key) if key.isdigit() and int(key) < 10 else None
         digit = digit_names.index(key) if key in digit_names else digit

@@ -83,14 +83,14 @@ def forget_conditions(target: AttackTarget) -> list:
 
 def digit_data(target: AttackTarget, config: Config) -> tuple[torch.Tensor, list]:
     """Real images of the digit (forget) or of the other digits (retain), captioned or labelled."""
-    from erase.models.digits import digits_dataset
+    from erase.testbeds.digits import digits_dataset
 
     backend = target.backend
     if backend.conditioning == "class":
         images, labels = backend.dataset()
         digit = forget_conditions(target)[0]
     else:
-        from erase.models.sd_digits import TRAIN_TEMPLATES, caption
+        from erase.testbeds.sd_digits import TRAIN_TEMPLATES, caption
 
         images, labels = digits_dataset(backend.resolution, split="train")
         digit = backend.digit_names.index(target.concept)

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from erase.concepts import Concept
 from erase.errors import EraseError
 from erase.models import quiet_loading
-from erase.models.digits import DIGIT_NAMES, digits_dataset
 from erase.models.sd import StableDiffusionBackend
-from erase.models.small_sd import as_pipeline, small_sd_components
+from erase.testbeds.digits import DIGIT_NAMES, digits_dataset
+from erase.testbeds.small_sd import as_pipeline, small_sd_components
 
 # Captions the model is trained on, and held-out ones that only evaluation uses.
 TRAIN_TEMPLATES = ["a handwritten digit {name}", "the number {number}", "a drawing of a {number}"]
@@ -298,7 +298,7 @@ def load_sd_digits(
     data_dir: str | None = None, device: torch.device | None = None
 ) -> SDDigitsBackend:
     """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
-    from erase.models import erase_home
+    from erase.home import erase_home
 
     folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):

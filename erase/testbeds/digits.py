@@ -161,7 +161,7 @@ def classifier_accuracy(model: torch.nn.Module, split: str = "test") -> float:
 
 def classifier_folder(image_size: int = 16, cache_dir: str | None = None) -> str:
     """Where the classifier of this image size is cached ($ERASE_HOME/digit-classifier-<size>)."""
-    from erase.models import erase_home
+    from erase.home import erase_home
 
     return os.path.join(cache_dir or erase_home(), f"digit-classifier-{image_size}")
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from erase.models.tokenizer import build_word_tokenizer
+from erase.testbeds.tokenizer import build_word_tokenizer
 
 
 def small_sd_components(

@@ -15,7 +15,7 @@ from dataclasses import asdict
 import torch
 
 from erase.errors import EraseError
-from erase.models.digits import DIGIT_NAMES
+from erase.testbeds.digits import DIGIT_NAMES
 
 RETRAIN_MODELS = ("ddpm-digits", "sd-digits")
 
@@ -48,14 +48,13 @@ def ddpm_digits_retrain(digit: int, device: torch.device | None = None):
     from erase.models.ddpm import (
         SCHEDULER_CONFIG,
         ClassDDPMBackend,
-        DDPMConfig,
-        digits_folder,
         read_ddpm_info,
-        train_class_ddpm,
         write_ddpm_folder,
     )
-    from erase.models.digits import digits_dataset
     from erase.models.sd import default_device
+    from erase.testbeds.ddpm_digits import digits_folder
+    from erase.testbeds.ddpm_training import DDPMConfig, train_class_ddpm
+    from erase.testbeds.digits import digits_dataset
 
     config = DDPMConfig()
     folder = f"{digits_folder(config)}-retrain-without-{digit}"
@@ -84,8 +83,8 @@ def ddpm_digits_retrain(digit: int, device: torch.device | None = None):
 
 def sd_digits_retrain(digit: int, device: torch.device | None = None):
     """sd-digits' recipe (VAE, text encoder and UNet) on the training digits other than `digit`."""
-    from erase.models import erase_home
-    from erase.models.sd_digits import (
+    from erase.home import erase_home
+    from erase.testbeds.sd_digits import (
         CACHE_VERSION,
         SDDigitsBackend,
         SDDigitsConfig,
