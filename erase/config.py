@@ -41,8 +41,8 @@ def config_from_dict(config_class: type[Config], settings: dict, what: str) -> C
 
 
 def config_to_dict(config) -> dict[str, Any]:
-    """Every field of a config dataclass, as JSON-ready values (lists, not tuples)."""
-    return json_ready(dataclasses.asdict(config))
+    """Every field of a config dataclass (or a dict of settings), as JSON-ready values."""
+    return json_ready(config if isinstance(config, dict) else dataclasses.asdict(config))
 
 
 def json_ready(value):

@@ -101,3 +101,17 @@ def test_the_bench_erases_to_the_cli_weights(tiny_sd_dir, tiny_sd_args, tmp_path
     assert bench_main(argv) == 0
     expected, benched = unet_state(tmp_path / "cli"), unet_state(tmp_path / "bench" / "salun")
     assert all(torch.equal(expected[k], benched[k]) for k in expected)
+
+
+def test_attack_settings_round_trip_through_results_json():
+    from eval.attacks.config import attack_settings
+    from eval.attacks.harness import AttackSettings
+
+    settings = attack_settings(
+        "nudity", "unlearndiffatk,relearn", model="sd-v1-4", blocks=7, relearn_steps=[0, 5]
+    )
+    recorded = json.loads(json.dumps(settings.to_dict()))
+    assert recorded["attack_configs"]["unlearndiffatk"]["blocks"] == 7
+    assert AttackSettings.from_dict(recorded) == settings
+    with pytest.raises(EraseError, match="did you mean per_prompt"):
+        attack_settings("nudity", "relearn", model="sd-v1-4", per_promt=3)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from erase.config import check_known, config_to_dict
 from erase.errors import EraseError
 from eval.attacks import get_attack
 from eval.attacks.target import (
@@ -46,6 +47,26 @@ class AttackSettings:
     retrain: bool = False
     classifier_weights: str | None = None
     configs: dict = field(default_factory=dict)  # attack name -> its Config
+
+    def to_dict(self) -> dict:
+        """Every setting, each requested attack's Config in full: what results.json records."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "configs"}
+        configs = attack_configs(self)
+        return config_to_dict(
+            {**settings, "attack_configs": {n: dataclasses.asdict(c) for n, c in configs.items()}}
+        )
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> AttackSettings:
+        """The settings to_dict (or a results.json) recorded; an unknown key is one EraseError."""
+        settings = dict(settings)
+        configs = {
+            name: get_attack(name).Config(**values)
+            for name, values in settings.pop("attack_configs", {}).items()
+        }
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "configs"]
+        check_known(settings, names, "erase-attack")
+        return cls(**settings, configs=configs)
 
 
 def attack_configs(settings: AttackSettings) -> dict:
@@ -176,10 +197,7 @@ def run_attacks(settings: AttackSettings, output: str, backend=None, progress=Tr
         for f in retrain_figures.values():
             f.pop("per_prompt", None)
     results = {
-        "settings": {
-            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "configs"},
-            "attack_configs": {name: dataclasses.asdict(c) for name, c in configs.items()},
-        },
+        "settings": settings.to_dict(),
         "model": target.backend.identity,
         "judge": target.judge.describe,
         "concept": target.concept,
