@@ -37,7 +37,7 @@ HELD_OUT_TEMPLATES = ["a picture of the digit {name}", "an image of number {numb
 # Words only the held-out captions use: never shown in training, not even as filler words.
 HELD_OUT_ONLY = ["picture", "image", "an"]
 CACHE_VERSION = 3  # bump when the training recipe changes, so stale caches are not reused
-# First-use training on 2 CPU cores (scripts/sd_digits_quality.py; README's erase-bench section):
+# First-use training on 2 CPU cores (scripts/sd_digits_quality.py; docs/testbeds.md):
 # VAE 500 steps in about 30 s, UNet 3000 steps at 0.19 s each, digit classifier about 20 s.
 FIRST_USE_MINUTES = 10
 
