@@ -169,11 +169,10 @@ def cache_folder(backend: Backend, concept: Concept, config: DataConfig) -> str:
         "guidance_scale": config.guidance_scale,
         "seed": config.seed,
     }
-    precision = getattr(backend, "gen_precision", None)
-    if precision is not None:  # half-precision images differ from fp32 ones (fp32 keys unchanged)
+    if backend.conditioning == "text":  # half-precision images differ (fp32 keys unchanged)
         from erase.models.sd import generation_dtype
 
-        dtype = generation_dtype(precision, backend.device)
+        dtype = generation_dtype(backend.gen_precision, backend.device)
         if dtype is not None:
             key["gen_dtype"] = str(dtype)
     key = json.dumps(key, sort_keys=True)

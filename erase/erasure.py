@@ -219,7 +219,7 @@ def check_backend_arguments(backend, config: ErasureConfig) -> None:
     if config.resolution is None:
         return
     if backend.conditioning == "text":  # diffusers' pipelines need multiples of 8, the VAE its own
-        factor = max(8, getattr(backend, "vae_scale", 8))
+        factor = max(8, backend.vae_scale)
     else:  # a pixel-space UNet halves the image once per down block but the last
         factor = 2 ** (len(backend.unet.config.block_out_channels) - 1)
     limit = 4 * backend.resolution

@@ -159,7 +159,7 @@ class ForgetMeNot:
                 "--fmn-ti-steps must be 0 or more and --fmn-ti-tokens 1 or more, got "
                 f"{config.fmn_ti_steps} and {config.fmn_ti_tokens}."
             )
-        if config.fmn_ti_steps and not hasattr(backend, "pipe"):
+        if config.fmn_ti_steps and backend.conditioning != "text":
             raise EraseError(
                 "Forget-Me-Not's textual-inversion stage needs a Stable Diffusion text encoder "
                 "to learn tokens in: pass --fmn-ti-steps 0 for this model."
