@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -54,6 +57,55 @@ def json_ready(value):
     return value
 
 
+def matches(value, hint) -> bool:
+    """Whether `value` is of the annotated type `hint` (an int is a float; a bool is no number)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, option) for option in typing.get_args(hint))
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (typing.Any,)
+        return isinstance(value, list | tuple) and all(matches(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def type_name(hint) -> str:
+    """'an integer or None', 'a list of strings', ...: a type as an error message says it."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    names = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
+    return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
+
+
+def check_values(config, positive: set[str], choices: dict[str, tuple], extra: dict | None = None):
+    """One EraseError for the first setting of the wrong type, a number that is not finite or,
+    where `positive` names it, not above 0, or a value outside its `choices`. `extra` holds more
+    settings with their types ({name: (value, hint)}, a method's own)."""
+    hints = typing.get_type_hints(type(config))
+    values = {f.name: (getattr(config, f.name), hints[f.name]) for f in dataclasses.fields(config)}
+    for name, (value, hint) in {**values, **(extra or {})}.items():
+        flag = "--" + name.replace("_", "-")
+        if not matches(value, hint):
+            raise EraseError(f"{flag} must be {type_name(hint)}, got {value!r}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EraseError(f"{flag} must be a finite number, got {value}.")
+        if name in positive and value is not None and not value > 0:
+            raise EraseError(f"{flag} must be greater than 0, got {value}.")
+        if name in choices and value not in choices[name]:
+            raise EraseError(f"{flag} must be one of {', '.join(choices[name])}, got {value!r}.")
+
+
 def method_setting_names() -> list[str]:
     """Every field of every registered method's Config (the `method_config` keys)."""
     from erase.methods import METHODS
@@ -65,6 +117,20 @@ def method_setting_names() -> list[str]:
             for config_field in dataclasses.fields(method_class.Config)
         )
     )
+
+
+# The settings of an erasure that must be above 0 when given, and those with a fixed set of values
+# (the CLI's --help lists the same choices).
+ERASURE_POSITIVE = {
+    "num_forget", "num_retain", "resolution", "gen_steps", "guidance_scale", "gen_batch_size",
+    "lr", "steps", "epochs", "batch_size", "micro_batch_size", "gradient_accumulation_steps",
+    "max_grad_norm", "eval_per_class", "eval_steps",
+}  # fmt: skip
+ERASURE_CHOICES = {
+    "remap": ("next", "random"),
+    "gen_precision": ("auto", "fp32", "fp16", "bf16"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+}
 
 
 @dataclass
@@ -118,11 +184,11 @@ class ErasureConfig:
     eval_steps: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.concept, str):  # one concept given as a string
-            self.concept = [self.concept]
-        self.concept = list(self.concept)
-        self.forget_prompt = list(self.forget_prompt)
-        self.retain_prompt = list(self.retain_prompt)
+        # one concept or prompt may be given as a string
+        self.concept, self.forget_prompt, self.retain_prompt = (
+            [value] if isinstance(value, str) else list(value)
+            for value in (self.concept, self.forget_prompt, self.retain_prompt)
+        )
         self.method_config = dict(self.method_config)
         check_known(self.method_config, method_setting_names(), "erase-concept")
 
@@ -142,3 +208,17 @@ class ErasureConfig:
     def to_dict(self) -> dict[str, Any]:
         """Every setting, as metadata.json records it."""
         return config_to_dict(self)
+
+    def check(self) -> None:
+        """One EraseError for the first setting of the wrong type or out of range, the method's
+        own settings included (what the CLI's parser checks, for the API too)."""
+        from erase.methods import METHODS
+
+        hints = {}
+        for method_class in METHODS.values():
+            for name, hint in typing.get_type_hints(method_class.Config).items():
+                hints.setdefault(name, hint)
+        extra = {name: (value, hints[name]) for name, value in self.method_config.items()}
+        check_values(self, ERASURE_POSITIVE, ERASURE_CHOICES, extra)
+        if not self.concept:
+            raise EraseError("Give the concept to erase (--concept NAME, concept= in the API).")

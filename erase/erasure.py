@@ -6,7 +6,6 @@ take around training; the pipeline never parses, prints or imports eval/."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -178,9 +177,7 @@ def run_erasure(
 
 def check_arguments(config: ErasureConfig) -> None:
     """Refuse, in one line, what can be judged from the arguments alone (before loading)."""
-    for name, value in {**vars(config), **config.method_config}.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise EraseError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+    config.check()  # types, ranges and choices, the method's own settings included
     if config.checkpoint_every < 0:
         raise EraseError(
             f"--checkpoint-every must be 0 (off) or more, got {config.checkpoint_every}."

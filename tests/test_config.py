@@ -115,3 +115,28 @@ def test_attack_settings_round_trip_through_results_json():
     assert AttackSettings.from_dict(recorded) == settings
     with pytest.raises(EraseError, match="did you mean per_prompt"):
         attack_settings("nudity", "relearn", model="sd-v1-4", per_promt=3)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"steps": -1}, "--steps must be greater than 0, got -1."),
+        ({"steps": "2"}, "--steps must be an integer or None, got '2'."),
+        ({"steps": True}, "--steps must be an integer or None, got True."),
+        ({"lr": float("inf")}, "--lr must be a finite number, got inf."),
+        ({"mixed_precision": "fp8"}, "--mixed-precision must be one of no, fp16, bf16"),
+        ({"alpha": "big"}, "--alpha must be a number or None, got 'big'."),
+    ],
+)
+def test_the_api_refuses_what_the_cli_parser_refuses(settings, message):
+    with pytest.raises(EraseError) as error:
+        erase.api.check_erasure("nudity", "salun", **settings)
+    assert message in str(error.value)
+
+
+def test_an_erasure_needs_a_concept_and_takes_one_prompt_as_a_string():
+    with pytest.raises(EraseError, match="Give the concept to erase"):
+        erase.api.check_erasure([], "salun")
+    config = erase.api.erasure_config("nudity", forget_prompt="a nude person", lr=1)
+    assert config.forget_prompt == ["a nude person"] and config.lr == 1
+    config.check()  # an int is a valid learning rate

@@ -12,7 +12,7 @@ import sys
 
 from erase.api import ErasedModel, run
 from erase.cli.args import OneLineParser, add_generation_batch, positive, set_config_defaults
-from erase.config import ErasureConfig
+from erase.config import ERASURE_CHOICES, ErasureConfig
 from erase.errors import EraseError
 from erase.methods import METHODS
 
@@ -99,7 +99,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     )
     model.add_argument(
         "--remap",
-        choices=["next", "random"],
+        choices=ERASURE_CHOICES["remap"],
         help="SalUn's remap target of a forgotten class: the next class, (c + 1) %% K, as both "
         "references do, or a random other class per sample",
     )
@@ -162,7 +162,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     add_generation_batch(data, "--gen-batch-size")
     data.add_argument(
         "--gen-precision",
-        choices=["auto", "fp32", "fp16", "bf16"],
+        choices=ERASURE_CHOICES["gen_precision"],
         help="precision of image generation (Stable Diffusion), by autocast over the fp32 "
         "weights; auto: fp16 on a CUDA GPU, as diffusers users run SD, fp32 on the CPU",
     )
@@ -215,7 +215,7 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         "more memory; Stable Diffusion trains with checkpointing by default, as the reference)",
     )
     training.add_argument("--gradient-accumulation-steps", type=positive(int))
-    training.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    training.add_argument("--mixed-precision", choices=ERASURE_CHOICES["mixed_precision"])
     training.add_argument(
         "--max-grad-norm",
         type=positive(float),
