@@ -9,7 +9,6 @@ erased model as an erase-concept artifact in <output>/<method>/. The CLI is eras
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import traceback
@@ -21,7 +20,7 @@ import torch
 from erase import api
 from erase.artifact import check_output, output_lock, staged_output, write_json
 from erase.concepts import Concept
-from erase.config import ErasureConfig, check_known, config_to_dict
+from erase.config import ErasureConfig, check_known, check_values, config_to_dict
 from erase.erasure import resolve_run_concept
 from erase.errors import EraseError
 from erase.methods import METHODS
@@ -196,10 +195,8 @@ def run_bench(config: BenchConfig, backend=None) -> dict:
             raise EraseError(
                 f"method_settings names '{name}', which is not in methods ({', '.join(methods)})."
             )
-    for name in ("bench_guidance",):
-        value = getattr(config, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise EraseError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+    positive = {"bench_per_prompt", "bench_steps", "bench_guidance"}
+    check_values(config, positive, {}, skip=("erasure",))  # the erasure's: check_erasure below
     for method in methods:  # every method's settings, before the base is even loaded
         api.check_erasure(config.erasure.concept, method, **method_settings(config, method))
     check_bench_clip(config.bench_clip)

@@ -88,12 +88,19 @@ def type_name(hint) -> str:
     return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
 
 
-def check_values(config, positive: set[str], choices: dict[str, tuple], extra: dict | None = None):
+def check_values(
+    config, positive: set[str], choices: dict[str, tuple], extra: dict | None = None, skip=()
+):
     """One EraseError for the first setting of the wrong type, a number that is not finite or,
     where `positive` names it, not above 0, or a value outside its `choices`. `extra` holds more
-    settings with their types ({name: (value, hint)}, a method's own)."""
+    settings with their types ({name: (value, hint)}, a method's own); `skip` names fields that
+    are checked elsewhere (a nested config)."""
     hints = typing.get_type_hints(type(config))
-    values = {f.name: (getattr(config, f.name), hints[f.name]) for f in dataclasses.fields(config)}
+    values = {
+        f.name: (getattr(config, f.name), hints[f.name])
+        for f in dataclasses.fields(config)
+        if f.name not in skip
+    }
     for name, (value, hint) in {**values, **(extra or {})}.items():
         flag = "--" + name.replace("_", "-")
         if not matches(value, hint):

@@ -10,7 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from erase.config import config_from_dict, config_to_dict
+from erase.config import check_values, config_from_dict, config_to_dict
 from erase.errors import EraseError
 from prompts import (
     PromptEntry,
@@ -22,6 +22,11 @@ from prompts import (
 
 METRIC_NAMES = ("nudity", "classify", "fid", "clip")  # eval.runner.METRICS, in --help order
 PROMPT_SETS = ("i2p", "i2p-nudity", "coco", "imagenette")
+# erase-eval's settings that must be above 0 when given
+EVAL_POSITIVE = {
+    "limit", "per_class", "num_steps", "guidance_scale", "resolution", "batch_size",
+    "images_per_prompt", "fid_image_size",
+}  # fmt: skip
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -160,6 +165,8 @@ def run_evaluation(config: EvalConfig, metric_config=None, backend=None) -> dict
 def check_arguments(config: EvalConfig) -> None:
     """Refuse, in one line, what the arguments alone show to be wrong (before any work)."""
     from erase.models import model_conditioning
+
+    check_values(config, EVAL_POSITIVE, {})
 
     if model_conditioning(config.model) == "class":  # before a testbed is trained on first use
         raise EraseError(

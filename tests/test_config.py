@@ -140,3 +140,11 @@ def test_an_erasure_needs_a_concept_and_takes_one_prompt_as_a_string():
     config = erase.api.erasure_config("nudity", forget_prompt="a nude person", lr=1)
     assert config.forget_prompt == ["a nude person"] and config.lr == 1
     config.check()  # an int is a valid learning rate
+
+
+def test_evaluate_and_benchmark_check_their_settings_before_any_work(tmp_path):
+    with pytest.raises(EraseError, match="--limit must be greater than 0, got 0"):
+        erase.evaluate("unused-model", "coco", limit=0, output=str(tmp_path / "e"))
+    with pytest.raises(EraseError, match="--bench-steps must be an integer, got '2'"):
+        erase.benchmark("unused-model", "nudity", str(tmp_path / "b"), bench_steps="2")
+    assert not any(tmp_path.iterdir())
