@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Callable
 
+from erase.errors import EraseError
 from prompts import MAX_SEED
 
 
@@ -72,3 +75,22 @@ def set_config_defaults(parser: argparse.ArgumentParser, config) -> None:
         if not action.required and action.default is not argparse.SUPPRESS
     }
     parser.set_defaults(**{name: value for name, value in vars(config).items() if name in optional})
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    work: Callable[[argparse.Namespace], None],
+) -> int:
+    """A console entry point: parse `argv`, then `work(args)`; --help and usage errors exit as
+    argparse says, a user error (EraseError) is one stderr line and exit code 2."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
+        return int(exit_request.code or 0)
+    try:
+        work(args)
+    except EraseError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

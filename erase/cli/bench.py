@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from erase.bench import DEFAULT_METHODS, BenchConfig, markdown_table, run_bench
-from erase.cli.args import OneLineParser, positive, set_config_defaults
+from erase.cli.args import OneLineParser, positive, run_command, set_config_defaults
 from erase.cli.concept import add_erase_arguments
 from erase.config import ErasureConfig
 from erase.errors import EraseError
@@ -179,18 +179,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of erase-bench."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
-        return int(exit_request.code or 0)
-    try:
+
+    def work(args: argparse.Namespace) -> None:
         table = run_bench(config_from_args(args))
-    except EraseError as error:
-        print(f"erase-bench: error: {error}", file=sys.stderr)
-        return 2
-    print(markdown_table(table["rows"]))
-    print(f"wrote {args.output}/: bench.json, bench.md, chart.png, grid.png, one folder per method")
-    return 0
+        print(markdown_table(table["rows"]))
+        print(
+            f"wrote {args.output}/: bench.json, bench.md, chart.png, grid.png, one folder per method"
+        )
+
+    return run_command(build_parser(), argv, work)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,14 @@ import dataclasses
 import sys
 
 from erase.api import ErasedModel, run
-from erase.cli.args import OneLineParser, add_generation_batch, positive, set_config_defaults
+from erase.cli.args import (
+    OneLineParser,
+    add_generation_batch,
+    positive,
+    run_command,
+    set_config_defaults,
+)
 from erase.config import ERASURE_CHOICES, ErasureConfig
-from erase.errors import EraseError
 from erase.methods import METHODS
 
 
@@ -296,19 +301,14 @@ def summary(result: ErasedModel) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of erase-concept."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
-        return int(exit_request.code or 0)
-    try:
+
+    def work(args: argparse.Namespace) -> None:
         result = run(config_from_args(args))
         print(summary(result))
         if result.pushed:
             print(f"pushed to {result.pushed}")
-    except EraseError as error:
-        print(f"erase-concept: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(build_parser(), argv, work)
 
 
 erase_concept_main = main  # the name tests and older scripts import

@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from erase.cli.args import OneLineParser
-from erase.errors import EraseError
+from erase.cli.args import OneLineParser, run_command
 from erase.export import FORMATS, export_artifact
 
 
@@ -48,11 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of erase-export."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
-        return int(exit_request.code or 0)
-    try:
+
+    def work(args: argparse.Namespace) -> None:
         if args.push_to_hub:
             from erase.card import check_can_push
 
@@ -76,10 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.output, args.export_format, written["metadata"], args.push_to_hub
             )
             print(f"pushed to {url}")
-    except EraseError as error:
-        print(f"erase-export: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(build_parser(), argv, work)
 
 
 if __name__ == "__main__":
