@@ -234,3 +234,15 @@ def test_retain_images_flag_reaches_the_run(tiny_sd_args, tmp_path):
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert metadata["data_config"]["retain_images"] == str(tmp_path / "keep")
     assert metadata["data_source"] == "folder"
+
+
+def test_help_lists_every_model_alias_and_no_unset_default(capsys):
+    from erase.models import BUILTIN_MODELS
+    from erase.models.sd import SD_ALIASES
+    from erase.models.sdxl import SDXL_ALIASES
+
+    assert erase_concept_main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    for alias in [*SD_ALIASES, *SDXL_ALIASES, *BUILTIN_MODELS]:
+        assert alias in text.replace("- ", "-"), alias
+    assert "(default: None)" not in text and "(default: False)" not in text

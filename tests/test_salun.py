@@ -72,9 +72,16 @@ def test_class_defaults_are_the_reference_unless_the_backend_measured_its_own():
     from erase.methods.salun import SalUn
 
     concept = Concept("three", [3], [0, 1, 2])
-    reference = SalUn.defaults(
-        SimpleNamespace(conditioning="class", method_defaults={}), concept, 100
-    )
+
+    def class_backend(shape, retain_images, **settings):
+        return SimpleNamespace(
+            conditioning="class",
+            method_defaults=settings,
+            latent_shape=shape,
+            real_images=lambda classes, count: (None, [0] * min(count, retain_images)),
+        )
+
+    reference = SalUn.defaults(class_backend((3, 32, 32), 45_000), concept, 100)
     # DDPM/configs/cifar10_saliency_unlearn.yml (n_iters 1000) and DDPM/README.md (alpha 1e-3)
     assert (reference["lr"], reference["alpha"], reference["steps"], reference["batch_size"]) == (
         1e-4,
@@ -88,7 +95,13 @@ def test_class_defaults_are_the_reference_unless_the_backend_measured_its_own():
         True,
     )
     assert reference["clip_before_mask"] == 1.0 and reference["max_grad_norm"] is None
-    testbed = SimpleNamespace(conditioning="class", method_defaults={"salun": {"lr": 5e-5}})
+    # the same meaning on the 16 x 16 digits: the per-element retain balance, and 2.84 passes
+    # (29 updates) raised to the floor of updates Adam needs to move the weights
+    digits = SalUn.defaults(class_backend((1, 16, 16), 1291), concept, 100)
+    assert digits["alpha"] == pytest.approx(1.2e-2) and digits["steps"] == 60
+    many = SalUn.defaults(class_backend((1, 16, 16), 10_000), concept, 100)
+    assert many["steps"] == round(1000 * 128 / 45_000 * 10_000 / 128) == 222
+    testbed = class_backend((3, 32, 32), 45_000, salun={"lr": 5e-5})
     tuned = SalUn.defaults(testbed, concept, 100)
     assert tuned["lr"] == 5e-5 and tuned["alpha"] == 1e-3
 

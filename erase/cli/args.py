@@ -18,6 +18,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults; a flag whose default is 'unset' (None, off, empty) explains itself in
+    its help instead of ending with '(default: None)'."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def positive(kind):
     """An argparse type: a number of `kind` greater than zero."""
 

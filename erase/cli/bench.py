@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from erase.bench import DEFAULT_METHODS, BenchConfig, markdown_table, run_bench
-from erase.cli.args import OneLineParser, positive, run_command, set_config_defaults
+from erase.cli.args import HelpFormatter, OneLineParser, positive, run_command, set_config_defaults
 from erase.cli.concept import add_erase_arguments
 from erase.config import ErasureConfig
 from erase.errors import EraseError
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="erase-bench",
         description="Erase one concept with several methods from the same base model and score "
         "each (and the base) with the same prompts, seeds and metrics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     bench = parser.add_argument_group("benchmark")
     bench.add_argument(

@@ -12,6 +12,7 @@ import sys
 
 from erase.api import ErasedModel, run
 from erase.cli.args import (
+    HelpFormatter,
     OneLineParser,
     add_generation_batch,
     positive,
@@ -20,6 +21,9 @@ from erase.cli.args import (
 )
 from erase.config import ERASURE_CHOICES, ErasureConfig
 from erase.methods import METHODS
+from erase.models import BUILTIN_MODELS
+from erase.models.sd import SD_ALIASES
+from erase.models.sdxl import SDXL_ALIASES
 
 
 def method_fields() -> dict[str, dataclasses.Field]:
@@ -38,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Erase a concept from a diffusion model (SalUn by default; ESD and "
         "Forget-Me-Not as baselines) and write the erased UNet in diffusers format, with its "
         "saliency mask, metadata.json and report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_erase_arguments(parser)
     set_config_defaults(parser, ErasureConfig())
@@ -89,9 +93,9 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     model = parser.add_argument_group("model and concept")
     model.add_argument(
         "--model",
-        help="sd-v1-4, sd-v1-5, sd-2-1-base, a hub "
-        "id, a local diffusers folder, a .safetensors/.ckpt file, or a built-in "
-        "testbed: ddpm-digits, sd-digits, ddpm-cifar10 (with --data-dir)",
+        help=f"{', '.join([*SD_ALIASES, *SDXL_ALIASES])}, a hub id, a local diffusers folder, "
+        f"a .safetensors/.ckpt file, or a built-in testbed: {', '.join(BUILTIN_MODELS)} "
+        "(ddpm-cifar10 with --data-dir)",
     )
     model.add_argument(
         "--concept",
@@ -194,7 +198,11 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
         "--steps",
         type=positive(int),
         default=None,
-        help=with_reference("optimizer updates", "steps"),
+        help=with_reference(
+            "optimizer updates (class-conditional SalUn: the reference's ~2.84 passes over the "
+            "retain set in batches of 128, at least 60)",
+            "steps",
+        ),
     )
     training.add_argument(
         "--epochs",

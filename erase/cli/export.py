@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from erase.cli.args import OneLineParser, run_command
+from erase.cli.args import HelpFormatter, OneLineParser, run_command
 from erase.export import FORMATS, export_artifact
 
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write an erase-concept output as one checkpoint file for AUTOMATIC1111, "
         "Forge and ComfyUI (single-file), the erased UNet alone (unet: ComfyUI's UNet loader), "
         "or a complete diffusers folder (pipeline).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("artifact", help="an erase-concept output folder")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")

@@ -77,7 +77,10 @@ def register(name: str) -> Callable[[type], type]:
 REFERENCE_CASES = (
     ("SD nudity", "text", "nudity"),
     ("SD class", "text", "class"),
-    ("DDPM", "class", "class"),
+    ("DDPM on CIFAR-10", "class", "class"),
+)
+CIFAR10_RETAIN = (
+    45_000  # the class case stands for the reference: 3 x 32 x 32, 45,000 retain images
 )
 
 
@@ -86,7 +89,12 @@ def reference_defaults(method_class: type) -> dict[str, dict[str, object]]:
     method's own `defaults` for a plain backend over its Config's defaults; what --help prints."""
     by_setting: dict[str, dict[str, object]] = {}
     for label, conditioning, kind in REFERENCE_CASES:
-        backend = SimpleNamespace(conditioning=conditioning, method_defaults={})  # no testbed's
+        backend = SimpleNamespace(  # a plain backend of the case's sizes, no testbed's settings
+            conditioning=conditioning,
+            method_defaults={},
+            latent_shape=(3, 32, 32),
+            real_images=lambda classes, count: (None, [0] * min(count, CIFAR10_RETAIN)),
+        )
         concept = Concept(name=kind, forget=[0], retain=[1], kind=kind)
         settings = {
             config_field.name: config_field.default
