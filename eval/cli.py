@@ -12,6 +12,7 @@ import os
 import sys
 
 from erase.cli.args import (
+    HelpFormatter,
     OneLineParser,
     add_generation_batch,
     positive,
@@ -20,15 +21,6 @@ from erase.cli.args import (
 )
 from erase.errors import EraseError
 from eval.evaluation import METRIC_NAMES, EvalConfig, parse_metrics, run_evaluation
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows real defaults; a flag whose default is 'unset' explains itself in its help."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def metric_list(text: str) -> list[str]:
