@@ -67,6 +67,13 @@ def method_setting_names() -> list[str]:
     )
 
 
+def harden_setting_names() -> list[str]:
+    """Every field of every registered hardening technique's Config (the `harden_config` keys)."""
+    from erase.harden import harden_setting_names as names
+
+    return names()
+
+
 @dataclass
 class ErasureConfig:
     """One erasure: what erase-concept's flags say. None means the reference default for the
@@ -82,6 +89,10 @@ class ErasureConfig:
     data_dir: str | None = None
     # the method's own settings by name (e.g. {"alpha": 0.1}); absent ones take its defaults
     method_config: dict[str, Any] = field(default_factory=dict)
+    # --harden: a technique against relearning (erase/harden/), None for none; its settings by
+    # name (e.g. {"meta_steps": 2}) as method_config holds the method's
+    harden: str | None = None
+    harden_config: dict[str, Any] = field(default_factory=dict)
     # output
     output: str | None = None
     overwrite: bool = False
@@ -125,19 +136,26 @@ class ErasureConfig:
         self.retain_prompt = list(self.retain_prompt)
         self.method_config = dict(self.method_config)
         check_known(self.method_config, method_setting_names(), "erase-concept")
+        self.harden_config = dict(self.harden_config)
+        check_known(self.harden_config, harden_setting_names(), "erase-concept")
 
     @classmethod
     def from_dict(cls, settings: dict) -> ErasureConfig:
         """A config from its fields; a method setting may also be given at the top level
-        (`alpha=0.1`, as its flag `--alpha`), where None means its default."""
+        (`alpha=0.1`, as its flag `--alpha`), where None means its default; so may a hardening
+        setting (`meta_steps=2`)."""
         settings = dict(settings)
-        method_names = method_setting_names()
-        method_config = dict(settings.pop("method_config", None) or {})
-        for name in [name for name in settings if name in method_names]:
-            value = settings.pop(name)
-            if value is not None:
-                method_config[name] = value
-        return config_from_dict(cls, {**settings, "method_config": method_config}, "erase-concept")
+        grouped = {}
+        for key, names in (
+            ("method_config", method_setting_names()),
+            ("harden_config", harden_setting_names()),
+        ):
+            grouped[key] = dict(settings.pop(key, None) or {})
+            for name in [name for name in settings if name in names]:
+                value = settings.pop(name)
+                if value is not None:
+                    grouped[key][name] = value
+        return config_from_dict(cls, {**settings, **grouped}, "erase-concept")
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, as metadata.json records it."""
