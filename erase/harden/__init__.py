@@ -11,12 +11,12 @@ line at the bottom of this file. Every default and its source: docs/methods.md#h
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from erase.config import nearest
 from erase.errors import EraseError
 from erase.saliency import PackedMask, unpack_mask
 
@@ -37,9 +37,11 @@ def register(name: str) -> Callable[[type], type]:
 def get_technique(name: str) -> type:
     """The technique class registered as `name`, or a one-line error naming the known ones."""
     if name not in TECHNIQUES:
+        close = difflib.get_close_matches(name, list(TECHNIQUES), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
         raise EraseError(
-            f"Unknown --harden technique '{name}'{nearest(name, list(TECHNIQUES))}: choose one "
-            f"of {', '.join(sorted(TECHNIQUES))}."
+            f"Unknown --harden technique '{name}'{hint}: choose one of "
+            f"{', '.join(sorted(TECHNIQUES))}."
         )
     return TECHNIQUES[name]
 
