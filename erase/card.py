@@ -81,6 +81,7 @@ def model_card(metadata: dict, export_format: str | None = None, grid: bool = Fa
         f"| retain prompts | {prompt_list(concept.get('retain', []))} |",
         f"| method | {method} |",
         f"| method settings | `{compact(metadata.get('method_config'))}` |",
+        f"| hardening | {harden_text(metadata)} |",
         f"| training | `{compact(metadata.get('train_config'))}` |",
         f"| data | {metadata.get('data_source', '')} |",
         f"| seed | {metadata.get('seed')} |",
@@ -103,6 +104,13 @@ def model_card(metadata: dict, export_format: str | None = None, grid: bool = Fa
             "derivative.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def harden_text(metadata: dict) -> str:
+    """The --harden technique and its settings, or 'none'."""
+    if not metadata.get("harden"):
+        return "none"
+    return f"{metadata['harden']} `{compact(metadata.get('harden_config'))}`"
 
 
 def prompt_list(prompts: list, shown: int = 3) -> str:

@@ -140,6 +140,13 @@ ERASURE_CHOICES = {
 }
 
 
+def harden_setting_names() -> list[str]:
+    """Every field of every registered hardening technique's Config (the `harden_config` keys)."""
+    from erase.harden import harden_setting_names as names
+
+    return names()
+
+
 @dataclass
 class ErasureConfig:
     """One erasure: what erase-concept's flags say. None means the reference default for the
@@ -155,6 +162,10 @@ class ErasureConfig:
     data_dir: str | None = None
     # the method's own settings by name (e.g. {"alpha": 0.1}); absent ones take its defaults
     method_config: dict[str, Any] = field(default_factory=dict)
+    # --harden: a technique against relearning (erase/harden/), None for none; its settings by
+    # name (e.g. {"meta_steps": 2}) as method_config holds the method's
+    harden: str | None = None
+    harden_config: dict[str, Any] = field(default_factory=dict)
     # output
     output: str | None = None
     overwrite: bool = False
@@ -198,19 +209,26 @@ class ErasureConfig:
         )
         self.method_config = dict(self.method_config)
         check_known(self.method_config, method_setting_names(), "erase-concept")
+        self.harden_config = dict(self.harden_config)
+        check_known(self.harden_config, harden_setting_names(), "erase-concept")
 
     @classmethod
     def from_dict(cls, settings: dict) -> ErasureConfig:
         """A config from its fields; a method setting may also be given at the top level
-        (`alpha=0.1`, as its flag `--alpha`), where None means its default."""
+        (`alpha=0.1`, as its flag `--alpha`), where None means its default; so may a hardening
+        setting (`meta_steps=2`)."""
         settings = dict(settings)
-        method_names = method_setting_names()
-        method_config = dict(settings.pop("method_config", None) or {})
-        for name in [name for name in settings if name in method_names]:
-            value = settings.pop(name)
-            if value is not None:
-                method_config[name] = value
-        return config_from_dict(cls, {**settings, "method_config": method_config}, "erase-concept")
+        grouped = {}
+        for key, names in (
+            ("method_config", method_setting_names()),
+            ("harden_config", harden_setting_names()),
+        ):
+            grouped[key] = dict(settings.pop(key, None) or {})
+            for name in [name for name in settings if name in names]:
+                value = settings.pop(name)
+                if value is not None:
+                    grouped[key][name] = value
+        return config_from_dict(cls, {**settings, **grouped}, "erase-concept")
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, as metadata.json records it."""
@@ -218,14 +236,17 @@ class ErasureConfig:
 
     def check(self) -> None:
         """One EraseError for the first setting of the wrong type or out of range, the method's
-        own settings included (what the CLI's parser checks, for the API too)."""
+        and the hardening technique's own settings included (what the CLI's parser checks, for
+        the API too)."""
+        from erase.harden import TECHNIQUES
         from erase.methods import METHODS
 
         hints = {}
-        for method_class in METHODS.values():
-            for name, hint in typing.get_type_hints(method_class.Config).items():
+        for registered in (*METHODS.values(), *TECHNIQUES.values()):
+            for name, hint in typing.get_type_hints(registered.Config).items():
                 hints.setdefault(name, hint)
-        extra = {name: (value, hints[name]) for name, value in self.method_config.items()}
+        own = {**self.method_config, **self.harden_config}
+        extra = {name: (value, hints[name]) for name, value in own.items()}
         check_values(self, ERASURE_POSITIVE, ERASURE_CHOICES, extra)
         if not self.concept:
             raise EraseError("Give the concept to erase (--concept NAME, concept= in the API).")

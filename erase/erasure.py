@@ -36,6 +36,7 @@ from erase.data import (
     unet_fingerprint,
 )
 from erase.errors import EraseError
+from erase.harden import check_harden, get_technique, technique_config
 from erase.home import erase_home
 from erase.methods import get_method
 from erase.models import load_backend
@@ -192,6 +193,7 @@ def check_arguments(config: ErasureConfig) -> None:
     ):
         if any(not prompt.strip() for prompt in prompts):
             raise EraseError(f"{flag} must not be empty: give the text of a prompt.")
+    check_harden(config.harden, config.harden_config, get_method(config.method))
     if config.mask:
         if not get_method(config.method).uses_mask:
             raise EraseError(
@@ -227,9 +229,13 @@ def check_backend_arguments(backend, config: ErasureConfig) -> None:
         )
 
 
-def run_settings(backend, concept: Concept, method_config, train_config, config) -> dict:
+def run_settings(
+    backend, concept: Concept, method_config, train_config, config, harden=None
+) -> dict:
     """Everything that shapes the trained weights; a checkpoint is resumed only when they match."""
     return {
+        "harden": config.harden,
+        "harden_config": harden.resolved() if harden else {},
         "model": backend.identity,
         "weights": unet_fingerprint(backend.unet),
         "concept": concept.to_dict(),
@@ -279,6 +285,7 @@ class Plan:
     method_config: object
     train_config: TrainConfig
     mask: object  # a saliency mask given with --mask, else None (the mask phase computes it)
+    harden: object  # the --harden technique bound to this run (erase/harden/), or None
     settings: dict  # what shapes the weights (run_settings): a checkpoint resumes only on a match
     checkpoint_dir: str
 
@@ -325,6 +332,8 @@ def erase_into(
             "concept": plan.concept.to_dict(),
             "method": plan.method.name,
             "method_config": dataclasses.asdict(plan.method_config),
+            "harden": config.harden,
+            "harden_config": plan.settings["harden_config"],
             "train_config": dataclasses.asdict(plan.train_config),
             "data_config": dataclasses.asdict(data_config),
             "data_source": data.source,
@@ -367,10 +376,23 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
     if method.uses_mask and config.mask:
         mask = load_mask(config.mask, backend.unet, backend.identity)
     checkpoint_dir = os.path.join(partial_path(output), "checkpoint")
-    settings = run_settings(backend, concept, method_config, train_config, config)
+    harden = None
+    if config.harden:
+        technique_class = get_technique(config.harden)
+        technique = technique_config(technique_class, config.harden_config)
+        harden = technique_class(backend, method, technique, train_config)
+    settings = run_settings(backend, concept, method_config, train_config, config, harden)
     check_resume(checkpoint_dir, settings, config.resume)
     return Plan(
-        backend, concept, method, method_config, train_config, mask, settings, checkpoint_dir
+        backend,
+        concept,
+        method,
+        method_config,
+        train_config,
+        mask,
+        harden,
+        settings,
+        checkpoint_dir,
     )
 
 
@@ -389,7 +411,8 @@ def data_phase(plan: Plan, config: ErasureConfig, accelerator):
         retain_images=config.retain_images,
     )
     backend = plan.backend
-    if not plan.method.needs_images:  # ESD samples its own x_t: only shapes and conditions count
+    needs_images = plan.method.needs_images or (plan.harden and plan.harden.needs_images)
+    if not needs_images:  # ESD samples its own x_t: only shapes and conditions count
         data = placeholder_data(
             backend, plan.concept, plan.train_config.batch_size, config.resolution
         )
@@ -442,6 +465,7 @@ def train_phase(plan: Plan, accelerator, staging: str, mask, latents, data):
         plan.train_config,
         mask,
         checkpoint_dir=os.path.join(staging, "checkpoint"),
+        harden=plan.harden,
     )
     changed = 0
     if accelerator.is_main_process:

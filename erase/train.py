@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from erase.checkpoint import resume, save_checkpoint
 from erase.data import batch_at
 from erase.errors import EraseError
+from erase.harden import movable_entries
 from erase.models.base import Backend, Batch, Condition
 from erase.optim import MaskedAdam, StepInBackward
 from erase.saliency import PackedMask, pack_bool_mask
@@ -156,12 +157,14 @@ def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
 
 def backward_micro_batches(
     accelerator: Accelerator, unet, method, forget: Batch, retain: Batch, generator, config,
-    backward=None,
+    backward=None, loss=None,
 ) -> dict[str, float]:  # fmt: skip
     """Loss and backward of one batch in micro-batches; each micro-batch's loss is weighted by its
     share of the batch, so that the gradients add up to the whole batch's (the losses are means
-    over samples). Only the last backward synchronises the processes."""
+    over samples). Only the last backward synchronises the processes. `loss`: the step's loss
+    when a --harden technique sets it, else the method's."""
     backward = backward or accelerator.backward
+    step_loss = loss or method.loss
     forget_parts = micro_batches(forget, config.micro_batch_size)
     retain_parts = micro_batches(retain, config.micro_batch_size)
     if len(forget_parts) > 1 and len(forget.conditions) != len(retain.conditions):
@@ -179,13 +182,13 @@ def backward_micro_batches(
         share = len(forget_part.conditions) / len(forget.conditions)
         last = index == len(forget_parts) - 1
         with nullcontext() if last else accelerator.no_sync(unet):
-            loss, terms = method.loss(unet, forget_part, retain_part, generator)
-            if not torch.isfinite(loss):
+            value, terms = step_loss(unet, forget_part, retain_part, generator)
+            if not torch.isfinite(value):
                 raise EraseError(
-                    f"The loss became {loss.item()}: lower --lr (now {config.lr}) or use "
+                    f"The loss became {value.item()}: lower --lr (now {config.lr}) or use "
                     "--mixed-precision no; no model was written."
                 )
-            backward(loss * share if share != 1 else loss)
+            backward(value * share if share != 1 else value)
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + share * value
     return totals
@@ -312,8 +315,11 @@ def train(
     config: TrainConfig,
     mask: PackedMask | dict[str, torch.Tensor] | None = None,
     checkpoint_dir: str | None = None,
+    harden=None,
 ) -> TrainResult:
-    """Fine-tune `backend.unet` in place with `method.loss`; `forget`/`retain` are (latents, conditions)."""
+    """Fine-tune `backend.unet` in place with `method.loss`; `forget`/`retain` are (latents,
+    conditions). `harden` (erase/harden/) sets the loss of its steps and may add steps after the
+    method's (`extra_steps`)."""
     unet = backend.unet
     unet.train()
     backend.set_gradient_checkpointing(
@@ -331,23 +337,26 @@ def train(
         accelerator, unet, method, config, parameters, mask, clip_before_mask
     )
 
+    entries = movable_entries(unet, mask) if harden else []
+    total_steps = config.steps + (harden.extra_steps if harden else 0)
     start = resume(accelerator, checkpoint_dir)
-    result = TrainResult(steps=config.steps, resumed_from=start)
+    result = TrainResult(steps=total_steps, resumed_from=start)
     result.trained_parameters = sum(p.numel() for p in parameters)
     result.micro_batch_size = config.micro_batch_size
     result.optimizer_state = state_name
     accumulation = config.gradient_accumulation_steps
     progress = tqdm(
-        range(start, config.steps),
-        desc=f"erasing ({method.name})",
+        range(start, total_steps),
+        desc=f"erasing ({method.name}{', ' + harden.name if harden else ''})",
         unit="step",
         initial=start,
-        total=config.steps,
+        total=total_steps,
         disable=not accelerator.is_local_main_process,
     )
     try:
         for step in progress:
             clock = time.perf_counter()
+            step_loss = harden.step_loss(step, unet, entries, forget, retain) if harden else None
             for micro_step in range(accumulation):
                 index = (step * accumulation + micro_step) * accelerator.num_processes
                 index += accelerator.process_index
@@ -357,7 +366,7 @@ def train(
                 with accelerator.accumulate(wrapped_unet):
                     terms = backward_micro_batches(
                         accelerator, wrapped_unet, method, forget_batch, retain_batch, generator,
-                        config, getattr(update, "backward", accelerator.backward),
+                        config, getattr(update, "backward", accelerator.backward), step_loss,
                     )  # fmt: skip
                     if accelerator.sync_gradients:
                         update.update(config.max_grad_norm)

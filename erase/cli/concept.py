@@ -20,6 +20,7 @@ from erase.cli.args import (
     set_config_defaults,
 )
 from erase.config import ERASURE_CHOICES, ErasureConfig
+from erase.harden import TECHNIQUES
 from erase.methods import METHODS
 from erase.models import BUILTIN_MODELS
 from erase.models.sd import SD_ALIASES
@@ -33,6 +34,31 @@ def method_fields() -> dict[str, dataclasses.Field]:
         for config_field in dataclasses.fields(method_class.Config):
             fields.setdefault(config_field.name, config_field)
     return fields
+
+
+def technique_fields() -> dict[str, dataclasses.Field]:
+    """Every field of every hardening technique's Config, by name."""
+    fields: dict[str, dataclasses.Field] = {}
+    for technique_class in TECHNIQUES.values():
+        for config_field in dataclasses.fields(technique_class.Config):
+            fields.setdefault(config_field.name, config_field)
+    return fields
+
+
+def add_setting_flag(group, config_field: dataclasses.Field, help_text: str) -> None:
+    """The flag of one config field (`--mask-ratio` for mask_ratio), typed by its annotation;
+    its default is None, so a setting left unset takes its config's default."""
+    flag = "--" + config_field.name.replace("_", "-")
+    if config_field.type in (bool, "bool"):
+        group.add_argument(flag, action="store_true", default=None, help=help_text)
+    elif config_field.type == "bool | None":
+        group.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+        )
+    else:
+        kind = {"int": int, "int | None": int}.get(str(config_field.type), float)
+        kind = str if "str" in str(config_field.type) else kind
+        group.add_argument(flag, type=kind, default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,18 +280,24 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
 
     methods = parser.add_argument_group("method settings")
     for name, config_field in method_fields().items():
-        flag = "--" + name.replace("_", "-")
-        help_text = with_reference(config_field.metadata.get("help", ""), name)
-        if config_field.type in (bool, "bool"):
-            methods.add_argument(flag, action="store_true", default=None, help=help_text)
-        elif config_field.type == "bool | None":
-            methods.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        else:
-            kind = {"int": int, "int | None": int}.get(str(config_field.type), float)
-            kind = str if "str" in str(config_field.type) else kind
-            methods.add_argument(flag, type=kind, default=None, help=help_text)
+        add_setting_flag(
+            methods, config_field, with_reference(config_field.metadata.get("help", ""), name)
+        )
+
+    hardening = parser.add_argument_group("hardening against relearning (docs/methods.md#harden)")
+    hardening.add_argument(
+        "--harden",
+        default=None,
+        metavar="TECHNIQUE",
+        help=f"make the erasure resist fine-tuning: {', '.join(sorted(TECHNIQUES))} "
+        "(default: none)%(default).0s",
+    )
+    for config_field in technique_fields().values():
+        default = format_default(config_field.default)
+        # "%(default).0s" prints nothing, and keeps argparse from adding "(default: None)":
+        # the flag's own default is None (unset), the technique's default is the one shown
+        help_text = f"{config_field.metadata.get('help', '')} (default: {default})%(default).0s"
+        add_setting_flag(hardening, config_field, help_text)
 
     evaluation = parser.add_argument_group("evaluation (class-conditional models)")
     evaluation.add_argument(

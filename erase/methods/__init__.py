@@ -49,6 +49,9 @@ OPTIONAL = {
     "loss_is_mean_over_samples": True,  # False: the loss cannot be split into micro-batches
     "frozen_unet": None,  # a frozen copy of the UNet the loss reads (ESD's teacher)
     "clip_before_mask": None,  # a gradient norm clipped to before the mask (SalUn on DDPM)
+    # the forget objective alone, (loss, terms) as `loss` gives them: what --harden measures after
+    # a simulated relearning and keeps on during a recovery; None: the method cannot be hardened
+    "forget_loss": None,
     "prepare": no_prepare,
 }
 

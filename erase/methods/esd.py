@@ -122,6 +122,10 @@ class ESD:
         loss = torch.nn.functional.mse_loss(prediction.float(), target)
         return loss, {"esd": loss.item()}
 
+    def forget_loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
+        """ESD's loss is its forget objective whole (it has no retain term)."""
+        return self.loss(unet, forget, retain, generator)
+
 
 def frozen_copy(
     unet: torch.nn.Module, trainable, dtype: torch.dtype | None = None

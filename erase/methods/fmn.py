@@ -263,6 +263,10 @@ class ForgetMeNot:
         loss = recorder.loss()
         return loss, {"fmn": loss.item(), "attention_mass": recorder.mass()}
 
+    def forget_loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
+        """Forget-Me-Not's loss is its forget objective whole (it has no retain term)."""
+        return self.loss(unet, forget, retain, generator)
+
     @torch.no_grad()
     def attention_mass(self, unet, forget: Batch, generator: torch.Generator) -> float:
         """Mean attention mass on the concept's tokens for a batch (a measurement, no gradient)."""

@@ -211,3 +211,18 @@ class SalUn:
         )
         total = forget_loss + config.alpha * retain_loss
         return total, {"forget": forget_loss.item(), "retain": retain_loss.item()}
+
+    def forget_loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
+        """The forget remapping term alone (retain batch unused): MSE between eps(x_t, c_forget)
+        and the stop-gradient eps(x_t, c_remap)."""
+        backend, config = self.backend, self.config
+        drop, antithetic = config.cond_drop or 0.0, bool(config.antithetic)
+        _, timesteps, noisy = noised(backend, forget, generator, antithetic)
+        remap = remap_conditions(self.concept, forget.conditions, generator)
+        with torch.no_grad():
+            remap_cond = dropped_to_null(backend, backend.encode(remap), drop, generator)
+            target = backend.predict_noise(unet, noisy, timesteps, remap_cond)
+        forget_cond = dropped_to_null(backend, backend.encode(forget.conditions), drop, generator)
+        prediction = backend.predict_noise(unet, noisy, timesteps, forget_cond)
+        forget_loss = squared_error(prediction, target, "mean")
+        return forget_loss, {"forget": forget_loss.item()}

@@ -1,0 +1,241 @@
+"""--harden: each technique moves only the method's trainable set (SalUn: its masked entries),
+the simulated fine-tune of `meta` never reaches the saved weights, bad settings are one line
+before any work, the settings are recorded, and a resumed hardened run equals an uninterrupted
+one."""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from erase.api import erasure_config
+from erase.cli.concept import erase_concept_main
+from erase.concepts import resolve_concept
+from erase.data import batch_at
+from erase.harden import movable_entries, stream_seed
+from erase.harden.meta import Meta, MetaConfig
+from erase.methods import METHODS, declare_optional, denoising_loss
+from erase.methods.salun import SalUn, SalUnConfig
+from erase.models import load_backend
+from erase.saliency import load_mask, pack_bool_mask
+from erase.train import TrainConfig
+
+WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+
+
+def erase_to(tiny_sd_args, output, *extra):
+    """Run erase-concept on the tiny pipeline (lr high enough that every step moves weights)."""
+    assert erase_concept_main([*tiny_sd_args, "--lr", "1e-3", "--output", str(output), *extra]) == 0
+    return load_file(str(output / WEIGHTS))
+
+
+def base_weights(tiny_sd_dir):
+    return {
+        name: value.clone() for name, value in load_backend(tiny_sd_dir).unet.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("technique", ["meta", "perturb"])
+def test_salun_hardened_moves_only_masked_weights(tiny_sd_dir, tiny_sd_args, tmp_path, technique):
+    base = base_weights(tiny_sd_dir)
+    erased = erase_to(tiny_sd_args, tmp_path / "run", "--harden", technique)
+    mask = load_mask(str(tmp_path / "run" / "mask.safetensors"), load_backend(tiny_sd_dir).unet)
+    changed_inside = 0
+    for name, value in erased.items():
+        assert torch.equal(value[~mask[name]], base[name][~mask[name]]), name
+        changed_inside += int((value[mask[name]] != base[name][mask[name]]).sum())
+    assert changed_inside > 0
+
+
+@pytest.mark.parametrize("technique", ["meta", "perturb"])
+@pytest.mark.parametrize(
+    "method_flags",
+    [
+        ["--method", "esd-x"],
+        ["--method", "fmn", "--fmn-ti-steps", "0", "--fmn-cross-attention-only"],
+    ],
+    ids=["esd-x", "fmn-cross-attention"],
+)
+def test_hardened_esd_and_fmn_stay_in_their_weight_set(
+    tiny_sd_dir, tiny_sd_args, tmp_path, technique, method_flags
+):
+    base = base_weights(tiny_sd_dir)
+    erased = erase_to(tiny_sd_args, tmp_path / "run", *method_flags, "--harden", technique)
+    moved = {name for name, value in erased.items() if not torch.equal(value, base[name])}
+    assert moved and all("attn2" in name for name in moved), sorted(moved)[:5]
+
+
+def test_meta_weight_zero_equals_the_unhardened_run_bit_for_bit(tiny_sd_args, tmp_path):
+    # A large inner learning rate: any leak of the adapted copy would show in every weight.
+    meta = [
+        "--harden",
+        "meta",
+        "--meta-steps",
+        "2",
+        "--meta-lr-min",
+        "1e-2",
+        "--meta-lr-max",
+        "1e-1",
+    ]
+    plain = erase_to(tiny_sd_args, tmp_path / "plain")
+    zero = erase_to(tiny_sd_args, tmp_path / "zero", *meta, "--meta-weight", "0")
+    weighted = erase_to(tiny_sd_args, tmp_path / "weighted", *meta)
+    assert all(torch.equal(zero[name], plain[name]) for name in plain)
+    assert any(not torch.equal(weighted[name], plain[name]) for name in plain)
+
+
+def test_meta_gradient_is_the_hand_replayed_one_and_the_weights_come_back(tiny_sd_dir):
+    backend = load_backend(tiny_sd_dir)
+    concept = resolve_concept("nudity", conditioning="text")
+    method = SalUn(
+        backend, concept, dataclasses.replace(SalUnConfig(), alpha=0.1, mask_guidance=7.5)
+    )
+    unet = backend.unet
+    named = dict(unet.named_parameters())
+    every_other = {
+        name: torch.arange(p.numel()).reshape(p.shape) % 2 == 0 for name, p in named.items()
+    }
+    mask = pack_bool_mask(every_other)
+    generator = torch.Generator().manual_seed(3)
+    forget = (torch.randn(4, *backend.latent_shape, generator=generator), list(concept.forget) * 4)
+    retain = (torch.randn(4, *backend.latent_shape, generator=generator), list(concept.retain) * 4)
+    config = MetaConfig(meta_steps=2, meta_optimizer="sgd", meta_lr_min=1e-2, meta_lr_max=1e-1)
+    meta = Meta(backend, method, config, TrainConfig(batch_size=2, steps=4, seed=5))
+    before = {name: p.detach().clone() for name, p in named.items()}
+
+    unet.requires_grad_(True)
+    entries = movable_entries(unet, mask)
+    gradients, _ = meta.meta_gradient(1, unet, entries, forget, retain)
+    assert all(torch.equal(p.detach(), before[name]) for name, p in named.items())
+
+    # The same simulation by hand, on a copy: SGD on the masked entries, then the forget gradient.
+    replay = copy.deepcopy(unet)
+    stream = torch.Generator().manual_seed(stream_seed(5, 1, 0))
+    low, high = math.log(1e-2), math.log(1e-1)
+    lr = math.exp(low + (high - low) * float(torch.rand((), generator=stream)))
+    params = list(replay.parameters())
+    for inner_step in range(2):
+        batch = batch_at(*forget, 2, 1 * 3 + inner_step, 5 + 2)
+        grads = torch.autograd.grad(denoising_loss(backend, replay, batch, stream), params)
+        with torch.no_grad():
+            for (name, param), grad in zip(replay.named_parameters(), grads):
+                param[every_other[name]] -= lr * grad[every_other[name]]
+    objective, _ = method.forget_loss(
+        replay, batch_at(*forget, 2, 5, 7), batch_at(*retain, 2, 5, 8), stream
+    )
+    expected = torch.autograd.grad(objective, params)
+    for (name, _), gradient, wanted in zip(replay.named_parameters(), gradients, expected):
+        torch.testing.assert_close(gradient, wanted[every_other[name]], rtol=1e-5, atol=1e-7)
+    assert any(gradient.abs().sum() > 0 for gradient in gradients)
+
+
+class NoForgetObjective:
+    """A method whose loss mixes its terms and declares no forget objective."""
+
+    @dataclasses.dataclass
+    class Config:
+        pass
+
+    uses_mask = False
+    name = "plain"
+
+    @staticmethod
+    def defaults(backend, concept, num_forget):
+        return {}
+
+
+def one_line(capsys, argv) -> str:
+    assert erase_concept_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--harden", "metta"], "did you mean meta"),
+        (["--harden", "meta", "--meta-steps", "-1"], "--meta-steps must be 1 or more"),
+        (["--harden", "meta", "--meta-lr-min=-1e-4"], "--meta-lr-min and --meta-lr-max"),
+        (["--harden", "perturb", "--perturb-steps", "-2"], "--perturb-steps must be 0 or more"),
+        (["--harden", "perturb", "--meta-steps", "2"], "not a setting of --harden perturb"),
+        (["--meta-steps", "2"], "add --harden TECHNIQUE"),
+        (["--harden", "meta", "--method", "plain"], "does not declare (forget_loss)"),
+    ],
+)
+def test_bad_hardening_is_one_line_before_any_work(
+    tiny_sd_args, tmp_path, capsys, monkeypatch, flags, says
+):
+    monkeypatch.setitem(METHODS, "plain", declare_optional(NoForgetObjective))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("erase.erasure.load_backend", no_loading)
+    err = one_line(capsys, [*tiny_sd_args, "--output", str(tmp_path / "run"), *flags])
+    assert says in err and err.startswith("erase-concept: error:"), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_settings_land_in_metadata_json_and_the_model_card(tiny_sd_args, tmp_path):
+    erase_to(tiny_sd_args, tmp_path / "run", "--harden", "meta", "--meta-steps", "2")
+    metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert metadata["harden"] == metadata["settings"]["harden"] == "meta"
+    assert metadata["settings"]["harden_config"] == {"meta_steps": 2}
+    assert metadata["harden_config"]["meta_steps"] == 2
+    assert metadata["harden_config"]["meta_batch_size"] == 8  # resolved: SalUn's batch size
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "| hardening | meta `{" in card and '"meta_steps": 2' in card
+
+
+@pytest.mark.parametrize("technique", ["meta", "perturb"])
+def test_a_resumed_hardened_run_equals_an_uninterrupted_one(
+    tiny_sd_args, tmp_path, monkeypatch, technique
+):
+    import erase.train
+
+    flags = ["--harden", technique, "--steps", "4", "--checkpoint-every", "2"]
+    if technique == "perturb":  # the checkpoint falls on the boundary where the noise is mixed in
+        flags = [
+            "--harden",
+            technique,
+            "--steps",
+            "2",
+            "--perturb-steps",
+            "2",
+            "--checkpoint-every",
+            "2",
+        ]
+    save = erase.train.save_checkpoint
+
+    def die_after_first_save(accelerator, folder, step):
+        save(accelerator, folder, step)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(erase.train, "save_checkpoint", die_after_first_save)
+        with pytest.raises(KeyboardInterrupt):
+            erase_to(tiny_sd_args, tmp_path / "run", *flags)
+    resumed = erase_to(tiny_sd_args, tmp_path / "run", *flags, "--resume")
+    straight = erase_to(tiny_sd_args, tmp_path / "straight", *flags)
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+    metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert metadata["train_result"]["resumed_from"] == 2
+
+
+def test_the_api_and_bench_take_harden():
+    from erase.cli.bench import build_parser, config_from_args
+
+    config = erasure_config("nudity", harden="perturb", perturb_noise=0.2)
+    assert (config.harden, config.harden_config) == ("perturb", {"perturb_noise": 0.2})
+    args = build_parser().parse_args(
+        ["--model", "sd-v1-4", "--concept", "nudity", "--methods", "salun,esd-u", "--output", "b"]
+        + ["--method-flags", "salun=--harden meta --meta-steps 2"]
+    )
+    bench = config_from_args(args)
+    assert bench.method_settings["salun"] == {"harden": "meta", "meta_steps": 2}
