@@ -67,10 +67,11 @@ def flatten(settings: dict, prefix: str = "") -> dict:
     return flat
 
 
-def check_resume(folder: str, settings: dict, resume: bool) -> int:
+def check_resume(folder: str, settings: dict, resume: bool, ignore: tuple[str, ...] = ()) -> int:
     """Before any work: the step `--resume` continues from (0 without a checkpoint).
 
-    Refuses, in one line, a checkpoint made with other settings, or a damaged one.
+    Refuses, in one line, a checkpoint made with other settings, or a damaged one; `ignore`
+    names settings not known yet (the computed mask's digest, checked once it is made).
     """
     step = latest_step(folder)
     if step is None or not resume:
@@ -81,11 +82,16 @@ def check_resume(folder: str, settings: dict, resume: bool) -> int:
     differ = sorted(
         key
         for key in now.keys() | then.keys()
-        if key not in IGNORED_SETTINGS and now.get(key) != then.get(key)
+        if key not in (*IGNORED_SETTINGS, *ignore) and now.get(key) != then.get(key)
     )
     if differ:
         shown = "; ".join(f"{key}: {then.get(key)} -> {now.get(key)}" for key in differ[:3])
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        if differ == ["mask_digest"]:
+            shown += (
+                ": the saliency mask computed now differs from the one the checkpoint trained "
+                "with, e.g. on another device"
+            )
         raise EraseError(
             f"The checkpoint in '{folder}' was made with other settings ({shown}{more}): resume "
             "with the settings it was made with, or pass --overwrite instead of --resume to "

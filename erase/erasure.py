@@ -40,7 +40,14 @@ from erase.harden import check_harden, get_technique, technique_config
 from erase.home import erase_home
 from erase.methods import get_method
 from erase.models import load_backend
-from erase.saliency import forget_loss_gradients, load_mask, mask_ratio, saliency_mask, save_mask
+from erase.saliency import (
+    forget_loss_gradients,
+    load_mask,
+    mask_digest,
+    mask_ratio,
+    saliency_mask,
+    save_mask,
+)
 from erase.train import (
     TrainConfig,
     count_changed_weights,
@@ -309,6 +316,9 @@ def erase_into(
         evaluation.before(plan.backend, plan.concept)
         clock.lap(f"{evaluation.name}_before")
     mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
+    if mask is not None:  # the masked optimizer's state fits only the mask it was made with
+        plan.settings["mask_digest"] = mask_digest(mask)
+        check_resume(plan.checkpoint_dir, plan.settings, config.resume)
     clock.lap("mask")
     # a method's stage before training (FMN's textual inversion); most have none
     plan.method.prepare(
@@ -382,7 +392,7 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
         technique = technique_config(technique_class, config.harden_config)
         harden = technique_class(backend, method, technique, train_config)
     settings = run_settings(backend, concept, method_config, train_config, config, harden)
-    check_resume(checkpoint_dir, settings, config.resume)
+    check_resume(checkpoint_dir, settings, config.resume, ignore=("mask_digest",))
     return Plan(
         backend,
         concept,

@@ -397,3 +397,13 @@ def load_mask(path: str, unet: torch.nn.Module, identity: str | None = None) -> 
 def mask_ratio(mask: PackedMask) -> float:
     """The share of weights the mask keeps."""
     return mask.kept() / mask.total()
+
+
+def mask_digest(mask: PackedMask) -> str:
+    """SHA-256 of a mask's bits by parameter name: tells two masks apart without keeping one (a
+    resumed run's masked optimizer state is only valid for the mask it was made with)."""
+    digest = hashlib.sha256()
+    for name in sorted(mask.bits):
+        digest.update(name.encode())
+        digest.update(mask.bits[name].cpu().numpy().tobytes())
+    return digest.hexdigest()

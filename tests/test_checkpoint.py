@@ -147,3 +147,16 @@ def test_a_damaged_checkpoint_is_one_line(interrupted, tiny_sd_args, capsys, dam
     err = one_line(capsys, run_args(tiny_sd_args, interrupted, "--resume"))
     assert "is damaged" in err and "--overwrite" in err
     assert not interrupted.exists() and not (interrupted.parent / "run.lock").exists()
+
+
+def test_resume_with_a_different_mask_is_refused(interrupted, tiny_sd_args, capsys, monkeypatch):
+    import erase.erasure
+    from erase.saliency import saliency_mask
+
+    # as if the mask's gradients came out otherwise (another device): a different top set
+    monkeypatch.setattr(
+        erase.erasure, "saliency_mask", lambda gradients, ratio: saliency_mask(gradients, 0.25)
+    )
+    err = one_line(capsys, run_args(tiny_sd_args, interrupted, "--resume"))
+    assert "mask_digest" in err and "saliency mask computed now differs" in err
+    assert (checkpoint_folder(interrupted) / "latest").is_file()
