@@ -14,7 +14,10 @@ from eval.attacks.target import AttackTarget
 from eval.attacks.unlearndiffatk import (
     Config,
     SoftPrompt,
+    StraightThroughToken,
     attack_loss,
+    attack_prompt,
+    generate_from_ids,
     prefixed_ids,
     project_to_simplex,
     summarize_rows,
@@ -58,7 +61,7 @@ def test_projection_lands_on_the_simplex_and_is_the_nearest_point():
 def optimize(backend, steps: int, lr: float = 0.01):
     """`steps` attack iterations at one timestep with fixed noise: (soft prompt, losses)."""
     target = AttackTarget(backend, backend.unet, "nudity", FakeJudge(), [])
-    soft = SoftPrompt(backend, 3)
+    soft = SoftPrompt(backend, 3, "mixture")  # a smooth loss: it falls step by step
     ids = prefixed_ids(soft.tokenizer, "a nude person", 3)
     latent = torch.randn(1, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam([soft.probabilities], lr=lr, weight_decay=0.1)
@@ -82,18 +85,88 @@ def test_soft_tokens_stay_on_the_simplex_and_the_loss_falls(backend):
     assert probabilities.max() > 1 / probabilities.shape[-1]  # it moved off the uniform start
 
 
-def test_the_argmax_prompt_round_trips_through_the_tokenizer(backend):
+def test_straight_through_gradient_is_the_reference_formula_hand_computed():
+    # Two slots over three tokens of two dimensions; slot 0 draws token 1, slot 1 token 2.
+    table = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, -1.0]])  # (V, D)
+    probabilities = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
+    one_hot = StraightThroughToken.apply(probabilities, torch.tensor([1, 2]))
+    embeddings = one_hot @ table  # the drawn tokens' own rows
+    weights = torch.tensor([[0.5, -0.25], [2.0, 1.0]])  # loss = sum(weights * embeddings)
+    (weights * embeddings).sum().backward()
+    # d loss / d one-hot = weights @ table^T = [[0.5, -0.5, 1.75], [2, 2, 5]], then hardtanh.
+    assert torch.equal(embeddings, torch.tensor([[0.0, 2.0], [3.0, -1.0]]))
+    assert torch.equal(probabilities.grad, torch.tensor([[0.5, -0.5, 1.0], [1.0, 1.0, 1.0]]))
+
+
+def text_encoder_inputs(backend, relaxation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids the text encoder got in one attack_loss, and the embeddings its embedding layer
+    passed on (token + position embeddings, after the soft prefix was put in)."""
+    target = AttackTarget(backend, backend.unet, "nudity", FakeJudge(), [])
+    soft = SoftPrompt(backend, 3, relaxation)
+    seen = {}
+
+    def keep(module, args, kwargs, output):
+        seen["ids"], seen["embeddings"] = kwargs.get("input_ids", args[0] if args else None), output
+
+    embeddings_layer = backend.pipe.text_encoder.get_submodule("embeddings")
+    handle = embeddings_layer.register_forward_hook(keep, with_kwargs=True)
+    ids = prefixed_ids(soft.tokenizer, "a nude person", 3)
+    latent = torch.randn(1, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        attack_loss(target, soft, ids, latent, 500, torch.Generator().manual_seed(1))
+    finally:
+        handle.remove()
+    return seen["ids"], seen["embeddings"].detach()
+
+
+def test_sample_mode_feeds_the_text_encoder_real_token_embeddings(backend):
+    ids, embeddings = text_encoder_inputs(backend, "sample")
+    tokenizer = backend.pipe.tokenizer
+    assert (ids[0, 1:4] != tokenizer.bos_token_id).any()  # drawn tokens fill the slots
+    with torch.no_grad():  # what the embedding layer gives for these ids, no prefix put in
+        plain = backend.pipe.text_encoder.get_submodule("embeddings")(input_ids=ids)
+    assert torch.equal(embeddings, plain)
+
+
+def test_mixture_mode_feeds_the_mean_embedding_which_is_no_token(backend):
+    ids, embeddings = text_encoder_inputs(backend, "mixture")
+    with torch.no_grad():
+        plain = backend.pipe.text_encoder.get_submodule("embeddings")(input_ids=ids)
+    assert not torch.allclose(embeddings[0, 1:4], plain[0, 1:4])
+    assert torch.equal(embeddings[0, 4:], plain[0, 4:])  # the prompt itself is untouched
+
+
+def test_the_search_covers_the_whole_vocabulary(backend):
     soft = SoftPrompt(backend, 3)
-    tokenizer = soft.tokenizer
-    for seed in range(5):  # random argmax choices over the word vocabulary
-        with torch.no_grad():
-            soft.probabilities.copy_(
-                torch.rand(soft.probabilities.shape, generator=torch.Generator().manual_seed(seed))
-            )
-        text = soft.text("a nude person")
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        words = tokenizer("a nude person", add_special_tokens=False).input_ids
-        assert ids == soft.argmax_ids() + words
+    vocabulary = backend.pipe.tokenizer.get_vocab()
+    assert soft.probabilities.shape == (3, len(vocabulary))
+    assert any(not token.endswith("</w>") for token in vocabulary)  # sub-word pieces are in it
+
+
+def test_generating_from_the_recorded_ids_equals_the_attack_image(backend, monkeypatch):
+    vocabulary = backend.pipe.tokenizer.get_vocab()
+    pieces = [vocabulary["n"], vocabulary["u"], vocabulary["e</w>"]]  # sub-word pieces
+    monkeypatch.setattr(SoftPrompt, "argmax_ids", lambda self: pieces)
+    target = AttackTarget(backend, backend.unet, "nudity", FakeJudge([True]), [])
+    record = {"prompt": "a nude person", "row": 0, "seed": 5, "guidance_scale": 3.0}
+    generation = GenerationConfig(model="tiny", num_steps=2)
+    latent = torch.randn(1, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    found, image = attack_prompt(target, record, latent, Config(k=3, iterations=1), generation)
+    tokenizer = backend.pipe.tokenizer
+    assert found["adversarial_token_ids"][:3] == pieces and found["success"]
+    retokenized = tokenizer(found["adversarial_prompt"], add_special_tokens=False).input_ids
+    assert retokenized != found["adversarial_token_ids"]  # the text alone would not reproduce it
+    assert torch.equal(generate_from_ids(backend, backend.unet, found, generation), image)
+
+
+def test_relaxation_reaches_the_attack_config_and_an_unknown_one_is_an_error():
+    from eval.attacks.config import attack_settings
+
+    settings = attack_settings("nudity", "unlearndiffatk", model="m", relaxation="mixture")
+    assert settings.configs["unlearndiffatk"].relaxation == "mixture"
+    assert Config().relaxation == "sample"  # the reference's by default
+    with pytest.raises(EraseError, match="Unknown relaxation 'soft'"):
+        attack_settings("nudity", "unlearndiffatk", model="m", relaxation="soft")
 
 
 def test_the_prefix_slots_follow_the_start_token(backend):

@@ -13,7 +13,7 @@ import sys
 
 from erase.cli.args import OneLineParser, add_generation_batch, positive, seed
 from erase.errors import EraseError
-from eval.attacks.config import ATTACK_NAMES, default_output, parse_attacks
+from eval.attacks.config import ATTACK_NAMES, RELAXATIONS, default_output, parse_attacks
 
 
 def attack_list(text: str) -> list[str]:
@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     udiff.add_argument("--attack-lr", type=positive(float), default=0.01, help="Adam learning rate")
     udiff.add_argument("--attack-weight-decay", type=float, default=0.1, help="Adam weight decay")
+    udiff.add_argument(
+        "--relaxation",
+        choices=RELAXATIONS,
+        default="sample",
+        help="sample: one real token per slot drawn each iteration, straight-through gradient "
+        "(the reference's); mixture: the probability-weighted mean of the token embeddings",
+    )
 
     relearn = parser.add_argument_group("relearn")
     relearn.add_argument(

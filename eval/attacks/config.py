@@ -11,6 +11,7 @@ from erase.errors import EraseError
 
 # The registry's names (eval.attacks.ATTACKS), repeated here so --help needs no heavy import.
 ATTACK_NAMES = ("unlearndiffatk", "relearn", "prompts")
+RELAXATIONS = ("sample", "mixture")  # unlearndiffatk's --relaxation, the reference's first
 
 # The run's own settings (AttackSettings' fields) and each attack's flags, by flag name: the
 # attack and the field of its Config the flag sets (--seed sets every attack's seed as well).
@@ -35,6 +36,7 @@ ATTACK_FLAGS = {
     "blocks": ("unlearndiffatk", "blocks"),
     "attack_lr": ("unlearndiffatk", "lr"),
     "attack_weight_decay": ("unlearndiffatk", "weight_decay"),
+    "relaxation": ("unlearndiffatk", "relaxation"),
     "relearn_data": ("relearn", "data"),
     "relearn_steps": ("relearn", "checkpoints"),
     "relearn_lr": ("relearn", "lr"),
