@@ -233,8 +233,11 @@ def test_attack_folder_resumes_and_skips_finished_prompts(
     assert calls == [1, 1]  # other settings: attacked again
 
 
-def test_registry_and_cli_list_the_same_attacks():
+def test_registry_and_cli_list_the_same_attacks_and_relaxations():
+    from eval.attacks import config
+
     assert tuple(ATTACKS) == ATTACK_NAMES
+    assert config.RELAXATIONS == unlearndiffatk.RELAXATIONS
     with pytest.raises(EraseError, match="Unknown attack"):
         get_attack("gcg")
 

@@ -9,9 +9,10 @@ import os
 from erase.config import check_known
 from erase.errors import EraseError
 
-# The registry's names (eval.attacks.ATTACKS), repeated here so --help needs no heavy import.
+# The registry's names (eval.attacks.ATTACKS) and unlearndiffatk's relaxations
+# (eval.attacks.unlearndiffatk.RELAXATIONS), repeated here so --help needs no heavy import.
 ATTACK_NAMES = ("unlearndiffatk", "relearn", "prompts")
-RELAXATIONS = ("sample", "mixture")  # unlearndiffatk's --relaxation, the reference's first
+RELAXATIONS = ("sample", "mixture")
 
 # The run's own settings (AttackSettings' fields) and each attack's flags, by flag name: the
 # attack and the field of its Config the flag sets (--seed sets every attack's seed as well).
