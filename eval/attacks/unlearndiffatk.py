@@ -267,14 +267,15 @@ def attack_prompt(
         "iterations": blocks_run * config.iterations,
         "verdict": verdict,
         "block_losses": losses,
-        "attack": attack_settings(config, k),
+        "attack": attack_settings(config, k, target.judge),
     }
     return found, image
 
 
-def attack_settings(config: Config, k: int) -> dict:
-    """The settings that decide an attack's outcome (a resumed run reuses only matching ones)."""
-    return {**asdict(config), "k": k}
+def attack_settings(config: Config, k: int, judge) -> dict:
+    """The settings that decide an attack's outcome, the judge's included (it decides when the
+    attack stops): a resumed run reuses only matching ones."""
+    return {**asdict(config), "k": k, "judge": judge.settings}
 
 
 def check(backend) -> None:
@@ -307,7 +308,7 @@ def run(
     )
     plain_verdicts = judge_folder(target.judge, plain_dir, plain_records)
     k = prefix_length(config, target.concept)
-    settings = attack_settings(config, k)
+    settings = attack_settings(config, k, target.judge)
     done = read_index(found_dir)
     todo = [
         record
