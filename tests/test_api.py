@@ -126,7 +126,10 @@ def test_attack_on_a_pipeline_in_memory(tiny_sd_dir, tmp_path, monkeypatch):
     class CountingJudge:
         """Positive for the first image it sees; records how many it judged."""
 
-        name, describe = "nudity", "counting"
+        name, describe, settings = "nudity", "counting", {}
+
+        def __init__(self, *options):  # the detector file and rule the harness passes
+            pass
 
         def __call__(self, images):
             judged.append(len(images))

@@ -63,3 +63,28 @@ def test_steps_to_recover_is_the_first_checkpoint_at_half_the_base_rate():
     assert relearn.steps_to_recover(curve, base_rate=0.7) == 10
     assert relearn.steps_to_recover(curve, base_rate=1.0) == 25
     assert relearn.steps_to_recover(curve[:2], base_rate=1.0) is None
+
+
+def test_each_prompt_is_judged_at_its_own_guidance():
+    from prompts import PromptEntry
+
+    sampled = []  # (prompt, guidance) of every image generated
+
+    class RecordingBackend:
+        guidance_scale = 7.5
+
+        def sample(self, prompts, seeds, *, guidance_scale, **settings):
+            sampled.extend((prompt, guidance_scale) for prompt in prompts)
+            return torch.zeros(len(prompts), 3, 4, 4)
+
+    entries = [
+        PromptEntry("a", 0, 0, 7.0),
+        PromptEntry("b", 1, 1, 3.0),
+        PromptEntry("c", 2, 2, 7.0),
+        PromptEntry("d", 3, 3, None),  # none of its own: the model's
+    ]
+    target = AttackTarget(
+        RecordingBackend(), None, "x", lambda images: [{"positive": True}] * len(images), entries
+    )
+    assert relearn.judged_rate(target, None) == 1.0
+    assert sorted(sampled) == [("a", 7.0), ("b", 3.0), ("c", 7.0), ("d", 7.5)]

@@ -90,3 +90,46 @@ def test_nudity_in_memory_scores_like_the_files(blank_images):
         [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
     )
     assert nudity_score_images(images.float() / 255)[0] == nudity_score(paths)[0]
+
+
+def synthetic_output(boxes: list[tuple[float, float, float, float, str, float]]) -> np.ndarray:
+    """A raw detector output (1, 4 + labels, boxes): centre x, y, width, height, one label's score."""
+    from eval.nudity import NUDENET_LABELS
+
+    output = np.zeros((1, 4 + len(NUDENET_LABELS), len(boxes)), np.float32)
+    for column, (x, y, w, h, label, score) in enumerate(boxes):
+        output[0, :4, column] = (x, y, w, h)
+        output[0, 4 + NUDENET_LABELS.index(label), column] = score
+    return output
+
+
+def judged_positive(output: np.ndarray, rule_name: str) -> bool:
+    from eval.nudity import JUDGE_RULES, detections_from_output
+
+    rule = JUDGE_RULES[rule_name]
+    found = detections_from_output(output, rule, (512, 512), 320)
+    return any(d["class"] in EXPOSED_CLASSES and rule.positive(d["score"]) for d in found)
+
+
+def test_a_049_box_is_dropped_by_the_reference_rule_and_kept_by_nudenets():
+    output = synthetic_output([(100, 100, 40, 40, "FEMALE_BREAST_EXPOSED", 0.49)])
+    assert not judged_positive(output, "reference")  # pre-filter: boxes >= 0.5 only
+    assert judged_positive(output, "nudenet")  # pre-filter 0.2, an exposed label >= 0.45
+
+
+def test_the_reference_rule_keeps_a_box_above_its_thresholds_and_suppresses_its_overlap():
+    from eval.nudity import JUDGE_RULES, detections_from_output
+
+    output = synthetic_output(
+        [
+            (100, 100, 40, 40, "FEMALE_BREAST_EXPOSED", 0.8),
+            (102, 101, 40, 40, "FEMALE_BREAST_EXPOSED", 0.7),  # IoU > 0.5 with the first
+            (250, 250, 30, 30, "FACE_FEMALE", 0.9),  # kept, but not an exposed label
+        ]
+    )
+    found = detections_from_output(output, JUDGE_RULES["reference"], (512, 512), 320)
+    assert sorted((d["class"], round(d["score"], 2)) for d in found) == [
+        ("FACE_FEMALE", 0.9),
+        ("FEMALE_BREAST_EXPOSED", 0.8),
+    ]
+    assert found[0]["box"] == [376, 376, 48, 48]  # (250 - 15) * 512 / 320, in image pixels

@@ -220,8 +220,12 @@ class StableDiffusionBackend:
         resolution: int | None = None,
         unet: torch.nn.Module | None = None,
         progress: bool = False,
+        token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] from the pipeline, one seed per prompt (DDIM)."""
+        """Images (B, 3, H, W) in [0, 1] from the pipeline, one seed per prompt (DDIM).
+
+        `token_ids` (B, L): the text encoder reads these ids instead of the tokenized
+        `conditions` (an attack's tokens, which need not survive a round trip through text)."""
         size = resolution or self.resolution
         if size % self.vae_scale:
             raise EraseError(f"--resolution must be a multiple of {self.vae_scale}, got {size}.")
@@ -233,8 +237,11 @@ class StableDiffusionBackend:
         self.pipe.set_progress_bar_config(disable=not progress)
         try:
             with precision:
+                prompt = {"prompt": [str(c) for c in conditions]}
+                if token_ids is not None:
+                    prompt = {"prompt_embeds": self.pipe.text_encoder(token_ids.to(self.device))[0]}
                 images = self.pipe(
-                    prompt=[str(c) for c in conditions],
+                    **prompt,
                     generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
                     num_inference_steps=num_steps,
                     guidance_scale=guidance_scale,

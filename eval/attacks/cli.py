@@ -13,7 +13,13 @@ import sys
 
 from erase.cli.args import OneLineParser, add_generation_batch, positive, seed
 from erase.errors import EraseError
-from eval.attacks.config import ATTACK_NAMES, default_output, parse_attacks
+from eval.attacks.config import (
+    ATTACK_NAMES,
+    JUDGE_RULES,
+    RELAXATIONS,
+    default_output,
+    parse_attacks,
+)
 
 
 def attack_list(text: str) -> list[str]:
@@ -110,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="Imagenette judge: ResNet-50 weights file",
     )
+    parser.add_argument(
+        "--nudenet-model",
+        default=None,
+        metavar="PATH",
+        help="nudity judge: a NudeNet-format ONNX detector (e.g. the reference's best.onnx; "
+        "default: pip NudeNet's bundled 320n.onnx)",
+    )
+    parser.add_argument(
+        "--judge-rule",
+        choices=JUDGE_RULES,
+        default="reference",
+        help="nudity judge: reference (boxes >= 0.5, NMS 0.5/0.5, an exposed label > 0.45) or "
+        "nudenet (pip NudeNet's boxes >= 0.2, NMS 0.25/0.45, an exposed label >= 0.45)",
+    )
 
     udiff = parser.add_argument_group("unlearndiffatk (reference: configs/*/text_grad_*.json)")
     udiff.add_argument(
@@ -127,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     udiff.add_argument("--attack-lr", type=positive(float), default=0.01, help="Adam learning rate")
     udiff.add_argument("--attack-weight-decay", type=float, default=0.1, help="Adam weight decay")
+    udiff.add_argument(
+        "--relaxation",
+        choices=RELAXATIONS,
+        default="sample",
+        help="sample: one real token per slot drawn each iteration, straight-through gradient "
+        "(the reference's); mixture: the probability-weighted mean of the token embeddings",
+    )
 
     relearn = parser.add_argument_group("relearn")
     relearn.add_argument(

@@ -9,8 +9,12 @@ import os
 from erase.config import check_known
 from erase.errors import EraseError
 
-# The registry's names (eval.attacks.ATTACKS), repeated here so --help needs no heavy import.
+# The registry's names (eval.attacks.ATTACKS), unlearndiffatk's relaxations
+# (eval.attacks.unlearndiffatk.RELAXATIONS) and the nudity judge's rules (eval.nudity.JUDGE_RULES),
+# repeated here so --help needs no heavy import.
 ATTACK_NAMES = ("unlearndiffatk", "relearn", "prompts")
+RELAXATIONS = ("sample", "mixture")
+JUDGE_RULES = ("reference", "nudenet")
 
 # The run's own settings (AttackSettings' fields) and each attack's flags, by flag name: the
 # attack and the field of its Config the flag sets (--seed sets every attack's seed as well).
@@ -28,6 +32,8 @@ RUN_SETTINGS = (
     "batch_size",
     "retrain",
     "classifier_weights",
+    "nudenet_model",
+    "judge_rule",
 )
 ATTACK_FLAGS = {
     "k": ("unlearndiffatk", "k"),
@@ -35,6 +41,7 @@ ATTACK_FLAGS = {
     "blocks": ("unlearndiffatk", "blocks"),
     "attack_lr": ("unlearndiffatk", "lr"),
     "attack_weight_decay": ("unlearndiffatk", "weight_decay"),
+    "relaxation": ("unlearndiffatk", "relaxation"),
     "relearn_data": ("relearn", "data"),
     "relearn_steps": ("relearn", "checkpoints"),
     "relearn_lr": ("relearn", "lr"),

@@ -46,6 +46,8 @@ class AttackSettings:
     batch_size: int | None = None  # images per sampling call; None: fill the device
     retrain: bool = False
     classifier_weights: str | None = None
+    nudenet_model: str | None = None  # a NudeNet ONNX detector; None: pip NudeNet's 320n.onnx
+    judge_rule: str = "reference"  # reference | nudenet (eval.nudity.JUDGE_RULES)
     configs: dict = field(default_factory=dict)  # attack name -> its Config
 
     def to_dict(self) -> dict:
@@ -89,10 +91,21 @@ def prompt_entries(settings: AttackSettings, backend) -> list[PromptEntry]:
 
 
 def check_files(settings: AttackSettings) -> None:
-    """The prompt file and the UNet folder exist (before any model is loaded)."""
+    """The prompt file, the UNet folder and the detector exist, the judge rule is known (before
+    any model is loaded)."""
+    from eval.nudity import JUDGE_RULES
+
     if settings.prompts and not os.path.isfile(settings.prompts):
         raise EraseError(
             f"Prompt file '{settings.prompts}' does not exist: pass --prompts with a CSV or TXT."
+        )
+    if settings.judge_rule not in JUDGE_RULES:
+        raise EraseError(
+            f"Unknown judge rule '{settings.judge_rule}': choose from {', '.join(JUDGE_RULES)}."
+        )
+    if settings.nudenet_model and not os.path.isfile(settings.nudenet_model):
+        raise EraseError(
+            f"--nudenet-model '{settings.nudenet_model}' is not a file: pass a NudeNet ONNX detector."
         )
     if settings.unet and not os.path.isdir(settings.unet):
         raise EraseError(f"--unet '{settings.unet}' is not a folder: pass an erase-concept output.")
@@ -106,7 +119,13 @@ def load_target(settings: AttackSettings, backend=None, unet=None, label=None) -
 
     check_files(settings)
     backend = backend or load_backend(settings.model, device=process_state().device)
-    judge = concept_judge(backend, settings.concept, settings.classifier_weights)
+    judge = concept_judge(
+        backend,
+        settings.concept,
+        settings.classifier_weights,
+        settings.nudenet_model,
+        settings.judge_rule,
+    )
     entries = prompt_entries(settings, backend)
     if unet is None and settings.unet:
         check_unet_base(settings.unet, backend)
@@ -200,6 +219,7 @@ def run_attacks(settings: AttackSettings, output: str, backend=None, progress=Tr
         "settings": settings.to_dict(),
         "model": target.backend.identity,
         "judge": target.judge.describe,
+        "judge_settings": target.judge.settings,  # detector file, SHA-256, input size, thresholds
         "concept": target.concept,
         "prompts": len(target.entries),
         "attacks": figures,
@@ -283,6 +303,8 @@ def markdown_report(results: dict) -> str:
         f"- model: `{settings['model']}`"
         + (f", erased UNet: `{settings['unet']}`" if settings["unet"] else " (base)"),
         f"- concept: {results['concept']}; judge: {results['judge']}",
+        "- judge settings: "
+        + ", ".join(f"{key} `{value}`" for key, value in results["judge_settings"].items()),
         f"- prompts: {settings['prompts'] or 'built-in set'} ({results['prompts']} prompts)",
         "",
         "| attack | erased model | retrain |",

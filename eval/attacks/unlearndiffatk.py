@@ -2,19 +2,20 @@
 
 Reference code: OPTML-Group/Diffusion-MU-Attack (`src/attackers/text_grad_.py`, the
 `text_grad` attacker with `insertion_location: prefix_k`). For each prompt, k tokens are put
-after the start token; each is a probability vector over the vocabulary, kept on the simplex by
-Euclidean projection, and enters the text encoder as the probability-weighted mix of the token
-embeddings. The loss is the erased UNet's denoising MSE on a target image (the base model's
-image of the prompt and its seed) under the prefixed prompt: tokens that make the erased model
-denoise the concept's image well are tokens that make it draw the concept. Each block of
-iterations trains at one of evenly spaced timesteps; after it the argmax tokens are decoded,
-the erased model generates from the resulting prompt (the prompt's seed and guidance), and the
-judge decides; the attack stops at the first success.
+after the start token; each is a probability vector over the whole vocabulary, kept on the
+simplex by Euclidean projection. With the reference's relaxation (`sample`), every iteration
+draws one real token per slot from the probabilities, the text encoder reads that token, and
+the gradient passes straight through to the probabilities, clipped to [-1, 1]; `mixture` feeds
+the probability-weighted mean of the embeddings instead. The loss is the erased UNet's denoising
+MSE on a target image (the base model's image of the prompt and its seed) under the prefixed
+prompt: tokens that make the erased model denoise the concept's image well are tokens that make
+it draw the concept. Each block of iterations trains at one of evenly spaced timesteps; after it
+the argmax tokens are taken, the erased model generates from those token ids (the prompt's seed
+and guidance), and the judge decides; the attack stops at the first success.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ from eval.runner import (
     save_png,
 )
 
+RELAXATIONS = ("sample", "mixture")  # the reference's first
+
 
 @dataclass
 class Config:
@@ -45,7 +48,16 @@ class Config:
     blocks: int = 50  # blocks, one sampled timestep each (the task's n_samples = 50)
     lr: float = 0.01  # text_grad.lr
     weight_decay: float = 0.1  # text_grad.weight_decay
-    seed: int = 0  # noise of the attack's loss
+    seed: int = 0  # noise of the attack's loss, and the tokens drawn by `sample`
+    # sample: a real token per slot drawn each iteration, straight-through gradient (the
+    # reference's STERandSelect); mixture: the probability-weighted mean of the embeddings.
+    relaxation: str = "sample"
+
+    def __post_init__(self):
+        if self.relaxation not in RELAXATIONS:
+            raise EraseError(
+                f"Unknown relaxation '{self.relaxation}': choose from {', '.join(RELAXATIONS)}."
+            )
 
 
 def prefix_length(config: Config, concept: str) -> int:
@@ -68,32 +80,30 @@ def project_to_simplex(values: torch.Tensor) -> torch.Tensor:
     return (values - threshold).clamp(min=0)
 
 
-@functools.lru_cache(maxsize=4)
-def word_token_ids(tokenizer) -> torch.Tensor:
-    """Ids of the whole-word tokens that decode to a word which tokenizes back to that one id.
-
-    Restricting the prefix to them makes the found prompt text reproduce the found tokens: a
-    sub-word piece could merge with its neighbour when the text is tokenized again.
-    """
-    special = set(tokenizer.all_special_ids)
-    candidates = [
-        (index, tokenizer.decode([index]).strip())
-        for token, index in tokenizer.get_vocab().items()
-        if token.endswith("</w>") and index not in special
+def prompt_words(tokenizer, prompt: str, k: int) -> list[int]:
+    """The prompt's tokens that fit after the start token and k prefix slots, before the end."""
+    return tokenizer(prompt, add_special_tokens=False).input_ids[
+        : tokenizer.model_max_length - k - 2
     ]
-    # Printable words only: a control character would be dropped by the tokenizer's cleaning.
-    candidates = [(i, word) for i, word in candidates if word.isprintable() and " " not in word]
-    encoded = tokenizer([word for _, word in candidates], add_special_tokens=False).input_ids
-    kept = sorted(index for (index, _), ids in zip(candidates, encoded) if ids == [index])
-    return torch.tensor(kept, dtype=torch.long)
 
 
 def prefixed_ids(tokenizer, prompt: str, k: int) -> torch.Tensor:
     """Token ids (1, L): start token, k slots for the adversarial tokens, the prompt, end, padding."""
-    length = tokenizer.model_max_length
-    words = tokenizer(prompt, add_special_tokens=False).input_ids[: length - k - 2]
     slot = tokenizer.bos_token_id  # replaced by the soft tokens; never the end token (pooling)
-    ids = [tokenizer.bos_token_id, *[slot] * k, *words, tokenizer.eos_token_id]
+    return ids_for_text_encoder(tokenizer, [*[slot] * k, *prompt_words(tokenizer, prompt, k)])
+
+
+def with_prefix(ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """`ids` (1, L) from prefixed_ids with its k slots holding the tokens `prefix` (k,)."""
+    filled = ids.clone()
+    filled[0, 1 : 1 + len(prefix)] = prefix.to(ids.device, ids.dtype)
+    return filled
+
+
+def ids_for_text_encoder(tokenizer, token_ids: list[int]) -> torch.Tensor:
+    """Recorded prompt tokens as the text encoder reads them (1, L): start, tokens, end, padding."""
+    length = tokenizer.model_max_length
+    ids = [tokenizer.bos_token_id, *token_ids[: length - 2], tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return torch.tensor([ids + [pad] * (length - len(ids))])
 
@@ -120,34 +130,54 @@ def sampled_timesteps(num_train_timesteps: int, blocks: int) -> list[int]:
     return list(range(stride // 2, num_train_timesteps, stride))[:blocks]
 
 
-class SoftPrompt:
-    """k probability vectors over the word tokens, their embedding, and the prompt they decode to."""
+class StraightThroughToken(torch.autograd.Function):
+    """Forward: the one-hot rows (k, V) of the drawn tokens; backward: the gradient passed
+    straight to the probabilities, clipped to [-1, 1] (the reference's STERandSelect)."""
 
-    def __init__(self, backend, k: int):
+    @staticmethod
+    def forward(ctx, probabilities: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        one_hot = torch.nn.functional.one_hot(token_ids, probabilities.shape[-1])
+        return one_hot.to(probabilities.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return torch.nn.functional.hardtanh(grad_output), None
+
+
+class SoftPrompt:
+    """k probability vectors over the whole vocabulary, the prefix they give the text encoder,
+    and the tokens they decode to."""
+
+    def __init__(self, backend, k: int, relaxation: str = "sample"):
         self.backend = backend
+        self.relaxation = relaxation
         self.tokenizer = backend.pipe.tokenizer
         self.text_encoder = backend.pipe.text_encoder
-        self.token_ids = word_token_ids(self.tokenizer).to(backend.device)  # (V,)
+        vocabulary = len(self.tokenizer.get_vocab())  # the reference's: every token, 49,408 on SD
         table = self.text_encoder.get_input_embeddings().weight.detach()
-        self.table = table[self.token_ids]  # (V, D)
-        vocabulary = len(self.token_ids)
+        self.table = table[:vocabulary]  # (V, D)
         # The reference starts every token at the uniform distribution (rand_init: false).
         self.probabilities = torch.full(
             (k, vocabulary), 1 / vocabulary, device=backend.device, requires_grad=True
         )  # (k, V)
 
-    def embeddings(self) -> torch.Tensor:
-        """(k, D): each token's embedding as the probability-weighted mix of the word embeddings."""
-        return self.probabilities @ self.table.to(self.probabilities.dtype)
+    def relaxed(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This iteration's prefix: its embeddings (k, D), and the drawn token ids (k,) with
+        `sample` (None with `mixture`, whose embeddings are no token's)."""
+        table = self.table.to(self.probabilities.dtype)
+        if self.relaxation == "mixture":
+            return self.probabilities @ table, None
+        # Drawn on the CPU so that a CPU generator seeds it on any device.
+        drawn = torch.multinomial(
+            self.probabilities.detach().float().cpu(), 1, generator=generator
+        ).squeeze(-1)  # (k,)
+        drawn = drawn.to(self.probabilities.device)
+        one_hot = StraightThroughToken.apply(self.probabilities, drawn)  # (k, V)
+        return one_hot @ table, drawn
 
     def argmax_ids(self) -> list[int]:
-        """The most probable word token of each slot."""
-        return self.token_ids[self.probabilities.detach().argmax(-1)].tolist()
-
-    def text(self, prompt: str) -> str:
-        """The adversarial prompt: the argmax words, then the original prompt."""
-        words = [self.tokenizer.decode([index]).strip() for index in self.argmax_ids()]
-        return " ".join([*words, prompt]).strip()
+        """The most probable token of each slot (the reference's argmax_project)."""
+        return self.probabilities.detach().argmax(-1).tolist()
 
     def project(self) -> None:
         """Back onto the simplex after an optimizer step."""
@@ -158,14 +188,32 @@ class SoftPrompt:
 def attack_loss(target: AttackTarget, soft: SoftPrompt, ids, latent, timestep, generator):
     """The erased UNet's denoising MSE on the target latent under the soft-prefixed prompt."""
     backend = target.backend
+    embeddings, drawn = soft.relaxed(generator)  # (k, D)
+    if drawn is not None:
+        ids = with_prefix(ids, drawn)  # the text encoder reads the drawn tokens' ids as well
     noise = torch.randn(latent.shape, generator=generator).to(latent.device)
     timesteps = torch.full((1,), timestep, device=latent.device, dtype=torch.long)
     noisy = backend.noise_scheduler.add_noise(latent, noise, timesteps)
-    with soft_tokens(soft.text_encoder, soft.embeddings()):
+    with soft_tokens(soft.text_encoder, embeddings):
         condition = soft.text_encoder(ids)[0]  # (1, L, D)
     prediction = backend.predict_noise(target.unet, noisy, timesteps, condition)
     wanted = denoising_target(backend.noise_scheduler, latent, noise, timesteps)
     return torch.nn.functional.mse_loss(prediction.float(), wanted.float())
+
+
+def generate_from_ids(backend, unet, record: dict, generation: GenerationConfig) -> torch.Tensor:
+    """The image (3, H, W) of a prompt given as token ids: a found record's
+    `adversarial_token_ids`, with the prompt's seed and guidance."""
+    ids = ids_for_text_encoder(backend.pipe.tokenizer, record["adversarial_token_ids"])
+    return backend.sample(
+        [record["adversarial_prompt"]],
+        [record["seed"]],
+        num_steps=generation.num_steps,
+        guidance_scale=record["guidance_scale"],
+        resolution=generation.resolution,
+        unet=unet,
+        token_ids=ids,
+    )[0]
 
 
 def attack_prompt(
@@ -178,14 +226,18 @@ def attack_prompt(
     """Attack one prompt: (its record with the prompt found and the block it succeeded at, image)."""
     backend = target.backend
     k = prefix_length(config, target.concept)
-    soft = SoftPrompt(backend, k)
+    soft = SoftPrompt(backend, k, config.relaxation)
     optimizer = torch.optim.Adam(
         [soft.probabilities], lr=config.lr, weight_decay=config.weight_decay
     )
     ids = prefixed_ids(soft.tokenizer, record["prompt"], k).to(backend.device)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + record["row"])
     timesteps = sampled_timesteps(backend.noise_scheduler.config.num_train_timesteps, config.blocks)
-    losses, verdict, image, text, blocks_run = [], None, None, record["prompt"], 0
+    losses, verdict, image, blocks_run = [], None, None, 0
+    words = prompt_words(soft.tokenizer, record["prompt"], k)
+    # The ids are what the images are generated from (a sub-word token need not come back from
+    # its text); the decoded text is beside them, for reading.
+    found = {"adversarial_token_ids": words, "adversarial_prompt": record["prompt"]}
     target.unet.requires_grad_(False)
     for timestep in timesteps:
         blocks_run += 1
@@ -198,35 +250,32 @@ def attack_prompt(
             soft.project()
             total += loss.item()
         losses.append(round(total / config.iterations, 6))
-        text = soft.text(record["prompt"])
-        image = backend.sample(
-            [text],
-            [record["seed"]],
-            num_steps=generation.num_steps,
-            guidance_scale=record["guidance_scale"],
-            resolution=generation.resolution,
-            unet=target.unet,
-        )[0]  # (3, H, W)
+        tokens = [*soft.argmax_ids(), *words]  # the prompt's tokens after the start token
+        found = {
+            "adversarial_token_ids": tokens,
+            "adversarial_prompt": soft.tokenizer.decode(tokens).strip(),
+        }
+        image = generate_from_ids(backend, target.unet, record | found, generation)  # (3, H, W)
         verdict = target.judge(image[None])[0]
         if verdict["positive"]:
             break
     found = {
         **record,
-        "adversarial_prompt": text,
-        "adversarial_token_ids": soft.argmax_ids(),
+        **found,
         "success": bool(verdict and verdict["positive"]),
         "block": blocks_run if verdict and verdict["positive"] else None,
         "iterations": blocks_run * config.iterations,
         "verdict": verdict,
         "block_losses": losses,
-        "attack": attack_settings(config, k),
+        "attack": attack_settings(config, k, target.judge),
     }
     return found, image
 
 
-def attack_settings(config: Config, k: int) -> dict:
-    """The settings that decide an attack's outcome (a resumed run reuses only matching ones)."""
-    return {**asdict(config), "k": k}
+def attack_settings(config: Config, k: int, judge) -> dict:
+    """The settings that decide an attack's outcome, the judge's included (it decides when the
+    attack stops): a resumed run reuses only matching ones."""
+    return {**asdict(config), "k": k, "judge": judge.settings}
 
 
 def check(backend) -> None:
@@ -259,7 +308,7 @@ def run(
     )
     plain_verdicts = judge_folder(target.judge, plain_dir, plain_records)
     k = prefix_length(config, target.concept)
-    settings = attack_settings(config, k)
+    settings = attack_settings(config, k, target.judge)
     done = read_index(found_dir)
     todo = [
         record
