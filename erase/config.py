@@ -113,17 +113,22 @@ def check_values(
             raise EraseError(f"{flag} must be one of {', '.join(choices[name])}, got {value!r}.")
 
 
-def method_setting_names() -> list[str]:
-    """Every field of every registered method's Config (the `method_config` keys)."""
-    from erase.methods import METHODS
-
+def setting_names(registry: dict[str, type]) -> list[str]:
+    """Every field of the Configs of a registry's classes, each name once."""
     return list(
         dict.fromkeys(
             config_field.name
-            for method_class in METHODS.values()
-            for config_field in dataclasses.fields(method_class.Config)
+            for registered in registry.values()
+            for config_field in dataclasses.fields(registered.Config)
         )
     )
+
+
+def method_setting_names() -> list[str]:
+    """Every registered method's settings (the `method_config` keys)."""
+    from erase.methods import METHODS
+
+    return setting_names(METHODS)
 
 
 # The settings of an erasure that must be above 0 when given, and those with a fixed set of values
@@ -141,10 +146,10 @@ ERASURE_CHOICES = {
 
 
 def harden_setting_names() -> list[str]:
-    """Every field of every registered hardening technique's Config (the `harden_config` keys)."""
-    from erase.harden import harden_setting_names as names
+    """Every registered hardening technique's settings (the `harden_config` keys)."""
+    from erase.harden import TECHNIQUES
 
-    return names()
+    return setting_names(TECHNIQUES)
 
 
 @dataclass

@@ -79,17 +79,6 @@ def check_harden(technique: str | None, settings: dict, method_class: type) -> N
     technique_class.check(technique_config(technique_class, settings))
 
 
-def harden_setting_names() -> list[str]:
-    """Every field of every registered technique's Config (the `harden_config` keys)."""
-    return list(
-        dict.fromkeys(
-            config_field.name
-            for technique_class in TECHNIQUES.values()
-            for config_field in dataclasses.fields(technique_class.Config)
-        )
-    )
-
-
 @dataclass
 class Entry:
     """The entries of one parameter that may move: the mask's, or the whole parameter (None)."""
