@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from erase.cli.args import OneLineParser, add_generation_batch, positive, seed
+from erase.cli.args import OneLineParser, add_generation_batch, positive, run_command, seed
 from erase.errors import EraseError
 from eval.attacks.config import (
     ATTACK_NAMES,
@@ -216,25 +216,17 @@ def summary_lines(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of erase-attack; user errors are one stderr line and exit code 2."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error already printed on one line
-        return int(exit_request.code or 0)
-    try:
+
+    def work(args: argparse.Namespace) -> None:
         from eval.attacks.harness import run_attacks
 
         settings = settings_from_args(args)
-        results = run_attacks(
-            settings,
-            args.output or default_output(settings),
-            progress=not args.no_progress,
-        )
-    except EraseError as error:
-        print(f"erase-attack: error: {error}", file=sys.stderr)
-        return 2
-    if results is not None:
-        print("\n".join(summary_lines(results)))
-    return 0
+        output = args.output or default_output(settings)
+        results = run_attacks(settings, output, progress=not args.no_progress)
+        if results is not None:
+            print("\n".join(summary_lines(results)))
+
+    return run_command(build_parser(), argv, work)
 
 
 if __name__ == "__main__":
