@@ -48,6 +48,13 @@ def config_to_dict(config) -> dict[str, Any]:
     return json_ready(config if isinstance(config, dict) else dataclasses.asdict(config))
 
 
+def fields_from(source, target_class: type[Config], **overrides) -> Config:
+    """A `target_class` (a part's config: training, data, generation) made of the run config's
+    same-named settings, then `overrides`; its other fields keep their defaults."""
+    names = [f.name for f in dataclasses.fields(target_class) if hasattr(source, f.name)]
+    return target_class(**{**{name: getattr(source, name) for name in names}, **overrides})
+
+
 def json_ready(value):
     """Tuples as lists, recursively: what a JSON round trip gives back."""
     if isinstance(value, dict):

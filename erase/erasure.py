@@ -27,7 +27,7 @@ from erase.artifact import (
 from erase.card import write_model_card
 from erase.checkpoint import check_resume, file_digest, record_settings
 from erase.concepts import Concept, resolve_concept, slug, union
-from erase.config import ErasureConfig
+from erase.config import ErasureConfig, fields_from
 from erase.data import (
     ConceptData,
     DataConfig,
@@ -66,18 +66,8 @@ def resolve_settings(
 ):
     """TrainConfig and the method's Config: the run's settings first, then the method's
     reference defaults for this backend and concept (its `defaults`)."""
-    train_config = TrainConfig(
-        lr=config.lr,
-        steps=config.steps,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        micro_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        max_grad_norm=config.max_grad_norm,
-        gradient_checkpointing=not config.no_gradient_checkpointing,
-        seed=config.seed,
-        checkpoint_every=config.checkpoint_every,
+    train_config = fields_from(
+        config, TrainConfig, gradient_checkpointing=not config.no_gradient_checkpointing
     )
     for name in ("lr", "batch_size", "max_grad_norm", "optimizer", "weight_decay"):
         if getattr(train_config, name) is None:
@@ -173,12 +163,7 @@ def run_erasure(
     check_arguments(config)
     # The accelerate state comes first: the lock and the output's cleanup ask it which process
     # is the main one (several CPU processes are known only to the accelerator made here).
-    accelerator = make_accelerator(
-        TrainConfig(
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-        )
-    )
+    accelerator = make_accelerator(fields_from(config, TrainConfig))
     with output_lock(output):
         return erase_into(output, config, accelerator, backend, on_phase, evaluations)
 
@@ -408,18 +393,7 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
 
 def data_phase(plan: Plan, config: ErasureConfig, accelerator):
     """The forget and retain sets, and their latents: (data config, data, forget, retain)."""
-    data_config = DataConfig(
-        num_forget=config.num_forget,
-        num_retain=config.num_retain,
-        resolution=config.resolution,
-        gen_steps=config.gen_steps,
-        guidance_scale=config.guidance_scale,
-        gen_batch_size=config.gen_batch_size,
-        seed=config.seed,
-        cache_dir=config.cache_dir,
-        concept_images=config.concept_images,
-        retain_images=config.retain_images,
-    )
+    data_config = fields_from(config, DataConfig)
     backend = plan.backend
     needs_images = plan.method.needs_images or (plan.harden and plan.harden.needs_images)
     if not needs_images:  # ESD samples its own x_t: only shapes and conditions count

@@ -10,7 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from erase.config import check_values, config_from_dict, config_to_dict
+from erase.config import check_values, config_from_dict, config_to_dict, fields_from
 from erase.errors import EraseError
 from prompts import (
     PromptEntry,
@@ -219,16 +219,7 @@ def generate_and_score(output, image_dir, config, entries, state, metric_config,
         score_metrics,
     )
 
-    generation = GenerationConfig(
-        model=config.model,
-        unet=config.unet,
-        num_steps=config.num_steps,
-        guidance_scale=config.guidance_scale,
-        resolution=config.resolution,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        images_per_prompt=config.images_per_prompt,
-    )
+    generation = fields_from(config, GenerationConfig)
     metric_config = metric_config or MetricConfig()
     metric_config.nudity_threshold = config.nudity_threshold
     metric_config.reference = config.reference
