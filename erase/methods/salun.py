@@ -190,12 +190,7 @@ class SalUn:
             backend, retain, generator, antithetic
         )
         retain_cond = dropped_to_null(backend, backend.encode(retain.conditions), drop, generator)
-        _, forget_timesteps, forget_noisy = noised(backend, forget, generator, antithetic)
-        remap = remap_conditions(self.concept, forget.conditions, generator)
-        with torch.no_grad():
-            remap_cond = dropped_to_null(backend, backend.encode(remap), drop, generator)
-            target = backend.predict_noise(unet, forget_noisy, forget_timesteps, remap_cond)
-        forget_cond = dropped_to_null(backend, backend.encode(forget.conditions), drop, generator)
+        forget_noisy, forget_timesteps, target, forget_cond = self.remapped(unet, forget, generator)
         prediction = backend.predict_noise(
             unet,
             torch.cat([forget_noisy, retain_noisy]),
@@ -215,6 +210,14 @@ class SalUn:
     def forget_loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
         """The forget remapping term alone (retain batch unused): MSE between eps(x_t, c_forget)
         and the stop-gradient eps(x_t, c_remap)."""
+        noisy, timesteps, target, forget_cond = self.remapped(unet, forget, generator)
+        prediction = self.backend.predict_noise(unet, noisy, timesteps, forget_cond)
+        forget_loss = squared_error(prediction, target, "mean")
+        return forget_loss, {"forget": forget_loss.item()}
+
+    def remapped(self, unet, forget: Batch, generator: torch.Generator):
+        """The forget batch noised, and what it is pushed to: (x_t, t, the stop-gradient
+        eps(x_t, c_remap), c_forget), drawn in the order both losses draw them."""
         backend, config = self.backend, self.config
         drop, antithetic = config.cond_drop or 0.0, bool(config.antithetic)
         _, timesteps, noisy = noised(backend, forget, generator, antithetic)
@@ -223,6 +226,4 @@ class SalUn:
             remap_cond = dropped_to_null(backend, backend.encode(remap), drop, generator)
             target = backend.predict_noise(unet, noisy, timesteps, remap_cond)
         forget_cond = dropped_to_null(backend, backend.encode(forget.conditions), drop, generator)
-        prediction = backend.predict_noise(unet, noisy, timesteps, forget_cond)
-        forget_loss = squared_error(prediction, target, "mean")
-        return forget_loss, {"forget": forget_loss.item()}
+        return noisy, timesteps, target, forget_cond
