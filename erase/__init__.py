@@ -4,7 +4,14 @@ import erase
 result = erase.erase_concept("sd-v1-4", "nudity", output="outputs/no-nudity")
 """
 
+import logging
+
 from erase.errors import EraseError
+
+# diffusers imports bitsandbytes wherever it is installed (erase's 8-bit Adam needs it), and its
+# CPU backend logs a warning about an optional 4-bit kernel erase never uses: keep it off stderr,
+# where every command promises one line per error.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
