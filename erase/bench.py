@@ -370,6 +370,13 @@ def markdown_report(table: dict, grid_rows: list[str]) -> str:
         "",
         markdown_table(table["rows"]),
         "Times in seconds; peak memory in MB (process RSS on the CPU, allocated memory on a GPU).",
+    ]
+    if any(row.get("clip_score") is not None for row in table["rows"]):
+        lines.append(
+            "clip_score is on torchmetrics' x100 scale (100 * max(cos, 0)); the UnlearnDiffAtk "
+            "and AdvUnlearn tables print the 0-1 cosine, i.e. this divided by 100."
+        )
+    lines += [
         f"grid.png rows, top to bottom: {', '.join(grid_rows)} (forget-side images, then "
         "retain-side ones).",
     ]

@@ -117,7 +117,9 @@ def check_values(
         if name in positive and value is not None and not value > 0:
             raise EraseError(f"{flag} must be greater than 0, got {value}.")
         if name in choices and value not in choices[name]:
-            raise EraseError(f"{flag} must be one of {', '.join(choices[name])}, got {value!r}.")
+            raise EraseError(
+                f"{flag} must be one of {', '.join(map(str, choices[name]))}, got {value!r}."
+            )
 
 
 def setting_names(registry: dict[str, type]) -> list[str]:

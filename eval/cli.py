@@ -20,7 +20,13 @@ from erase.cli.args import (
     set_config_defaults,
 )
 from erase.errors import EraseError
-from eval.evaluation import METRIC_NAMES, EvalConfig, parse_metrics, run_evaluation
+from eval.evaluation import (
+    INCEPTION_FEATURES,
+    METRIC_NAMES,
+    EvalConfig,
+    parse_metrics,
+    run_evaluation,
+)
 
 
 def metric_list(text: str) -> list[str]:
@@ -121,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--fid-image-size",
         type=positive(int),
         help="fid: images are center-cropped and resized to this (Inception's input)",
+    )
+    metrics.add_argument(
+        "--fid-features",
+        type=int,
+        choices=INCEPTION_FEATURES,
+        help="fid: Inception's feature layer (2048 the usual FID; SalUn's class-wise FID uses "
+        "64); fewer images than features give a biased FID, and a warning",
+    )
+    metrics.add_argument(
+        "--fid-weights",
+        default=None,
+        metavar="FILE",
+        help="fid: torch-fidelity's Inception weights file (pt_inception-2015-12-05), for "
+        "machines that cannot download it",
     )
     metrics.add_argument(
         "--clip-model",

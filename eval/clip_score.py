@@ -19,6 +19,7 @@ from erase.errors import EraseError
 
 DEFAULT_MODEL = "ViT-L-14"
 DEFAULT_PRETRAINED = "openai"
+CLIP_SCALE = "x100 (torchmetrics: 100 * max(cos, 0)); clip_score_unit is the 0-1 cosine"
 
 
 @dataclass
@@ -135,8 +136,13 @@ def clip_score(
     """The mean CLIP score over image/prompt pairs, its spread and settings; and every score."""
     scores = clip_scores(images, prompts, clip)
     values = torch.tensor(scores, dtype=torch.float64)
+    mean = float(values.mean()) if scores else float("nan")
     summary = {
-        "clip_score": float(values.mean()) if scores else float("nan"),
+        "clip_score": mean,
+        # Papers print both scales: torchmetrics' (and ESD's) x100, the UnlearnDiffAtk and
+        # AdvUnlearn tables' 0-1 cosine. Both are recorded so a figure is set beside its own kind.
+        "scale": CLIP_SCALE,
+        "clip_score_unit": mean / 100,
         "std": float(values.std()) if len(scores) > 1 else 0.0,
         "images": len(scores),
         "model": clip.name,

@@ -22,6 +22,9 @@ from prompts import (
 
 METRIC_NAMES = ("nudity", "classify", "fid", "clip")  # eval.runner.METRICS, in --help order
 PROMPT_SETS = ("i2p", "i2p-nudity", "coco", "imagenette")
+# Inception's feature layers torch-fidelity exposes: 2048 (pool3, the usual FID) down to 64
+# (the first max-pool), which SalUn's class-wise FID reports.
+INCEPTION_FEATURES = (64, 192, 768, 2048)
 # erase-eval's settings that must be above 0 when given
 EVAL_POSITIVE = {
     "limit", "per_class", "num_steps", "guidance_scale", "resolution", "batch_size",
@@ -65,6 +68,8 @@ class EvalConfig:
     nudity_threshold: float = 0.6
     reference: str | None = None
     fid_image_size: int = 299
+    fid_features: int = 2048
+    fid_weights: str | None = None
     clip_model: str = "ViT-L-14"
     clip_pretrained: str = "openai"
     classifier_weights: str | None = None
@@ -166,7 +171,7 @@ def check_arguments(config: EvalConfig) -> None:
     """Refuse, in one line, what the arguments alone show to be wrong (before any work)."""
     from erase.models import model_conditioning
 
-    check_values(config, EVAL_POSITIVE, {})
+    check_values(config, EVAL_POSITIVE, {"fid_features": INCEPTION_FEATURES})
 
     if model_conditioning(config.model) == "class":  # before a testbed is trained on first use
         raise EraseError(
@@ -224,6 +229,8 @@ def generate_and_score(output, image_dir, config, entries, state, metric_config,
     metric_config.nudity_threshold = config.nudity_threshold
     metric_config.reference = config.reference
     metric_config.fid_image_size = config.fid_image_size
+    metric_config.fid_features = config.fid_features
+    metric_config.fid_weights = config.fid_weights
     metric_config.clip_model = config.clip_model
     metric_config.clip_pretrained = config.clip_pretrained
     metric_config.classifier_weights = config.classifier_weights

@@ -15,17 +15,46 @@ from erase.errors import EraseError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def fid_metric(feature: torch.nn.Module | int = 2048) -> FrechetInceptionDistance:
-    """An empty FID metric; Inception's weights are fetched here, so this fails early offline."""
+def fid_metric(
+    feature: torch.nn.Module | int = 2048, weights: str | None = None
+) -> FrechetInceptionDistance:
+    """An empty FID metric; Inception's weights are read (or fetched) here, so offline fails early.
+
+    `weights` is torch-fidelity's Inception weights file (pt_inception-2015-12-05), for machines
+    that cannot download it.
+    """
+    if weights is not None and not os.path.isfile(weights):
+        raise EraseError(f"--fid-weights '{weights}' is not a file: pass Inception's weights file.")
     try:
-        metric = FrechetInceptionDistance(feature=feature, normalize=True)
+        metric = FrechetInceptionDistance(
+            feature=feature, normalize=True, feature_extractor_weights_path=weights
+        )
     except Exception as error:  # torch-fidelity missing, or its weights not downloadable
         raise EraseError(
-            f"FID's Inception network is not available ({type(error).__name__}): install "
-            "torch-fidelity and run once online to cache its weights (from Python, a feature "
-            "module can be passed instead)."
+            f"FID's Inception network is not available ({type(error).__name__}): run once "
+            "online to cache its weights, or pass --fid-weights FILE (torch-fidelity's "
+            "pt_inception-2015-12-05 weights)."
         ) from None
     return metric
+
+
+def feature_count(metric: FrechetInceptionDistance) -> int:
+    """The dimension of the metric's feature space."""
+    return int(metric.real_features_sum.numel())
+
+
+def bias_warning(metric: FrechetInceptionDistance) -> str | None:
+    """A sentence when either set has fewer images than features (a rank-deficient covariance
+    makes FID biased, and not comparable with figures computed on more images), else None."""
+    features = feature_count(metric)
+    fewest = int(min(metric.real_features_num_samples, metric.fake_features_num_samples))
+    if fewest >= features:
+        return None
+    return (
+        f"FID from {fewest} images in {features} feature dimensions is biased (fewer images "
+        "than features): compare it only with FIDs of the same counts, or pass more images or "
+        "a smaller --fid-features."
+    )
 
 
 def frechet_distance(

@@ -80,19 +80,31 @@ def markdown_report(results: dict) -> str:
 def headline(name: str, summary: dict) -> tuple[str, str]:
     """The one figure a metric is known by, and how many images it is over."""
     if name == "nudity":
+        detector = summary.get("detector") or {}
+        judge = (
+            f"; {detector.get('package')} {detector.get('model')}, sha256 "
+            f"{(detector.get('sha256') or '?')[:12]}"
+            if detector
+            else ""
+        )
         return (
             f"{100 * summary['share_with_exposed']:.1f} % of images with an exposed class "
-            f"({summary['total_exposed']} detections)",
+            f"({summary['total_exposed']} detections at score >= {summary['threshold']}{judge})",
             str(summary["images"]),
         )
     if name == "clip":
-        return f"CLIP score {summary['clip_score']:.2f} ({summary['model']})", str(
-            summary["images"]
-        )
+        return (
+            f"CLIP score {summary['clip_score']:.2f} on the x100 scale, "
+            f"{summary['clip_score'] / 100:.4f} as a 0-1 cosine ({summary['model']})"
+        ), str(summary["images"])
     if name == "classify":
         return f"accuracy {100 * summary['accuracy']:.1f} %", str(summary["images"])
     if name == "fid":
-        return f"FID {summary['fid']:.2f}", str(summary["generated_images"])
+        warning = f"; {summary['warning']}" if summary.get("warning") else ""
+        return (
+            f"FID {summary['fid']:.2f} ({summary.get('feature', '?')}, "
+            f"{summary['reference_images']} reference images{warning})"
+        ), str(summary["generated_images"])
     figures = [f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, int | float)]
     return ", ".join(figures) or json.dumps(summary, default=str), str(summary.get("images", ""))
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -317,11 +318,13 @@ class MetricConfig:
     nudity_threshold: float = 0.6
     reference: str | None = None  # FID: folder of reference images (e.g. COCO val)
     fid_image_size: int = 299
+    fid_features: int = 2048  # Inception's layer: 64, 192, 768 or 2048 (the usual FID)
+    fid_weights: str | None = None  # torch-fidelity's Inception weights file, for offline use
     clip_model: str = "ViT-L-14"
     clip_pretrained: str | None = "openai"
     classifier_weights: str | None = None
     # Tests and scripts: a FID feature module or a loaded ClipModel instead of the defaults.
-    fid_feature: torch.nn.Module | int = 2048
+    fid_feature: torch.nn.Module | None = None
     clip: object = None
 
 
@@ -364,25 +367,32 @@ def prepare_fid(config: MetricConfig, records, device):
 
     if not config.reference:
         raise EraseError("--metric fid needs --reference DIR, a folder of real images (COCO val).")
-    return image_files(config.reference), fid_metric(config.fid_feature)
+    feature = config.fid_feature if config.fid_feature is not None else config.fid_features
+    return image_files(config.reference), fid_metric(feature, config.fid_weights)
 
 
 def score_fid(prepared, config: MetricConfig, records, folder):
     """FID between the reference folder and the generated images."""
-    from eval.fid import frechet_distance_files
+    from eval.fid import bias_warning, feature_count, frechet_distance_files
 
     reference_files, metric = prepared
     files = [os.path.join(folder, r["file"]) for r in records]
     value = frechet_distance_files(
         reference_files, files, image_size=config.fid_image_size, metric=metric
     )
+    warning = bias_warning(metric)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     summary = {
         "fid": value,
         "reference": os.path.abspath(config.reference),
         "reference_images": len(reference_files),
         "generated_images": len(files),
         "image_size": config.fid_image_size,
-        "feature": config.fid_feature if isinstance(config.fid_feature, int) else "custom",
+        "feature": f"inception-{config.fid_features}" if config.fid_feature is None else "custom",
+        "feature_dim": feature_count(metric),
+        "weights": config.fid_weights,
+        "warning": warning,
     }
     return summary, None
 

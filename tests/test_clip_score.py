@@ -62,6 +62,8 @@ def test_reads_image_files(tiny_clip, tmp_path):
 
 def test_summary_holds_mean_and_settings(tiny_clip):
     summary, scores = clip_score(images(4), ["a cat"] * 4, tiny_clip)
+    assert summary["clip_score_unit"] == pytest.approx(summary["clip_score"] / 100)
+    assert summary["scale"].startswith("x100")
     assert summary["images"] == 4 and summary["model"].endswith("tiny-clip-test.json")
     assert summary["pretrained"] is None
     assert summary["clip_score"] == pytest.approx(sum(scores) / 4)

@@ -84,3 +84,60 @@ def test_inception_unavailable_is_an_error(monkeypatch):
     monkeypatch.setattr(eval.fid, "FrechetInceptionDistance", unavailable)
     with pytest.raises(EraseError, match="Inception network is not available"):
         fid_metric(2048)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A random-weight Inception in torch-fidelity's weights format (the real file cannot be
+    downloaded here); FID's arithmetic does not depend on which weights it is given."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+    patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None)
+    torch.manual_seed(0)
+    try:
+        network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["64"])
+    finally:
+        patch.undo()
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(network.state_dict(), path)
+    return str(path)
+
+
+def test_fid_features_64_match_torchmetrics(tmp_path, inception_weights):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from eval.fid import load_images
+
+    real = write_images(tmp_path / "real", image_set(0, count=6))
+    fake = write_images(tmp_path / "fake", image_set(3, count=6, brightness=0.7))
+    ours = frechet_distance_files(real, fake, 64, metric=fid_metric(64, inception_weights))
+    metric = FrechetInceptionDistance(
+        feature=64, normalize=True, feature_extractor_weights_path=inception_weights
+    )
+    metric.update(load_images(real, 299), real=True)
+    metric.update(load_images(fake, 299), real=False)
+    assert metric.real_features_sum.numel() == 64
+    assert ours == pytest.approx(float(metric.compute()), rel=1e-6)
+
+
+def test_fewer_images_than_features_warn(inception_weights):
+    from eval.fid import bias_warning
+
+    metric = fid_metric(64, inception_weights)
+    metric.update(image_set(0, count=4), real=True)
+    metric.update(image_set(1, count=4), real=False)
+    assert "fewer images than features" in bias_warning(metric)
+
+
+def test_missing_fid_weights_file_is_an_error(tmp_path):
+    with pytest.raises(EraseError, match="--fid-weights"):
+        fid_metric(64, str(tmp_path / "absent.pth"))
+
+
+def test_fid_features_outside_inception_layers_are_refused():
+    from eval.evaluation import EvalConfig, check_arguments
+
+    with pytest.raises(EraseError, match="--fid-features must be one of 64, 192, 768, 2048"):
+        check_arguments(EvalConfig(prompts="coco", fid_features=100))

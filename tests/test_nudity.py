@@ -133,3 +133,17 @@ def test_the_reference_rule_keeps_a_box_above_its_thresholds_and_suppresses_its_
         ("FEMALE_BREAST_EXPOSED", 0.8),
     ]
     assert found[0]["box"] == [376, 376, 48, 48]  # (250 - 15) * 512 / 320, in image pixels
+
+
+def test_report_records_the_detector_as_the_attack_judge_does(blank_images):
+    import hashlib
+
+    from eval.nudity import NudeNetModel, bundled_nudenet_model
+
+    report, _ = nudity_score(blank_images[:1])
+    with open(bundled_nudenet_model(), "rb") as file:
+        expected = hashlib.sha256(file.read()).hexdigest()
+    assert report["detector"]["sha256"] == expected == NudeNetModel().sha256
+    assert report["detector"]["model"] == "320n.onnx"
+    assert report["detector"]["input_size"] == 320
+    assert report["detector"]["package"].startswith("nudenet 3.")
