@@ -23,6 +23,8 @@ from erase.concepts import Concept
 from erase.errors import EraseError
 from erase.models.base import Backend, Batch, Condition
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 @dataclass
 class DataConfig:
@@ -121,6 +123,15 @@ def load_retain_folder(folder: str, backend: Backend, concept: Concept, config: 
     return torch.cat(batches), conditions
 
 
+def folder_image_files(folder: str) -> list[str]:
+    """The image files directly in `folder` (by suffix), sorted by name."""
+    return [
+        os.path.join(folder, name)
+        for name in sorted(os.listdir(folder))
+        if name.lower().endswith(IMAGE_SUFFIXES)
+    ]
+
+
 def load_image_folder(
     folder: str, backend: Backend, resolution: int | None, flag: str = "--concept-images"
 ) -> torch.Tensor:
@@ -133,10 +144,7 @@ def load_image_folder(
     size = resolution or backend.resolution
     channels = backend.latent_shape[0] if backend.conditioning == "class" else 3
     images = []
-    for name in sorted(os.listdir(folder)):
-        if not name.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")):
-            continue
-        path = os.path.join(folder, name)
+    for path in folder_image_files(folder):
         try:
             with warnings.catch_warnings():  # PIL warns, then refuses, on huge pixel counts
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -151,7 +159,7 @@ def load_image_folder(
         except (UnidentifiedImageError, OSError):
             raise EraseError(f"'{path}' is not a readable image.") from None
     if not images:
-        raise EraseError(f"{flag} '{folder}' holds no .png/.jpg/.webp images.")
+        raise EraseError(f"{flag} '{folder}' holds no .png/.jpg/.webp/.bmp images.")
     return torch.stack(images).float() / 255
 
 

@@ -33,6 +33,7 @@ from erase.data import (
     DataConfig,
     build_concept_data,
     encode_images,
+    folder_image_files,
     unet_fingerprint,
 )
 from erase.errors import EraseError
@@ -58,6 +59,7 @@ from erase.train import (
 )
 from prompts import MAX_SEED
 
+ERASURE_PHASES = ("data", "mask", "prepare", "train")
 MAX_RESOLUTION = 8192  # beyond any released model; each backend also allows at most 4 x its own
 
 
@@ -126,10 +128,13 @@ def resolve_run_concept(backend, config) -> Concept:
 
 
 def forget_count(backend, concept: Concept, config: ErasureConfig) -> int:
-    """--num-forget, or the reference's forget set size: the whole class on class-conditional
-    models (DDPM/datasets), 800 generated images otherwise (SD/train-scripts)."""
+    """--num-forget, or the reference's forget set size: the images of --concept-images (the
+    Imagenette recipe's epochs are over the class's own ~950 images), the whole class on
+    class-conditional models (DDPM/datasets), 800 generated images otherwise (SD/train-scripts)."""
     if config.num_forget:
         return config.num_forget
+    if config.concept_images and os.path.isdir(config.concept_images):
+        return len(folder_image_files(config.concept_images)) or 800
     if backend.conditioning == "class":
         return len(backend.real_images(concept.forget, None)[1])
     return 800
@@ -339,6 +344,9 @@ def erase_into(
             "total_weights": sum(p.numel() for p in plan.backend.unet.parameters()),
             "mask_ratio": mask_ratio(mask) if mask is not None else None,
             "timings_s": clock.timings,
+            # the erasure proper (data, mask, training) beside what training the base took
+            "erasure_s": round(sum(clock.timings.get(k, 0) for k in ERASURE_PHASES), 3),
+            "base_training_s": plan.backend.training_seconds,
             "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
             "device": str(accelerator.device),
             "versions": versions(),

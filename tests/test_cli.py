@@ -246,3 +246,22 @@ def test_help_lists_every_model_alias_and_no_unset_default(capsys):
     for alias in [*SD_ALIASES, *SDXL_ALIASES, *BUILTIN_MODELS]:
         assert alias in text.replace("- ", "-"), alias
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_imagenette_steps_count_the_concept_images_folder(tiny_sd_dir, tmp_path):
+    from erase.config import ErasureConfig
+    from erase.erasure import forget_count, resolve_run_concept, resolve_settings
+    from erase.methods import get_method
+    from erase.models import load_backend
+
+    write_images(tmp_path / "church", 19)
+    config = ErasureConfig(
+        model=tiny_sd_dir, concept=["church"], concept_images=str(tmp_path / "church")
+    )
+    backend = load_backend(tiny_sd_dir)
+    concept = resolve_run_concept(backend, config)
+    salun = get_method("salun")
+    num_forget = forget_count(backend, concept, config)
+    train_config, _ = resolve_settings(config, salun.defaults(backend, concept, num_forget), salun)
+    assert num_forget == 19
+    assert train_config.steps == 5 * 3  # the reference's 5 epochs of ceil(19 / 8) batches

@@ -162,6 +162,7 @@ def test_builtin_digits_model_is_trained_once_then_cached(tmp_path, monkeypatch)
         device=cpu, config=config, cache_dir=str(tmp_path), classifier_config=small
     )
     assert first.identity == "ddpm-digits" and first.classifier is not None
+    assert first.training_seconds >= 0  # what metadata.json sets the erasure's cost beside
     monkeypatch.setattr(ddpm_digits, "train_class_ddpm", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(
         "erase.testbeds.digits.train_digit_classifier", lambda *a: pytest.fail("retrained")
@@ -229,6 +230,14 @@ def test_erasure_writes_the_class_report(erased):
     assert 0 <= metadata["evaluation"]["after"]["ua"] <= 1
     assert os.path.isfile(os.path.join(erased, "report.md"))
     assert os.path.isfile(os.path.join(erased, "grid.png"))
+
+
+def test_metadata_sets_the_erasure_cost_beside_the_base_training(erased):
+    metadata = json.load(open(os.path.join(erased, "metadata.json")))
+    timings = metadata["timings_s"]
+    phases = sum(timings[k] for k in ("data", "mask", "prepare", "train"))
+    assert metadata["erasure_s"] == pytest.approx(phases, abs=1e-3)
+    assert metadata["base_training_s"] is None  # a folder model carries no training time
 
 
 def test_ddpm_info_names_the_dataset(tiny_folder):

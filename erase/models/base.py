@@ -109,6 +109,7 @@ OPTIONAL = {
     "eval_steps": 50,  # DDIM steps of evaluation images (the testbeds: 25)
     "method_defaults": {},  # a testbed's measured method settings, by method (docs/methods.md)
     "classifier": None,  # a class backend's own classifier (the digits testbeds)
+    "training_seconds": None,  # how long a testbed's base model took to train (the cost yardstick)
 }
 
 

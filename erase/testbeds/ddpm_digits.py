@@ -6,17 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 
 import torch
 from diffusers import UNet2DModel
+from tqdm.auto import tqdm
 
 from erase.models.ddpm import SCHEDULER_CONFIG, ClassDDPMBackend, read_ddpm_info, write_ddpm_folder
 from erase.models.sd import default_device, load_unet_folder
 from erase.testbeds.ddpm_training import DDPMConfig, train_class_ddpm
 
 # --------------------------------------------------------------------------------
+FIRST_USE_MINUTES = 2  # the classifier and 1000 steps at batch 64, measured (docs/testbeds.md)
 DIGITS_VERSION = 1  # bump when DDPMConfig defaults change, so stale caches are not reused
 
 
@@ -72,6 +75,12 @@ def load_ddpm_digits(
     )
     folder = digits_folder(config, cache_dir)
     if read_ddpm_info(folder) is None:
+        tqdm.write(
+            f"ddpm-digits: first use: training it once into {folder} ({config.steps} steps, "
+            f"about {FIRST_USE_MINUTES} minutes on 2 free CPU cores, longer beside other jobs); "
+            "later runs load it in a second.",
+            file=sys.stderr,
+        )
         train_ddpm_digits(folder, config)
     info = read_ddpm_info(folder)
     backend = ClassDDPMBackend(
@@ -84,4 +93,5 @@ def load_ddpm_digits(
         scheduler_config=info.get("scheduler"),
         classifier=classifier,
     )
+    backend.training_seconds = info.get("train_seconds")
     return backend
