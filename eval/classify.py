@@ -16,6 +16,7 @@ import torch
 from erase.errors import EraseError
 
 # The Imagenette classes (prompts/ order) as ImageNet-1k indices, for the ResNet-50 check.
+CONFIDENT = 0.9  # the probability at which a generated digit counts as clearly its class
 IMAGENETTE_TO_IMAGENET = [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
 DIGIT_FID_FEATURE = "digit-classifier penultimate (Inception weights are not available offline)"
 
@@ -58,6 +59,20 @@ def classify(
     return torch.cat(
         [
             classifier(images[i : i + batch_size].to(device)).argmax(-1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+@torch.no_grad()
+def class_probabilities(
+    classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Softmax probabilities (N, K) of images (N, C, H, W) in [0, 1]."""
+    device = next(iter(classifier.parameters()), torch.empty(0)).device
+    return torch.cat(
+        [
+            classifier(images[i : i + batch_size].to(device)).float().softmax(-1).cpu()
             for i in range(0, len(images), batch_size)
         ]
     )
@@ -120,7 +135,12 @@ def class_removal(
         num_steps=num_steps,
         guidance_scale=guidance_scale,
     )
-    predicted = classify(classifier, images)
+    probabilities = class_probabilities(classifier, images)  # (K * n, K)
+    predicted = probabilities.argmax(-1)
+    # Argmax accuracy calls a smudged digit right as long as it is nearer its class than any
+    # other; the share classified right with probability >= 0.9 drops when the digits degrade
+    # (docs/testbeds.md, "Judging the other digits").
+    confident = probabilities.gather(1, labels[:, None]).squeeze(1) >= CONFIDENT
     per_class = {
         name: float((predicted[labels == k] == k).float().mean())
         for k, name in enumerate(backend.class_names)
@@ -133,6 +153,8 @@ def class_removal(
         "ua": 1 - forget_accuracy,
         "forget_accuracy": forget_accuracy,
         "retain_accuracy": sum(per_class[n] for n in retain_names) / len(retain_names),
+        "retain_confident_accuracy": float(confident[retained].float().mean()),
+        "confidence": CONFIDENT,
         "per_class_accuracy": per_class,
         "fid_retain": fid,
         "fid_feature": feature_name,
@@ -181,6 +203,7 @@ def write_class_report(
         ("UA (1 - forgotten-class accuracy)", "ua"),
         ("forgotten-class accuracy", "forget_accuracy"),
         ("remaining-class accuracy", "retain_accuracy"),
+        ("remaining-class accuracy, confident (p >= 0.9)", "retain_confident_accuracy"),
         ("FID, remaining classes", "fid_retain"),
     ]
     lines = [

@@ -58,9 +58,10 @@ class CodedBackend:
 class CodedClassifier(torch.nn.Module):
     """Reads the label back from the brightness; features are the brightness and its square."""
 
-    def __init__(self):
+    def __init__(self, sharpness=10.0):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(()))
+        self.sharpness = sharpness  # logits' scale: how confident the read label is
 
     def features(self, images):
         brightness = images.float().mean(dim=(1, 2, 3))[:, None] * self.scale
@@ -68,7 +69,7 @@ class CodedClassifier(torch.nn.Module):
 
     def forward(self, images):
         label = (images.float().mean(dim=(1, 2, 3)) * NUM_CLASSES).floor().clamp(0, 3).long()
-        return torch.nn.functional.one_hot(label, NUM_CLASSES).float()
+        return self.sharpness * torch.nn.functional.one_hot(label, NUM_CLASSES).float()
 
 
 def test_an_intact_model_has_zero_ua_and_full_accuracy():
@@ -89,6 +90,15 @@ def test_retain_accuracy_is_the_mean_over_the_other_classes():
     metrics, _ = class_removal(CodedBackend(broken={1}), 2, num_per_class=5, num_steps=1)
     assert metrics["retain_accuracy"] == pytest.approx(2 / 3)
     assert metrics["forget_accuracy"] == 1.0
+
+
+def test_confident_accuracy_counts_only_clear_verdicts():
+    sure, _ = class_removal(CodedBackend(), 2, num_per_class=5, num_steps=1)
+    backend = CodedBackend()
+    backend.classifier = CodedClassifier(sharpness=1.0)  # right by argmax, at p = 0.48
+    unsure, _ = class_removal(backend, 2, num_per_class=5, num_steps=1)
+    assert sure["retain_confident_accuracy"] == 1.0
+    assert unsure["retain_accuracy"] == 1.0 and unsure["retain_confident_accuracy"] == 0.0
 
 
 def test_images_come_class_by_class_with_the_same_seeds_every_call():

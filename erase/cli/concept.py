@@ -328,14 +328,20 @@ def summary(result: ErasedModel) -> str:
         f"changed weights: {metadata['changed_weights']:,} of {metadata['total_weights']:,}",
     ]
     if "evaluation" in metadata:
-        lines.append("metric              before    after")
-        for key in ("ua", "forget_accuracy", "retain_accuracy", "fid_retain"):
+        lines.append(f"{'metric':<26}{'before':>8}{'after':>9}")
+        for key in (
+            "ua",
+            "forget_accuracy",
+            "retain_accuracy",
+            "retain_confident_accuracy",
+            "fid_retain",
+        ):
             before, after = (
                 metadata["evaluation"]["before"].get(key),
                 metadata["evaluation"]["after"].get(key),
             )
             if before is not None:
-                lines.append(f"{key:<18}{before:>8.3f}{after:>9.3f}")
+                lines.append(f"{key:<26}{before:>8.3f}{after:>9.3f}")
     return "\n".join(lines)
 
 
