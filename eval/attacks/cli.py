@@ -12,6 +12,7 @@ import os
 import sys
 
 from erase.cli.args import OneLineParser, add_generation_batch, positive, run_command, seed
+from erase.config import SAMPLER_NAMES
 from erase.errors import EraseError
 from eval.attacks.config import (
     ATTACK_NAMES,
@@ -93,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-steps",
         type=positive(int),
         default=None,
-        help="DDIM steps (default: 25 on the testbeds, 50 otherwise)",
+        help="sampling steps (default: 25 on the testbeds, 50 otherwise)",
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLER_NAMES,
+        default=None,
+        help="sampler of the target, plain and attacked images (default: lms on Stable "
+        "Diffusion, the reference's; ddim on the testbeds)",
     )
     parser.add_argument(
         "--guidance-scale",

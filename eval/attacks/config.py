@@ -27,6 +27,7 @@ RUN_SETTINGS = (
     "per_prompt",
     "seed",
     "num_steps",
+    "sampler",
     "guidance_scale",
     "resolution",
     "batch_size",
