@@ -160,6 +160,9 @@ def attack_columns(backend, label: str, settings, folder: str, shared: dict, bas
         columns["asr"] = figures["unlearndiffatk"]["asr"]
     if "prompts" in figures:
         columns["prompts_asr"] = figures["prompts"]["asr"]
+    for name in ("cce", "ring-a-bell"):
+        if name in figures:
+            columns[f"{name.replace('-', '_')}_asr"] = figures[name]["asr"]
     if "relearn" in figures:
         relearn = figures["relearn"]
         shared.setdefault("base_rate", relearn["base_positive_rate"])

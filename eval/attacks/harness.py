@@ -27,6 +27,9 @@ from eval.attacks.target import (
 )
 from prompts import PromptEntry
 
+# The attacks one process runs whole (a fine-tuning run, a token learned, a search per prompt).
+MAIN_PROCESS_ONLY = ("relearn", "cce", "ring-a-bell")
+
 
 @dataclass
 class AttackSettings:
@@ -188,8 +191,8 @@ def attack_target(
     generation = generation_config(settings, target)
     figures = {}
     for name, config in attack_configs(settings).items():
-        if name == "relearn" and not state.is_main_process:
-            continue  # one fine-tuning run: the main process does it
+        if name in MAIN_PROCESS_ONLY and not state.is_main_process:
+            continue  # one fine-tuning run or search: the main process does it
         summary = get_attack(name).run(
             target, config, os.path.join(output, name), generation, progress
         )
