@@ -94,6 +94,7 @@ def restored_vocabulary(backend):
             setattr(backend.pipe, name, tokenizer)
         for (_, encoder), size in zip(backend.text_encoders(), sizes):
             encoder.resize_token_embeddings(size)
+            encoder.get_input_embeddings().requires_grad_(False)  # a new layer: frozen again
 
 
 def inversion_settings(target: AttackTarget, config: Config, generation) -> dict:

@@ -239,6 +239,7 @@ def run(target: AttackTarget, config: Config, output: str, generation, progress=
     if not target.entries:
         raise EraseError("ring-a-bell has no prompts to attack: pass --prompts with at least one.")
     base = target.reference_backend
+    pairs = prompt_pairs(target, config)  # a missing or empty pair file fails before any work
     search_settings = {**asdict(config), "model": base.identity}
     found_dir = os.path.join(output, "found")
     os.makedirs(found_dir, exist_ok=True)
@@ -257,7 +258,7 @@ def run(target: AttackTarget, config: Config, output: str, generation, progress=
                 key = search_key(record["prompt"], record["row"], search_settings)
                 if key not in searches:
                     if vector is None:
-                        vector = concept_vector(base, prompt_pairs(target, config))
+                        vector = concept_vector(base, pairs)
                     tokens = search_prompt(base, record["prompt"], vector, config, record["row"])
                     searches[key] = {"key": key, "adversarial_token_ids": tokens}
                     search_file.write(json.dumps(searches[key]) + "\n")
