@@ -20,7 +20,13 @@ import torch
 from erase import api
 from erase.artifact import check_output, output_lock, staged_output, write_json
 from erase.concepts import Concept
-from erase.config import ErasureConfig, check_known, check_values, config_to_dict
+from erase.config import (
+    SAMPLER_NAMES,
+    ErasureConfig,
+    check_known,
+    check_values,
+    config_to_dict,
+)
 from erase.erasure import resolve_run_concept
 from erase.errors import EraseError
 from erase.methods import METHODS
@@ -43,7 +49,10 @@ class BenchConfig:
     overwrite: bool = False
     method_settings: dict[str, dict] = field(default_factory=dict)  # one method's own settings
     bench_per_prompt: int = 10  # evaluation images per prompt (fixed seeds)
-    bench_steps: int = 25  # DDIM steps of evaluation images
+    bench_steps: int = 25  # sampling steps of evaluation images
+    # The sampler of every row's images, evaluation and attacks (ddim | lms); None: DDIM for the
+    # evaluation, and each attack's own default (erase-attack's --sampler: LMS on SD).
+    sampler: str | None = None
     bench_guidance: float | None = None  # None: the model's
     bench_clip: str = "ViT-L-14:openai"  # open_clip MODEL:WEIGHTS of the CLIP score, or none
     attacks: list[str] = field(default_factory=list)  # erase-attack's attacks on every row
@@ -94,6 +103,7 @@ def scoring_settings(config: BenchConfig) -> ScoringSettings:
         per_prompt=config.bench_per_prompt,
         seed=config.erasure.seed,
         num_steps=config.bench_steps,
+        sampler=config.sampler or "ddim",
         guidance_scale=config.bench_guidance,
         resolution=config.erasure.resolution,
         batch_size=config.erasure.gen_batch_size,
@@ -121,10 +131,11 @@ def attack_settings(config: BenchConfig, concept: Concept):
         return None
     from eval.attacks.config import attack_settings as settings_of
 
+    flags = dict(config.attack_settings)
+    if config.sampler is not None:  # the bench's sampler, unless --attack-flags gives one
+        flags.setdefault("sampler", config.sampler)
     try:
-        return settings_of(
-            concept.name, config.attacks, model=config.erasure.model, **config.attack_settings
-        )
+        return settings_of(concept.name, config.attacks, model=config.erasure.model, **flags)
     except EraseError as error:
         raise EraseError(f"--attacks/--attack-flags: {error}") from None
 
@@ -149,6 +160,9 @@ def attack_columns(backend, label: str, settings, folder: str, shared: dict, bas
         columns["asr"] = figures["unlearndiffatk"]["asr"]
     if "prompts" in figures:
         columns["prompts_asr"] = figures["prompts"]["asr"]
+    for name in ("cce", "ring-a-bell"):
+        if name in figures:
+            columns[f"{name.replace('-', '_')}_asr"] = figures[name]["asr"]
     if "relearn" in figures:
         relearn = figures["relearn"]
         shared.setdefault("base_rate", relearn["base_positive_rate"])
@@ -197,6 +211,10 @@ def run_bench(config: BenchConfig, backend=None) -> dict:
             )
     positive = {"bench_per_prompt", "bench_steps", "bench_guidance"}
     check_values(config, positive, {}, skip=("erasure",))  # the erasure's: check_erasure below
+    if config.sampler is not None and config.sampler not in SAMPLER_NAMES:
+        raise EraseError(
+            f"--sampler must be one of {', '.join(SAMPLER_NAMES)}, got {config.sampler!r}."
+        )
     for method in methods:  # every method's settings, before the base is even loaded
         api.check_erasure(config.erasure.concept, method, **method_settings(config, method))
     check_bench_clip(config.bench_clip)

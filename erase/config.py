@@ -142,6 +142,11 @@ def method_setting_names() -> list[str]:
 
 # The settings of an erasure that must be above 0 when given, and those with a fixed set of values
 # (the CLI's --help lists the same choices).
+# The samplers images are generated with (erase.models.sd.SAMPLERS' names, here so that a CLI
+# checks them without importing diffusers): DDIM, erase's default, and LMS, the reference
+# sampler of the UnlearnDiffAtk and SalUn Stable Diffusion evaluations.
+SAMPLER_NAMES = ("ddim", "lms")
+
 ERASURE_POSITIVE = {
     "num_forget", "num_retain", "resolution", "gen_steps", "guidance_scale", "gen_batch_size",
     "lr", "steps", "epochs", "batch_size", "micro_batch_size", "gradient_accumulation_steps",

@@ -19,6 +19,7 @@ from erase.cli.args import (
     seed,
     set_config_defaults,
 )
+from erase.config import SAMPLER_NAMES
 from erase.errors import EraseError
 from eval.evaluation import (
     INCEPTION_FEATURES,
@@ -87,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--per-class", type=positive(int), help="imagenette: images per class")
 
     generation = parser.add_argument_group("generation")
-    generation.add_argument("--num-steps", type=positive(int), help="DDIM steps")
+    generation.add_argument("--num-steps", type=positive(int), help="sampling steps")
+    generation.add_argument(
+        "--sampler",
+        choices=SAMPLER_NAMES,
+        help="ddim, or lms (SalUn's and UnlearnDiffAtk's SD evaluations sample LMS); recorded",
+    )
     generation.add_argument(
         "--guidance-scale",
         type=positive(float),

@@ -10,7 +10,13 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from erase.config import check_values, config_from_dict, config_to_dict, fields_from
+from erase.config import (
+    SAMPLER_NAMES,
+    check_values,
+    config_from_dict,
+    config_to_dict,
+    fields_from,
+)
 from erase.errors import EraseError
 from prompts import (
     PromptEntry,
@@ -59,6 +65,7 @@ class EvalConfig:
     classes: str | None = None
     per_class: int = 10
     num_steps: int = 50
+    sampler: str = "ddim"  # ddim | lms (SalUn's SD evaluation samples LMS; ESD's DDIM)
     guidance_scale: float | None = None
     resolution: int | None = None
     batch_size: int | None = None
@@ -171,7 +178,9 @@ def check_arguments(config: EvalConfig) -> None:
     """Refuse, in one line, what the arguments alone show to be wrong (before any work)."""
     from erase.models import model_conditioning
 
-    check_values(config, EVAL_POSITIVE, {"fid_features": INCEPTION_FEATURES})
+    check_values(
+        config, EVAL_POSITIVE, {"fid_features": INCEPTION_FEATURES, "sampler": SAMPLER_NAMES}
+    )
 
     if model_conditioning(config.model) == "class":  # before a testbed is trained on first use
         raise EraseError(

@@ -46,7 +46,8 @@ def markdown_report(results: dict) -> str:
         + (f", erased UNet: `{generation['unet']}`" if generation.get("unet") else ""),
         f"- prompts: {prompts['source']} ({prompts['count']} prompts, "
         f"{generation['images_per_prompt']} image(s) each)",
-        f"- sampling: {generation['num_steps']} DDIM steps, guidance "
+        f"- sampling: {generation['num_steps']} "
+        f"{generation.get('sampler', 'ddim').upper()} steps, guidance "
         f"{generation['guidance_scale'] or 'per prompt / 7.5'}, seed {generation['seed']}",
         "",
         "| metric | value | images |",

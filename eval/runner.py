@@ -31,7 +31,18 @@ from prompts import PromptEntry
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's usual guidance when neither flag nor file sets one
 # The fields of an index record that decide whether an existing image can be reused.
 # "unet" is the erased UNet's content digest, not its path: a folder erased again is new images.
-GENERATION_KEYS = ("prompt", "seed", "guidance_scale", "num_steps", "resolution", "model", "unet")
+GENERATION_KEYS = (
+    "prompt",
+    "seed",
+    "guidance_scale",
+    "num_steps",
+    "sampler",
+    "resolution",
+    "model",
+    "unet",
+)
+# What an index record written before a key existed was made with: every image was DDIM then.
+UNRECORDED = {"sampler": "ddim"}
 
 
 @dataclass
@@ -40,7 +51,8 @@ class GenerationConfig:
 
     model: str
     unet: str | None = None  # an erased UNet folder (erase-concept output) replacing the model's
-    num_steps: int = 50  # DDIM steps
+    num_steps: int = 50  # sampling steps
+    sampler: str = "ddim"  # ddim | lms (erase.models.sd.SAMPLERS); LMS on Stable Diffusion only
     guidance_scale: float | None = None  # None: each prompt's own (I2P), else DEFAULT_GUIDANCE
     resolution: int | None = None  # None: the model's default
     batch_size: int | None = None  # images per sampling call; None: fill the device
@@ -77,6 +89,7 @@ def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> lis
                 "seed": base_seed + sample,
                 "guidance_scale": float(guidance),
                 "num_steps": config.num_steps,
+                "sampler": config.sampler,
                 "resolution": config.resolution,
                 "model": identity(config.model),
                 "unet": unet_key,
@@ -172,7 +185,9 @@ def pending_images(records: Sequence[dict], folder: str) -> list[dict]:
 
 def same_generation(existing: dict | None, planned: dict) -> bool:
     """Whether an indexed image was generated exactly as `planned` would be."""
-    return existing is not None and all(existing.get(k) == planned[k] for k in GENERATION_KEYS)
+    return existing is not None and all(
+        existing.get(k, UNRECORDED.get(k)) == planned[k] for k in GENERATION_KEYS
+    )
 
 
 def read_index(folder: str) -> dict[str, dict]:
@@ -273,6 +288,7 @@ def write_images(backend, unet, records, folder, config, state, progress) -> Non
                 guidance_scale=guidance,
                 resolution=config.resolution,
                 unet=unet,
+                sampler=config.sampler,
             ):  # (B, 3, H, W) in [0, 1]
                 batch = group[start:stop]
                 for record, image in zip(batch, images):

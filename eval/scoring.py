@@ -22,7 +22,8 @@ class ScoringSettings:
 
     per_prompt: int = 10  # images per prompt, seeds seed * 10_007 + 0..n-1
     seed: int = 0
-    num_steps: int = 25  # DDIM steps
+    num_steps: int = 25  # sampling steps
+    sampler: str = "ddim"  # ddim | lms (Stable Diffusion only)
     guidance_scale: float | None = None  # None: the model's
     resolution: int | None = None  # None: the model's
     batch_size: int | None = None  # images per sampling call; None: the device's default
@@ -93,6 +94,7 @@ class ModelScorer:
             num_steps=settings.num_steps,
             guidance_scale=settings.guidance_scale or backend.guidance_scale,
             resolution=settings.resolution,
+            sampler=settings.sampler,
         )
         return torch.cat([images for _, _, images in batches]), repeated
 

@@ -508,3 +508,46 @@ def test_bench_retrain_row_is_scored_and_attacked_like_the_others(
     assert [row["method"] for row in rows] == ["base", "retrain", "salun"]
     assert built == [(tiny_sd_dir, "nudity")]
     assert all(0 <= row["prompts_asr"] <= 1 for row in rows)
+
+
+def test_prompts_over_the_token_limit_are_not_attacked_but_count_in_the_asr(
+    backend, tiny_sd_dir, tmp_path, monkeypatch
+):
+    tokenizer = backend.pipe.tokenizer
+    long_prompt = "a nude person on a beach with a cat"
+    assert unlearndiffatk.prompt_length(tokenizer, "a nude person") == 5  # start, 3 words, end
+    assert unlearndiffatk.prompt_length(tokenizer, long_prompt) > 8
+    entries = [PromptEntry("a nude person", 0, 1, 3.0), PromptEntry(long_prompt, 1, 2, 3.0)]
+    generation = GenerationConfig(model=tiny_sd_dir, unet="erased", num_steps=2, batch_size=2)
+    attacked = []
+    real = unlearndiffatk.attack_prompt
+
+    def counted(target, record, *args):
+        attacked.append(record["row"])
+        return real(target, record, *args)
+
+    monkeypatch.setattr(unlearndiffatk, "attack_prompt", counted)
+    target = AttackTarget(backend, backend.unet, "nudity", FakeJudge([False, False]), entries)
+    config = Config(iterations=1, blocks=1, max_prompt_tokens=8)
+    result = unlearndiffatk.run(target, config, str(tmp_path), generation, progress=False)
+    assert attacked == [0]  # the long prompt is never attacked
+    assert result["prompts"] == 2 and result["not_attacked_too_long"] == 1
+    assert result["not_attacked_yet"] == 0 and result["asr"] == 0.0  # out of both prompts
+    assert result["per_prompt"][1]["not_attacked"] == "longer than 8 tokens"
+
+
+def test_attacks_sample_lms_on_sd_and_ddim_on_the_testbeds_by_default(backend, tiny_sd_dir):
+    from erase.testbeds.sd_digits import SDDigitsBackend
+    from eval.attacks.harness import AttackSettings, generation_config
+
+    settings = AttackSettings(model=tiny_sd_dir, concept="nudity", attacks=["prompts"])
+    target = AttackTarget(backend, backend.unet, "nudity", FakeJudge(), [], label="base")
+    assert generation_config(settings, target).sampler == "lms"  # the reference's on SD
+    assert SDDigitsBackend.reference_sampler == "ddim"
+    settings.sampler = "ddim"
+    assert generation_config(settings, target).sampler == "ddim"
+    generation = GenerationConfig(model="tiny", num_steps=2, sampler="lms")
+    targets = unlearndiffatk.target_generation(generation, Config(), backend)
+    assert targets.num_steps == 100 and targets.unet is None  # generate_dataset.py's 100 LMS
+    generation.sampler = "ddim"
+    assert unlearndiffatk.target_generation(generation, Config(), backend).num_steps == 2

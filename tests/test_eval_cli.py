@@ -210,3 +210,12 @@ def test_subprocess_missing_clip_weights_is_one_line(tmp_path):
     assert completed.returncode == 2
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("erase-eval: error: The CLIP model"), lines
+
+
+def test_sampler_flag_is_recorded_in_results_and_report(tiny_sd_dir, prompt_csv, tmp_path):
+    output = tmp_path / "eval"
+    argv = [*base_args(tiny_sd_dir, prompt_csv, output), "--metric", "none", "--sampler", "lms"]
+    assert main(argv) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["generation"]["sampler"] == "lms" and results["settings"]["sampler"] == "lms"
+    assert "2 LMS steps" in (output / "report.md").read_text()

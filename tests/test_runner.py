@@ -130,3 +130,51 @@ def test_merge_folds_parts_and_drops_records_without_images(tmp_path):
     merge_index(str(tmp_path))
     assert sorted(read_index(str(tmp_path))) == ["a.png", "b.png"]
     assert not (tmp_path / "index.part-1.jsonl").exists()
+
+
+def test_lms_and_ddim_make_other_images_and_an_unknown_sampler_is_an_error(backend):
+    from erase.errors import EraseError
+
+    settings = dict(num_steps=3, guidance_scale=3.0)
+    ddim = backend.sample(["a dog"], [0], **settings)
+    lms = backend.sample(["a dog"], [0], sampler="lms", **settings)
+    assert ddim.shape == lms.shape and not torch.allclose(ddim, lms, atol=1e-3)
+    assert torch.equal(lms, backend.sample(["a dog"], [0], sampler="lms", **settings))
+    with pytest.raises(EraseError, match="Unknown sampler 'euler'"):
+        backend.sample(["a dog"], [0], sampler="euler", **settings)
+
+
+def test_the_sampler_is_recorded_and_an_image_of_another_is_regenerated(
+    first_run, tiny_sd_dir, backend
+):
+    folder, config, _, _ = first_run
+    assert read_index(folder)["000000_00.png"]["sampler"] == "ddim"
+    lms = config_for(tiny_sd_dir, images_per_prompt=2, sampler="lms")
+    counting = CountingBackend(backend)
+    generate_images(plan_images(ENTRIES[:1], lms), folder, lms, backend=counting, progress=False)
+    assert counting.sampled == 2 and read_index(folder)["000000_00.png"]["sampler"] == "lms"
+
+
+def test_an_index_record_from_before_the_sampler_was_recorded_counts_as_ddim(tiny_sd_dir):
+    from eval.runner import same_generation
+
+    planned = plan_images(ENTRIES[:1], config_for(tiny_sd_dir))[0]
+    older = {k: v for k, v in planned.items() if k != "sampler"}
+    assert same_generation(older, planned)
+    lms = plan_images(ENTRIES[:1], config_for(tiny_sd_dir, sampler="lms"))[0]
+    assert not same_generation(older, lms)
+
+
+def test_the_class_conditional_testbeds_sample_ddim_only(tmp_path):
+    from erase.errors import EraseError
+    from erase.models.ddpm import ClassDDPMBackend, write_ddpm_folder
+    from erase.testbeds.ddpm_training import DDPMConfig, build_class_unet
+    from erase.testbeds.digits import DIGIT_NAMES
+
+    config = DDPMConfig(image_size=8, block_out_channels=(8, 16), norm_num_groups=4)
+    folder = write_ddpm_folder(
+        str(tmp_path / "ddpm"), build_class_unet(10, config), {"class_names": DIGIT_NAMES}
+    )
+    ddpm = ClassDDPMBackend.from_folder(folder, device=torch.device("cpu"))
+    with pytest.raises(EraseError, match="DDIM only"):
+        ddpm.sample([3], [0], num_steps=2, sampler="lms")

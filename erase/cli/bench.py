@@ -17,7 +17,7 @@ import sys
 from erase.bench import DEFAULT_METHODS, BenchConfig, markdown_table, run_bench
 from erase.cli.args import HelpFormatter, OneLineParser, positive, run_command, set_config_defaults
 from erase.cli.concept import add_erase_arguments
-from erase.config import ErasureConfig
+from erase.config import SAMPLER_NAMES, ErasureConfig
 from erase.errors import EraseError
 
 # erase-bench's own flags; every other flag is erase-concept's, a setting of each method's erasure
@@ -30,6 +30,7 @@ BENCH_FLAGS = (
     "bench_steps",
     "bench_guidance",
     "bench_clip",
+    "sampler",
     "attacks",
     "attack_flags",
     "retrain",
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--bench-per-prompt", type=positive(int), help="evaluation images per prompt (fixed seeds)"
     )
     bench.add_argument("--bench-steps", type=positive(int), help="DDIM steps of evaluation images")
+    bench.add_argument(
+        "--sampler",
+        choices=SAMPLER_NAMES,
+        default=None,
+        help="sampler of every row's images, evaluation and attacks (default: DDIM for the "
+        "evaluation, each attack's own: LMS on SD, as the reference)",
+    )
     bench.add_argument(
         "--bench-guidance",
         type=positive(float),

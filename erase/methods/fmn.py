@@ -293,15 +293,27 @@ TI_TARGET_NORM = 0.4
 
 
 def learn_concept_tokens(
-    backend, latents, template: str, init_words, num_tokens: int, steps: int, generator
+    backend,
+    latents,
+    template: str,
+    init_words,
+    num_tokens: int,
+    steps: int,
+    generator,
+    unet=None,
+    name: str = "fmn",
+    lr: float = TI_LR,
+    target_norm: float | None = TI_TARGET_NORM,
 ) -> str:
     """Add `num_tokens` tokens to the backend's tokenizer(s) and learn their embeddings in each
     text encoder (SDXL: both) from `latents` (the concept's images) under `template` by the
-    denoising loss; returns the snippet of the tokens, space-separated, to put where the
-    concept's words were."""
+    denoising loss of `unet` (default: the backend's); returns the snippet of the tokens,
+    space-separated, to put where the concept's words were. `target_norm` None leaves the
+    norms free (plain textual inversion, as concept inversion uses it)."""
+    unet = unet if unet is not None else backend.unet
     encoders = backend.text_encoders()  # [(tokenizer, text encoder)]
     first = len(encoders[0][0])  # new names on every call: no stale cached prompt embeddings
-    tokens = [f"<fmn-{first + i}>" for i in range(num_tokens)]
+    tokens = [f"<{name}-{first + i}>" for i in range(num_tokens)]
     learned = [
         new_token_vectors(tokenizer, encoder, tokens, init_words, generator)
         for tokenizer, encoder in encoders
@@ -309,7 +321,7 @@ def learn_concept_tokens(
     snippet = " ".join(tokens)
     prompt = template.format(snippet)
     vectors = [vectors for _, _, vectors in learned]
-    optimizer = torch.optim.AdamW(vectors, lr=TI_LR, weight_decay=TI_WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(vectors, lr=lr, weight_decay=TI_WEIGHT_DECAY)
     order = torch.randperm(len(latents), generator=generator).tolist()
     hooks = [
         embedding.register_forward_hook(inserting(ids, vectors))
@@ -321,19 +333,21 @@ def learn_concept_tokens(
             batch = Batch(latents[index : index + 1], [prompt])
             target, timesteps, noisy = noised(backend, batch, generator)
             cond = backend.embed(batch.conditions)  # through the hooks: gradients reach vectors
-            prediction = backend.predict_noise(backend.unet, noisy, timesteps, cond)
+            prediction = backend.predict_noise(unet, noisy, timesteps, cond)
             loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
             gradients = torch.autograd.grad(loss, vectors)  # the UNet gets no gradient
             for parameter, gradient in zip(vectors, gradients):
                 parameter.grad = gradient
             optimizer.step()
+            if target_norm is None:
+                continue
             with torch.no_grad():  # clip_ti_decay: norms drift toward 0.4
-                pull = min(1.0, 100 * TI_LR)
+                pull = min(1.0, 100 * lr)
                 for parameter in vectors:
                     norms = parameter.norm(dim=-1, keepdim=True)
                     parameter.copy_(
                         torch.nn.functional.normalize(parameter, dim=-1)
-                        * (norms + pull * (TI_TARGET_NORM - norms))
+                        * (norms + pull * (target_norm - norms))
                     )
     finally:
         for hook in hooks:

@@ -72,8 +72,10 @@ class Backend(Protocol):
         resolution: int | None = None,
         unet: torch.nn.Module | None = None,
         progress: bool = False,
+        sampler: str = "ddim",
     ) -> torch.Tensor:
-        """Generate one image per condition and seed: (B, 3, H, W) floats in [0, 1]."""
+        """Generate one image per condition and seed: (B, 3, H, W) floats in [0, 1], with
+        `sampler` (ddim; lms on Stable Diffusion)."""
 
     # Class backends only: the dataset's images, the forget/retain sets of class forgetting.
     # def real_images(self, classes: list[int], count: int) -> tuple[torch.Tensor, list[int]]
@@ -107,6 +109,9 @@ OPTIONAL = {
     "eval_prompts": no_eval_prompts,  # a testbed's held-out prompts of a class (sd-digits)
     "digit_names": None,  # sd-digits: the digits' names, its classes
     "eval_steps": 50,  # DDIM steps of evaluation images (the testbeds: 25)
+    # The sampler erase-attack generates with by default: the attacks' reference code samples
+    # Stable Diffusion with LMS (the SD backend says so); DDIM elsewhere, the testbeds included.
+    "reference_sampler": "ddim",
     "method_defaults": {},  # a testbed's measured method settings, by method (docs/methods.md)
     "classifier": None,  # a class backend's own classifier (the digits testbeds)
     "training_seconds": None,  # how long a testbed's base model took to train (the cost yardstick)

@@ -186,8 +186,14 @@ class ClassDDPMBackend:
         resolution: int | None = None,
         unet: torch.nn.Module | None = None,
         progress: bool = False,
+        sampler: str = "ddim",
     ) -> torch.Tensor:
         """One image per class and seed by guided DDIM (eta `sampling_eta`): (B, 3, H, W) in [0, 1]."""
+        if sampler != "ddim":
+            raise EraseError(
+                f"'{self.identity}' samples with DDIM only (its reference's sampler), not "
+                f"'{sampler}': use --sampler ddim."
+            )
         if len(conditions) != len(seeds):
             raise ValueError("sample needs one seed per condition")
         unet = unet if unet is not None else self.unet

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    LMSDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -21,6 +27,18 @@ SD_ALIASES = {
     "sd-2-1-base": "stabilityai/stable-diffusion-2-1-base",  # 512 px, epsilon
     "sd-2-1": "stabilityai/stable-diffusion-2-1",  # 768 px, v-prediction
 }
+
+
+# The samplers images can be generated with, by name: DDIM (erase's default, ESD's evaluation)
+# and LMS (the reference sampler of UnlearnDiffAtk's and SalUn's SD evaluations).
+SAMPLERS = {"ddim": DDIMScheduler, "lms": LMSDiscreteScheduler}
+
+
+def sampler_class(name: str):
+    """The diffusers scheduler class of sampler `name`; an unknown name is a user error."""
+    if name not in SAMPLERS:
+        raise EraseError(f"Unknown sampler '{name}': choose from {', '.join(SAMPLERS)}.")
+    return SAMPLERS[name]
 
 
 # Generation precision: diffusers users run SD in fp16 on a GPU; the weights stay fp32 and
@@ -95,6 +113,7 @@ class StableDiffusionBackend:
     conditioning = "text"
     class_names: list[str] = []
     guidance_scale = 7.5
+    reference_sampler = "lms"  # what the attacks' reference code samples SD with (its LMS)
     gen_precision = "auto"  # fp16 on CUDA, fp32 on the CPU (see generation_dtype)
     # What load_pipeline builds (the SDXL backend changes these three).
     pipeline_class = StableDiffusionPipeline
@@ -221,11 +240,14 @@ class StableDiffusionBackend:
         unet: torch.nn.Module | None = None,
         progress: bool = False,
         token_ids: torch.Tensor | None = None,
+        sampler: str = "ddim",
     ) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] from the pipeline, one seed per prompt (DDIM).
+        """Images (B, 3, H, W) in [0, 1] from the pipeline, one seed per prompt, with `sampler`
+        (ddim or lms, see SAMPLERS) on the model's noise schedule.
 
         `token_ids` (B, L): the text encoder reads these ids instead of the tokenized
         `conditions` (an attack's tokens, which need not survive a round trip through text)."""
+        scheduler_class = sampler_class(sampler)
         size = resolution or self.resolution
         if size % self.vae_scale:
             raise EraseError(f"--resolution must be a multiple of {self.vae_scale}, got {size}.")
@@ -233,7 +255,7 @@ class StableDiffusionBackend:
         precision = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
         original_unet, original_scheduler = self.pipe.unet, self.pipe.scheduler
         self.pipe.unet = unet if unet is not None else original_unet
-        self.pipe.scheduler = DDIMScheduler.from_config(original_scheduler.config)
+        self.pipe.scheduler = scheduler_class.from_config(original_scheduler.config)
         self.pipe.set_progress_bar_config(disable=not progress)
         try:
             with precision:

@@ -77,6 +77,8 @@ class SDDigitsBackend(StableDiffusionBackend):
 
     guidance_scale = 3.0  # the testbed bench's guidance (scripts/bench_sd_digits.py), not SD's 7.5
     eval_steps = 25  # DDIM steps of evaluation images (as the bench's --bench-steps)
+    # The attacks sample the testbed with DDIM, as its evaluation does (SD's reference is LMS).
+    reference_sampler = "ddim"
 
     def __init__(self, folder: str, device: torch.device | None = None):
         super().__init__(folder, device=device)

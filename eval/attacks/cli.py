@@ -12,6 +12,7 @@ import os
 import sys
 
 from erase.cli.args import OneLineParser, add_generation_batch, positive, run_command, seed
+from erase.config import SAMPLER_NAMES
 from erase.errors import EraseError
 from eval.attacks.config import (
     ATTACK_NAMES,
@@ -93,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-steps",
         type=positive(int),
         default=None,
-        help="DDIM steps (default: 25 on the testbeds, 50 otherwise)",
+        help="sampling steps (default: 25 on the testbeds, 50 otherwise)",
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLER_NAMES,
+        default=None,
+        help="sampler of the target, plain and attacked images (default: lms on Stable "
+        "Diffusion, the reference's; ddim on the testbeds)",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -153,6 +161,56 @@ def build_parser() -> argparse.ArgumentParser:
         default="sample",
         help="sample: one real token per slot drawn each iteration, straight-through gradient "
         "(the reference's); mixture: the probability-weighted mean of the token embeddings",
+    )
+
+    udiff.add_argument(
+        "--max-prompt-tokens",
+        type=positive(int),
+        default=60,
+        help="prompts longer than this (start and end tokens counted) are not attacked and "
+        "count by their plain verdict (the reference's loader)",
+    )
+    udiff.add_argument(
+        "--target-steps",
+        type=positive(int),
+        default=None,
+        help="steps of the base model's target images (default: 100 with lms, the "
+        "reference's; else --num-steps)",
+    )
+
+    cce = parser.add_argument_group("cce (concept inversion; reference train.sh)")
+    cce.add_argument(
+        "--cce-images",
+        default=None,
+        metavar="DIR",
+        help="the concept's images (default: its own, as --relearn-data forget)",
+    )
+    cce.add_argument("--cce-num-images", type=positive(int), default=25, help="images at most")
+    cce.add_argument(
+        "--cce-steps", type=positive(int), default=5000, help="textual-inversion steps"
+    )
+    cce.add_argument("--cce-lr", type=positive(float), default=5e-3, help="AdamW learning rate")
+
+    rab = parser.add_argument_group("ring-a-bell (reference InversePrompt.ipynb)")
+    rab.add_argument(
+        "--rab-eta", type=float, default=3.0, help="weight of the concept vector (3: nudity)"
+    )
+    rab.add_argument(
+        "--rab-length",
+        type=positive(int),
+        default=16,
+        help="prompt tokens K: 16, 38 or 77 (77: all 75 a prompt holds)",
+    )
+    rab.add_argument("--rab-population", type=positive(int), default=200, help="population")
+    rab.add_argument(
+        "--rab-generations", type=positive(int), default=3000, help="genetic-search generations"
+    )
+    rab.add_argument(
+        "--rab-pairs",
+        default=None,
+        metavar="CSV",
+        help="prompt pairs with and without the concept (columns 'sensitive prompt', 'normal "
+        "prompt'); default: the concept's prompts with and without its words",
     )
 
     relearn = parser.add_argument_group("relearn")

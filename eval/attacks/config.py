@@ -12,7 +12,7 @@ from erase.errors import EraseError
 # The registry's names (eval.attacks.ATTACKS), unlearndiffatk's relaxations
 # (eval.attacks.unlearndiffatk.RELAXATIONS) and the nudity judge's rules (eval.nudity.JUDGE_RULES),
 # repeated here so --help needs no heavy import.
-ATTACK_NAMES = ("unlearndiffatk", "relearn", "prompts")
+ATTACK_NAMES = ("unlearndiffatk", "relearn", "prompts", "cce", "ring-a-bell")
 RELAXATIONS = ("sample", "mixture")
 JUDGE_RULES = ("reference", "nudenet")
 
@@ -27,6 +27,7 @@ RUN_SETTINGS = (
     "per_prompt",
     "seed",
     "num_steps",
+    "sampler",
     "guidance_scale",
     "resolution",
     "batch_size",
@@ -47,7 +48,19 @@ ATTACK_FLAGS = {
     "relearn_lr": ("relearn", "lr"),
     "relearn_batch_size": ("relearn", "batch_size"),
     "relearn_images": ("relearn", "num_images"),
+    "max_prompt_tokens": ("unlearndiffatk", "max_prompt_tokens"),
+    "target_steps": ("unlearndiffatk", "target_steps"),
+    "cce_images": ("cce", "images"),
+    "cce_num_images": ("cce", "num_images"),
+    "cce_steps": ("cce", "steps"),
+    "cce_lr": ("cce", "lr"),
+    "rab_eta": ("ring-a-bell", "eta"),
+    "rab_length": ("ring-a-bell", "prompt_length"),
+    "rab_population": ("ring-a-bell", "population"),
+    "rab_generations": ("ring-a-bell", "generations"),
+    "rab_pairs": ("ring-a-bell", "pairs"),
 }
+SEEDED = ("unlearndiffatk", "relearn", "cce", "ring-a-bell")  # attacks --seed seeds
 CLI_ONLY = ("attack", "output", "no_progress")
 
 
@@ -73,7 +86,7 @@ def attack_settings(concept: str, attacks: str | list[str], **flags):
     names = parse_attacks(attacks)
     configs = {}
     for name in names:
-        values = {"seed": flags.get("seed", 0)} if name in ("unlearndiffatk", "relearn") else {}
+        values = {"seed": flags.get("seed", 0)} if name in SEEDED else {}
         for flag, (attack, field_name) in ATTACK_FLAGS.items():
             if attack == name and flags.get(flag) is not None:
                 values[field_name] = flags[flag]

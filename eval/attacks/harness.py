@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from erase.config import check_known, config_to_dict
+from erase.config import SAMPLER_NAMES, check_known, config_to_dict
 from erase.errors import EraseError
 from eval.attacks import get_attack
 from eval.attacks.target import (
@@ -26,6 +26,9 @@ from eval.attacks.target import (
     resolved,
 )
 from prompts import PromptEntry
+
+# The attacks one process runs whole (a fine-tuning run, a token learned, a search per prompt).
+MAIN_PROCESS_ONLY = ("relearn", "cce", "ring-a-bell")
 
 
 @dataclass
@@ -40,7 +43,10 @@ class AttackSettings:
     limit: int | None = None
     per_prompt: int = 10  # seeds per prompt of a built-in set
     seed: int = 0
-    num_steps: int | None = None  # DDIM steps; None: the model's evaluation steps (SD: 50)
+    num_steps: int | None = None  # sampling steps; None: the model's evaluation steps (SD: 50)
+    # ddim | lms; None: the backend's reference_sampler (LMS on SD as the reference, DDIM on
+    # the testbeds)
+    sampler: str | None = None
     guidance_scale: float | None = None  # None: each prompt's own, else the model's
     resolution: int | None = None
     batch_size: int | None = None  # images per sampling call; None: fill the device
@@ -98,6 +104,10 @@ def check_files(settings: AttackSettings) -> None:
     if settings.prompts and not os.path.isfile(settings.prompts):
         raise EraseError(
             f"Prompt file '{settings.prompts}' does not exist: pass --prompts with a CSV or TXT."
+        )
+    if settings.sampler is not None and settings.sampler not in SAMPLER_NAMES:
+        raise EraseError(
+            f"--sampler must be one of {', '.join(SAMPLER_NAMES)}, got {settings.sampler!r}."
         )
     if settings.judge_rule not in JUDGE_RULES:
         raise EraseError(
@@ -163,6 +173,7 @@ def generation_config(settings: AttackSettings, target: AttackTarget):
         model=backend.identity,
         unet=target.label if target.label not in ("base",) else None,
         num_steps=steps,
+        sampler=settings.sampler or backend.reference_sampler,
         guidance_scale=None,  # each entry carries its own, resolved above
         resolution=settings.resolution,
         batch_size=settings.batch_size,
@@ -180,8 +191,8 @@ def attack_target(
     generation = generation_config(settings, target)
     figures = {}
     for name, config in attack_configs(settings).items():
-        if name == "relearn" and not state.is_main_process:
-            continue  # one fine-tuning run: the main process does it
+        if name in MAIN_PROCESS_ONLY and not state.is_main_process:
+            continue  # one fine-tuning run or search: the main process does it
         summary = get_attack(name).run(
             target, config, os.path.join(output, name), generation, progress
         )
@@ -200,6 +211,10 @@ def run_attacks(settings: AttackSettings, output: str, backend=None, progress=Tr
     backend = backend or load_backend(settings.model, device=process_state().device)
     for name in configs:  # an attack that cannot run on this model fails before any work
         getattr(get_attack(name), "check", lambda backend: None)(backend)
+    if settings.sampler not in (None, "ddim") and backend.conditioning != "text":
+        raise EraseError(
+            f"'{backend.identity}' samples with DDIM only: drop --sampler {settings.sampler}."
+        )
     target = load_target(settings, backend=backend)
     retrain = retrain_target(settings, target) if settings.retrain else None
     os.makedirs(output, exist_ok=True)
