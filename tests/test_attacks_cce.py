@@ -128,7 +128,7 @@ def test_cce_errors_are_one_line(capsys, tiny_sd_dir, tmp_path):
     err = one_line_error(
         capsys, cce_args(tiny_sd_dir, tmp_path, str(prompts), "--cce-images", str(empty_folder))
     )
-    assert "holds no .png/.jpg/.webp images" in err
+    assert "holds no .png/.jpg/.webp/.bmp images" in err
     (tmp_path / "empty.csv").write_text("prompt\n")
     err = one_line_error(capsys, cce_args(tiny_sd_dir, tmp_path, str(tmp_path / "empty.csv")))
     assert "holds no prompts" in err
