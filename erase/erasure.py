@@ -5,6 +5,7 @@ take around training; the pipeline never parses, prints or imports eval/."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -49,6 +50,7 @@ from erase.saliency import (
     saliency_mask,
     save_mask,
 )
+from erase.threads import backend_threads
 from erase.train import (
     TrainConfig,
     count_changed_weights,
@@ -169,8 +171,9 @@ def run_erasure(
     # The accelerate state comes first: the lock and the output's cleanup ask it which process
     # is the main one (several CPU processes are known only to the accelerator made here).
     accelerator = make_accelerator(fields_from(config, TrainConfig))
-    with output_lock(output):
-        return erase_into(output, config, accelerator, backend, on_phase, evaluations)
+    # `threads` holds the loaded backend's CPU thread count from loading to the end of the run
+    with output_lock(output), contextlib.ExitStack() as threads:
+        return erase_into(output, config, accelerator, backend, on_phase, evaluations, threads)
 
 
 def check_arguments(config: ErasureConfig) -> None:
@@ -294,11 +297,14 @@ def erase_into(
     backend=None,
     on_phase=None,
     evaluations: Sequence[Evaluation] = (),
+    threads: contextlib.ExitStack | None = None,
 ) -> ErasureResult:
     """The erasure of run_erasure, holding the lock of `output`: one function per phase."""
     check_output(output, config.overwrite, resume=config.resume)
     clock = PhaseClock(on_phase)
     plan = load_phase(output, config, accelerator, backend)
+    if threads is not None:
+        threads.enter_context(backend_threads(plan.backend, accelerator.device))
     clock.lap("load")
     data_config, data, forget_latents, retain_latents = data_phase(plan, config, accelerator)
     clock.lap("data")

@@ -271,3 +271,30 @@ def test_erasure_records_the_reference_ddpm_settings(erased):
 def test_ddim_sampling_does_not_clip_the_predicted_x0(backend):
     # The reference's generalized steps (DDPM/functions/denoising.py) never clip x0.
     assert backend.make_sampler(10).config.clip_sample is False
+
+
+def test_an_erasure_holds_the_backends_cpu_threads_and_gives_them_back(
+    tiny_folder, tmp_path, monkeypatch
+):
+    import erase.erasure
+
+    seen = []
+    real = erase.erasure.train_phase
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(erase.erasure, "train_phase", spy)
+    monkeypatch.setattr(ClassDDPMBackend, "cpu_threads", 1, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code = erase_concept_main(
+            ["--model", tiny_folder, "--concept", "three", "--output", str(tmp_path / "out"),
+             "--steps", "1", "--batch-size", "4", "--num-forget", "4", "--num-retain", "4",
+             "--no-eval"]
+        )  # fmt: skip
+        assert code == 0 and seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from erase.threads import cpu_threads
+
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 CLASSIFIER_FORMAT = "erase-digit-classifier/1"
@@ -208,7 +210,8 @@ def load_digit_classifier(
     folder = classifier_folder(image_size, cache_dir)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         config = config or ClassifierConfig(image_size=image_size)
-        model = train_digit_classifier(config)
+        with cpu_threads(1):  # a small CNN: erase/threads.py
+            model = train_digit_classifier(config)
         save_digit_classifier(
             model, folder, test_accuracy=classifier_accuracy(model), training=asdict(config)
         )

@@ -9,7 +9,6 @@ classifier scores forgetting and retention on captions from held-out templates.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
@@ -30,6 +29,7 @@ from erase.models import quiet_loading
 from erase.models.sd import StableDiffusionBackend
 from erase.testbeds.digits import DIGIT_NAMES, digits_dataset
 from erase.testbeds.small_sd import as_pipeline, small_sd_components
+from erase.threads import cpu_threads
 
 # Captions the model is trained on, and held-out ones that only evaluation uses.
 TRAIN_TEMPLATES = ["a handwritten digit {name}", "the number {number}", "a drawing of a {number}"]
@@ -79,6 +79,7 @@ class SDDigitsBackend(StableDiffusionBackend):
     eval_steps = 25  # DDIM steps of evaluation images (as the bench's --bench-steps)
     # The attacks sample the testbed with DDIM, as its evaluation does (SD's reference is LMS).
     reference_sampler = "ddim"
+    cpu_threads = 1  # erase/threads.py
 
     def __init__(self, folder: str, device: torch.device | None = None):
         super().__init__(folder, device=device)
@@ -229,20 +230,6 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
     text_encoder.load_state_dict(averaged[1].state_dict())
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Train on one CPU thread. This model's operations are too small to share out: a second
-    thread saves at most a third of the time on 2 free cores, and when other jobs share the cores
-    the two threads wait on each other, 14x slower (0.19 s per UNet step alone, 2.7-3.7 s with
-    two threads beside other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
     """Train the sd-digits pipeline and save it to `folder` atomically; returns the folder.
 
@@ -253,7 +240,7 @@ def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
     kept = ~torch.isin(labels, torch.tensor(config.exclude, dtype=torch.long))
     images, labels = images[kept], labels[kept]
     images = images.expand(-1, 3, -1, -1).contiguous()  # Stable Diffusion's VAE takes RGB
-    with one_thread():
+    with cpu_threads(1):  # erase/threads.py: 14x slower on two threads beside other jobs
         tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
         train_vae(vae, images, config)
         train_unet(tokenizer, text_encoder, unet, vae, images, labels, config)
