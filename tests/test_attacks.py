@@ -508,3 +508,41 @@ def test_bench_retrain_row_is_scored_and_attacked_like_the_others(
     assert [row["method"] for row in rows] == ["base", "retrain", "salun"]
     assert built == [(tiny_sd_dir, "nudity")]
     assert all(0 <= row["prompts_asr"] <= 1 for row in rows)
+
+
+def test_cli_relearns_with_lora_and_full_at_each_rate_and_draws_the_curves(
+    tiny_sd_dir, tmp_path, capsys
+):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a nude person\n")
+    output = tmp_path / "relearn"
+    argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--attack", "relearn"]
+    argv += ["--prompts", str(prompts), "--num-steps", "2", "--relearn-steps", "0,1,2"]
+    argv += ["--relearn-tuning", "full,lora", "--relearn-lr", "1e-5,1e-4"]
+    argv += ["--relearn-images", "2", "--relearn-batch-size", "2"]
+    argv += ["--output", str(output), "--no-progress"]
+    assert main(argv) == 0
+    assert "forget/lora/0.0001" in capsys.readouterr().out
+    figures = json.loads((output / "results.json").read_text())["attacks"]["relearn"]
+    labels = [curve["label"] for curve in figures["curves"]]
+    assert labels == [
+        "forget/full/1e-05",
+        "forget/full/0.0001",
+        "forget/lora/1e-05",
+        "forget/lora/0.0001",
+    ]
+    for curve in figures["curves"]:
+        assert [point["step"] for point in curve["curve"]] == [0, 1, 2]
+        assert 0 <= curve["auc"] <= 1
+    assert figures["settings"]["lora_rank"] == 4
+    report = (output / "report.md").read_text()
+    assert all(f"Relearning {label}" in report for label in labels)
+    assert (output / "relearn.png").stat().st_size > 0
+
+
+def test_bad_relearning_flags_are_one_line(capsys, tiny_sd_dir):
+    argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--attack", "relearn"]
+    err = one_line_error(capsys, argv + ["--relearn-tuning", "qlora"])
+    assert "--relearn-tuning 'qlora'" in err
+    err = one_line_error(capsys, argv + ["--relearn-lr", "1e-4,0"])
+    assert "learning rates > 0" in err
