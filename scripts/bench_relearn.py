@@ -3,6 +3,8 @@
     python scripts/bench_relearn.py --output /tmp/relearn                  # ddpm-digits, digit 3
     python scripts/bench_relearn.py --output /tmp/relearn --part erase     # erasures + quality only
     python scripts/bench_relearn.py --output /tmp/relearn --rows salun-meta --attacks forget/full/1e-4
+    python scripts/bench_relearn.py --concept 5 --output /tmp/tune5 --attacks forget/full/1e-4 \
+        --rows "salun-meta,meta-k5=--method salun --harden meta --meta-steps 5"   # a row of your own
 
 Part erase: each row's erasure by erase-concept in its own process (so its peak memory is its
 own), with erase-concept's class-removal evaluation: plain forget accuracy, the other digits'
@@ -107,7 +109,7 @@ def parse_attack(text: str) -> tuple[str, str, float]:
     return data, tuning, float(lr)
 
 
-def relearn_flags(attacks: list[str]) -> dict:
+def relearn_flags(attacks: list[str], checkpoints: list[int] = CHECKPOINTS) -> dict:
     """erase-attack's relearning flags by name for the attacks `data/tuning/lr`."""
     settings = [parse_attack(a) for a in attacks]
     return {
@@ -115,24 +117,24 @@ def relearn_flags(attacks: list[str]) -> dict:
         "relearn_data": list(dict.fromkeys(s[0] for s in settings)),
         "relearn_tuning": list(dict.fromkeys(s[1] for s in settings)),
         "relearn_lr": list(dict.fromkeys(s[2] for s in settings)),
-        "relearn_steps": CHECKPOINTS,
+        "relearn_steps": checkpoints,
     }
 
 
-def attack_row(model: str, concept: str, unet: str, output: str, attacks: list[str]) -> dict:
+def attack_row(model: str, concept: str, unet: str, output: str, attacks: list[str], steps) -> dict:
     """erase-attack's relearning attacks on one erased model (its folder: results.json,
     report.md, relearn.png); the relearn figures."""
     import erase
 
     path = os.path.join(output, "results.json")
     if not os.path.isfile(path):
-        flags = relearn_flags(attacks)
+        flags = relearn_flags(attacks, steps)
         erase.attack(model, concept, "relearn", unet=unet, output=output, no_progress=True, **flags)
     with open(path) as file:
         return json.load(file)["attacks"]["relearn"]
 
 
-def attack_retrain(model: str, concept: str, output: str, attacks: list[str]) -> dict:
+def attack_retrain(model: str, concept: str, output: str, attacks: list[str], steps) -> dict:
     """The same attacks on Retrain, judged against the base model's rate (as erase-bench's
     Retrain row): the relearn figures, cached in output/relearn.json."""
     path = os.path.join(output, "relearn.json")
@@ -144,7 +146,7 @@ def attack_retrain(model: str, concept: str, output: str, attacks: list[str]) ->
         from eval.attacks.config import attack_settings
         from eval.attacks.harness import attack_target, load_target
 
-        settings = attack_settings(concept, "relearn", model=model, **relearn_flags(attacks))
+        settings = attack_settings(concept, "relearn", model=model, **relearn_flags(attacks, steps))
         base = load_backend(model)
         target = load_target(settings, backend=load_retrain(model, concept), label="retrain")
         target = dataclasses.replace(target, base_backend=base)
@@ -162,16 +164,31 @@ def main() -> None:
     parser.add_argument("--concept", default="3")
     parser.add_argument("--output", required=True, help="folder (resumable)")
     parser.add_argument("--part", choices=["all", "erase", "attack"], default="all")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(ROWS))
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"comma list of {', '.join(ROWS)} or name=erase-concept flags",
+    )
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="data/tuning/lr, comma list")
+    parser.add_argument(
+        "--relearn-steps",
+        default=CHECKPOINTS,
+        type=lambda text: [int(step) for step in text.split(",")],
+        help="checkpoints, comma list",
+    )
     parser.add_argument(
         "--attack-rows",
         default=None,
         help="the rows to attack now, retrain among them (default: retrain and every row)",
     )
     args = parser.parse_args()
-    attacked = (args.attack_rows or ",".join(["retrain", *ROWS])).split(",")
-    rows = [r for r in args.rows.split(",") if r]
+    rows = []
+    for spec in (r for r in args.rows.split(",") if r):  # a name, or name=erase-concept flags
+        name, _, flags = spec.partition("=")
+        if flags:
+            ROWS[name] = flags.split()
+        rows.append(name)
+    attacked = (args.attack_rows or ",".join(["retrain", *rows])).split(",")
     attacks = [a for a in args.attacks.split(",") if a]
     summary = {"model": args.model, "concept": args.concept, "rows": {}}
     start = time.perf_counter()
@@ -190,11 +207,15 @@ def main() -> None:
         relearned = {}
         if "retrain" in attacked:
             folder = os.path.join(args.output, "attack", "retrain")
-            relearned["retrain"] = attack_retrain(args.model, args.concept, folder, attacks)
+            relearned["retrain"] = attack_retrain(
+                args.model, args.concept, folder, attacks, args.relearn_steps
+            )
         for row in (r for r in rows if r in attacked):
             folder = os.path.join(args.output, "attack", row)
             unet = os.path.join(args.output, row)
-            relearned[row] = attack_row(args.model, args.concept, unet, folder, attacks)
+            relearned[row] = attack_row(
+                args.model, args.concept, unet, folder, attacks, args.relearn_steps
+            )
         for name, figures in relearned.items():
             part = summary["retrain"] if name == "retrain" else summary["rows"][name]
             part["base_positive_rate"] = figures["base_positive_rate"]
