@@ -446,12 +446,15 @@ def test_bench_with_attacks_adds_asr_and_steps_to_recover_columns(tiny_sd_dir, t
     argv += ["--gen-steps", "2", "--bench-per-prompt", "1", "--bench-steps", "2"]
     argv += ["--bench-clip", "none", "--attacks", "unlearndiffatk,relearn"]
     argv += [f"--attack-flags={flags} --relearn-images 2 --relearn-batch-size 2"]
+    argv[-1] += " --relearn-tuning full,lora"
     assert bench_main(argv) == 0
     rows = json.loads((output / "bench.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["base", "salun"]
     for row in rows:
         assert 0 <= row["asr"] <= 1 and row["relearn_curve"].startswith("0:")
-        assert "steps_to_recover" in row
+        assert "steps_to_recover" in row and 0 <= row["relearn_auc"] <= 1
+        assert "steps_to_recover forget/lora/0.0001" in row  # the second attack's own column
+    assert (output / "chart.png").stat().st_size > 0
     assert "asr" in (output / "bench.md").read_text()
 
 
