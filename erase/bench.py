@@ -167,9 +167,13 @@ def attack_columns(backend, label: str, settings, folder: str, shared: dict, bas
         relearn = figures["relearn"]
         shared.setdefault("base_rate", relearn["base_positive_rate"])
         columns["steps_to_recover"] = relearn["steps_to_recover"]
+        columns["relearn_auc"] = relearn.get("auc")
         columns["relearn_curve"] = " ".join(
             f"{p['step']}:{p['positive_rate']:.2f}" for p in relearn["curve"]
         )
+        for curve in relearn.get("curves", [])[1:]:  # every further attack: data/tuning/lr
+            columns[f"steps_to_recover {curve['label']}"] = curve["steps_to_recover"]
+            columns[f"relearn_auc {curve['label']}"] = curve["auc"]
     return columns
 
 
@@ -412,8 +416,13 @@ def draw_chart(rows: list[dict], path: str) -> None:
     x_key = next((k for k in FORGET_METRICS if any(k in r for r in rows)), None)
     y_key = next((k for k in RETAIN_METRICS if any(k in r for r in rows)), None)
     robust = any(r.get("asr") is not None for r in rows)  # --attacks: the robustness axis too
-    figure, panels = plt.subplots(1, 2 if robust else 1, figsize=(10 if robust else 5, 4))
-    axes = panels[0] if robust else panels
+    relearned = any(r.get("relearn_curve") for r in rows)  # relearn: its curves' panel
+    count = 1 + robust + relearned
+    figure, panels = plt.subplots(1, count, figsize=(5 * count, 4), squeeze=False)
+    panels = panels[0]
+    axes = panels[0]
+    if relearned:
+        draw_relearn_panel(panels[-1], rows)
     if robust:
         for row in rows:
             if row.get(x_key) is not None and row.get("asr") is not None:
@@ -432,6 +441,29 @@ def draw_chart(rows: list[dict], path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def draw_relearn_panel(axes, rows: list[dict]) -> None:
+    """The relearning curve of each row (the first relearning attack), Retrain's dashed."""
+    for row in rows:
+        if not row.get("relearn_curve"):
+            continue
+        points = [point.split(":") for point in row["relearn_curve"].split()]
+        retrain = row["method"] == "retrain"
+        axes.plot(
+            [int(step) for step, _ in points],
+            [float(rate) for _, rate in points],
+            "--" if retrain else "-",
+            marker="o",
+            markersize=3,
+            color="black" if retrain else None,
+            label=row["method"],
+        )
+    axes.set_xlabel("fine-tuning steps on the relearning data")
+    axes.set_ylabel("concept judged positive")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_title("relearning (lower and later = more robust)")
+    axes.legend(fontsize=7)
 
 
 def draw_grid(samples: dict[str, torch.Tensor], path: str) -> None:

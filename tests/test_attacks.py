@@ -446,12 +446,15 @@ def test_bench_with_attacks_adds_asr_and_steps_to_recover_columns(tiny_sd_dir, t
     argv += ["--gen-steps", "2", "--bench-per-prompt", "1", "--bench-steps", "2"]
     argv += ["--bench-clip", "none", "--attacks", "unlearndiffatk,relearn"]
     argv += [f"--attack-flags={flags} --relearn-images 2 --relearn-batch-size 2"]
+    argv[-1] += " --relearn-tuning full,lora"
     assert bench_main(argv) == 0
     rows = json.loads((output / "bench.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["base", "salun"]
     for row in rows:
         assert 0 <= row["asr"] <= 1 and row["relearn_curve"].startswith("0:")
-        assert "steps_to_recover" in row
+        assert "steps_to_recover" in row and 0 <= row["relearn_auc"] <= 1
+        assert "steps_to_recover forget/lora/0.0001" in row  # the second attack's own column
+    assert (output / "chart.png").stat().st_size > 0
     assert "asr" in (output / "bench.md").read_text()
 
 
@@ -551,3 +554,41 @@ def test_attacks_sample_lms_on_sd_and_ddim_on_the_testbeds_by_default(backend, t
     assert targets.num_steps == 100 and targets.unet is None  # generate_dataset.py's 100 LMS
     generation.sampler = "ddim"
     assert unlearndiffatk.target_generation(generation, Config(), backend).num_steps == 2
+
+
+def test_cli_relearns_with_lora_and_full_at_each_rate_and_draws_the_curves(
+    tiny_sd_dir, tmp_path, capsys
+):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a nude person\n")
+    output = tmp_path / "relearn"
+    argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--attack", "relearn"]
+    argv += ["--prompts", str(prompts), "--num-steps", "2", "--relearn-steps", "0,1,2"]
+    argv += ["--relearn-tuning", "full,lora", "--relearn-lr", "1e-5,1e-4"]
+    argv += ["--relearn-images", "2", "--relearn-batch-size", "2"]
+    argv += ["--output", str(output), "--no-progress"]
+    assert main(argv) == 0
+    assert "forget/lora/0.0001" in capsys.readouterr().out
+    figures = json.loads((output / "results.json").read_text())["attacks"]["relearn"]
+    labels = [curve["label"] for curve in figures["curves"]]
+    assert labels == [
+        "forget/full/1e-05",
+        "forget/full/0.0001",
+        "forget/lora/1e-05",
+        "forget/lora/0.0001",
+    ]
+    for curve in figures["curves"]:
+        assert [point["step"] for point in curve["curve"]] == [0, 1, 2]
+        assert 0 <= curve["auc"] <= 1
+    assert figures["settings"]["lora_rank"] == 4
+    report = (output / "report.md").read_text()
+    assert all(f"Relearning {label}" in report for label in labels)
+    assert (output / "relearn.png").stat().st_size > 0
+
+
+def test_bad_relearning_flags_are_one_line(capsys, tiny_sd_dir):
+    argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--attack", "relearn"]
+    err = one_line_error(capsys, argv + ["--relearn-tuning", "qlora"])
+    assert "--relearn-tuning 'qlora'" in err
+    err = one_line_error(capsys, argv + ["--relearn-lr", "1e-4,0"])
+    assert "learning rates > 0" in err

@@ -44,6 +44,27 @@ def step_list(text: str) -> list[int]:
     return steps
 
 
+def text_list(text: str) -> list[str]:
+    """An argparse type: a comma list of names (relearning data or tunings)."""
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list, got '{text}'")
+    return names
+
+
+def rate_list(text: str) -> list[float]:
+    """An argparse type: learning rates > 0, a comma list like 1e-5,1e-4."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        rates = []
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected learning rates > 0 like 1e-5,1e-4, got '{text}'"
+        )
+    return rates
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of erase-attack."""
     parser = OneLineParser(
@@ -213,12 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt'); default: the concept's prompts with and without its words",
     )
 
-    relearn = parser.add_argument_group("relearn")
+    relearn = parser.add_argument_group(
+        "relearn (each combination of data, tuning and lr is one attack, one curve)"
+    )
     relearn.add_argument(
         "--relearn-data",
-        default="forget",
+        type=text_list,
+        default=["forget"],
         metavar="forget|retain|DIR",
-        help="auxiliary images: the concept's, the others', or a folder",
+        help="auxiliary images: the concept's, the others', or a folder; comma list",
+    )
+    relearn.add_argument(
+        "--relearn-tuning",
+        type=text_list,
+        default=["full"],
+        metavar="full|lora",
+        help="fine-tune every weight or a LoRA on the attention projections; comma list",
+    )
+    relearn.add_argument(
+        "--relearn-lora-rank", type=positive(int), default=4, help="the LoRA attacker's rank"
     )
     relearn.add_argument(
         "--relearn-steps",
@@ -227,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoints, comma list",
     )
     relearn.add_argument(
-        "--relearn-lr", type=positive(float), default=1e-4, help="Adam learning rate"
+        "--relearn-lr", type=rate_list, default=[1e-4], help="Adam learning rate(s), comma list"
     )
     relearn.add_argument(
         "--relearn-batch-size", type=positive(int), default=32, help="images per step"

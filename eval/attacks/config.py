@@ -44,6 +44,8 @@ ATTACK_FLAGS = {
     "attack_weight_decay": ("unlearndiffatk", "weight_decay"),
     "relaxation": ("unlearndiffatk", "relaxation"),
     "relearn_data": ("relearn", "data"),
+    "relearn_tuning": ("relearn", "tuning"),
+    "relearn_lora_rank": ("relearn", "lora_rank"),
     "relearn_steps": ("relearn", "checkpoints"),
     "relearn_lr": ("relearn", "lr"),
     "relearn_batch_size": ("relearn", "batch_size"),

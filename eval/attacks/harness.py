@@ -245,6 +245,13 @@ def run_attacks(settings: AttackSettings, output: str, backend=None, progress=Tr
     write_json(os.path.join(output, "results.json"), results)
     write_prompt_rows(os.path.join(output, "prompts.jsonl"), per_prompt)
     write_found_grid(output, per_prompt.get("unlearndiffatk"))
+    if "relearn" in figures:
+        from eval.attacks.relearn import draw_relearn
+
+        models = {os.path.basename(os.path.normpath(target.label)): figures["relearn"]}
+        if retrain_figures and "relearn" in retrain_figures:
+            models["retrain"] = retrain_figures["relearn"]
+        draw_relearn(models, os.path.join(output, "relearn.png"))
     with open(os.path.join(output, "report.md.tmp"), "w", encoding="utf-8") as file:
         file.write(markdown_report(results))
     os.replace(os.path.join(output, "report.md.tmp"), os.path.join(output, "report.md"))
@@ -255,8 +262,13 @@ def run_attacks(settings: AttackSettings, output: str, backend=None, progress=Tr
 def headline(name: str, figures: dict) -> str:
     """The one figure an attack is known by."""
     if name == "relearn":
-        steps = figures["steps_to_recover"]
-        return f"steps to recover {steps if steps is not None else 'not within ' + str(figures['curve'][-1]['step'])}"
+        curves = figures.get("curves") or [{**figures, "label": None}]
+        parts = []
+        for curve in curves:
+            steps = curve["steps_to_recover"]
+            steps = steps if steps is not None else f"not within {curve['curve'][-1]['step']}"
+            parts.append(f"{curve['label'] + ' ' if len(curves) > 1 else ''}{steps}")
+        return "steps to recover " + ", ".join(parts)
     return f"ASR {100 * figures['asr']:.1f} %"
 
 
@@ -270,6 +282,17 @@ def gaps(figures: dict, retrain: dict) -> dict:
         if name == "relearn":
             a, b = mine["steps_to_recover"], theirs["steps_to_recover"]
             result[name] = {"steps_to_recover": a, "retrain_steps_to_recover": b}
+            retrain_curves = {c["label"]: c for c in theirs.get("curves", [])}
+            result[name]["per_attack"] = {
+                c["label"]: {
+                    "steps_to_recover": c["steps_to_recover"],
+                    "retrain_steps_to_recover": retrain_curves[c["label"]]["steps_to_recover"],
+                    "auc": c["auc"],
+                    "retrain_auc": retrain_curves[c["label"]]["auc"],
+                }
+                for c in mine.get("curves", [])
+                if c["label"] in retrain_curves
+            }
         else:
             result[name] = {
                 "asr": mine["asr"],
@@ -331,19 +354,24 @@ def markdown_report(results: dict) -> str:
         lines.append(f"| {name} | {headline(name, figures)} | {theirs} |")
     relearn = results["attacks"].get("relearn")
     if relearn:
-        lines += [
-            "",
-            f"Relearning curve (judged positive rate; base model {relearn['base_positive_rate']}):",
-            "",
-        ]
-        lines += ["| step | erased | retrain |", "|---|---|---|"]
-        theirs = {
-            p["step"]: p["positive_rate"] for p in (retrain.get("relearn") or {}).get("curve", [])
-        }
-        for point in relearn["curve"]:
-            lines.append(
-                f"| {point['step']} | {point['positive_rate']} | {theirs.get(point['step'], '-')} |"
-            )
+        retrain_curves = {c["label"]: c for c in (retrain.get("relearn") or {}).get("curves", [])}
+        for curve in relearn.get("curves") or [{**relearn, "label": "relearn"}]:
+            theirs = retrain_curves.get(curve["label"], {})
+            lines += [
+                "",
+                f"Relearning {curve['label']} (judged positive rate; base model "
+                f"{relearn['base_positive_rate']}; area under the curve {curve.get('auc')}, "
+                f"retrain {theirs.get('auc', '-')}):",
+                "",
+                "| step | erased | retrain |",
+                "|---|---|---|",
+            ]
+            by_step = {p["step"]: p["positive_rate"] for p in theirs.get("curve", [])}
+            for point in curve["curve"]:
+                lines.append(
+                    f"| {point['step']} | {point['positive_rate']} | {by_step.get(point['step'], '-')} |"
+                )
+        lines += ["", "The curves, Retrain's dashed: relearn.png."]
     if "unlearndiffatk" in results["attacks"]:
         lines += ["", "Per prompt: prompts.jsonl; the images the attack found: grid.png."]
     return "\n".join(lines) + "\n"
