@@ -8,8 +8,7 @@ import torch
 
 from erase.api import run
 from erase.cli.concept import build_parser, config_from_args, erase_concept_main
-from erase.concepts import resolve_concept
-from erase.methods.uce import UCE, UCEConfig, is_edited
+from erase.methods.uce import UCEConfig, is_edited
 from erase.models import load_backend
 from erase.testing import save_tiny_sdxl
 
@@ -41,7 +40,9 @@ def last_token_embedding(pipe, text: str) -> torch.Tensor:
     )
     last = sum(tokens["attention_mask"]) - 2
     with torch.no_grad():
-        embeds = pipe.encode_prompt(text, "cpu", 1, do_classifier_free_guidance=False)[0]
+        embeds = pipe.encode_prompt(
+            text, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )[0]
     return embeds[0, last].double()
 
 
@@ -114,23 +115,6 @@ def test_preserved_concepts_keys_and_values_barely_move(uce_run, base):
         if is_edited(n)
     ]
     assert min(moved) > 0.1
-
-
-def test_a_second_edit_with_the_same_concept_changes_little(uce_run, base):
-    result, _ = uce_run
-    unet, first = result.backend.unet, state(result.backend.unet)
-    config = UCEConfig(uce_preserve=PRESERVED, uce_preserve_scale=PRESERVE_SCALE)
-    nudity = resolve_concept("nudity", conditioning="text")
-    try:
-        UCE(result.backend, nudity, config).edit(unet)  # the edited model, edited again
-        second = state(unet)
-    finally:
-        unet.load_state_dict(first)
-    original = state(base.unet)
-    for name in first:
-        if is_edited(name):
-            first_step = (first[name] - original[name]).norm()
-            assert (second[name] - first[name]).norm() < 0.1 * first_step, name
 
 
 def test_several_concepts_are_one_joint_solve(tiny_sd_dir, base, tmp_path):
