@@ -352,6 +352,7 @@ def bench_one(backend, method: str, config, staging: str, scorer, samples: dict)
         "data_s": timings.get("data"),
         "mask_s": timings.get("mask"),
         "train_s": timings.get("train"),
+        "edit_s": timings.get("edit"),  # a closed-form method's (UCE) instead of data/mask/train
         "eval_s": round(time.perf_counter() - clock, 2),
         "peak_memory_mb": metadata["peak_memory_mb"],
     }

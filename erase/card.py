@@ -22,6 +22,7 @@ METHOD_NAMES = {
     "esd-x": "ESD-x (erasing concepts, cross-attention; Gandikota et al., ICCV 2023)",
     "esd-x-strict": "ESD-x-strict (cross-attention keys and values; Gandikota et al., ICCV 2023)",
     "fmn": "Forget-Me-Not (attention re-steering; Zhang et al., 2023)",
+    "uce": "UCE (unified concept editing, closed form; Gandikota et al., WACV 2024)",
 }
 
 
@@ -82,7 +83,7 @@ def model_card(metadata: dict, export_format: str | None = None, grid: bool = Fa
         f"| method | {method} |",
         f"| method settings | `{compact(metadata.get('method_config'))}` |",
         f"| hardening | {harden_text(metadata)} |",
-        f"| training | `{compact(metadata.get('train_config'))}` |",
+        f"| training | {training_text(metadata)} |",
         f"| data | {metadata.get('data_source', '')} |",
         f"| seed | {metadata.get('seed')} |",
         f"| changed weights | {metadata.get('changed_weights', 0):,} of "
@@ -104,6 +105,13 @@ def model_card(metadata: dict, export_format: str | None = None, grid: bool = Fa
             "derivative.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def training_text(metadata: dict) -> str:
+    """The training settings, or the closed-form edit's seconds (UCE trains nothing)."""
+    if metadata.get("closed_form"):
+        return f"none: a closed-form edit, {metadata.get('edit_s')} s"
+    return f"`{compact(metadata.get('train_config'))}`"
 
 
 def harden_text(metadata: dict) -> str:

@@ -41,7 +41,7 @@ from erase.errors import EraseError
 from erase.harden import check_harden, get_technique, technique_config
 from erase.home import erase_home
 from erase.methods import get_method
-from erase.models import load_backend
+from erase.models import load_backend, model_conditioning
 from erase.saliency import (
     forget_loss_gradients,
     load_mask,
@@ -77,17 +77,19 @@ def resolve_settings(
         if getattr(train_config, name) is None:
             setattr(train_config, name, defaults.get(name))
     if train_config.steps is None:
-        if config.epochs:
+        if config.epochs and train_config.batch_size:
             per_epoch = -(-(num_forget or config.num_forget or 800) // train_config.batch_size)
             train_config.steps = max(1, round(config.epochs * per_epoch))
-        else:
-            train_config.steps = defaults["steps"]
+        else:  # a closed-form method (UCE) has no steps
+            train_config.steps = defaults.get("steps")
     values = {}
     for config_field in dataclasses.fields(method_class.Config):
         value = config.method_config.get(config_field.name)
-        values[config_field.name] = (
-            value if value is not None else defaults.get(config_field.name, config_field.default)
-        )
+        if value is None:
+            value = defaults.get(config_field.name, config_field.default)
+        if value is dataclasses.MISSING:  # a field with a default_factory
+            value = config_field.default_factory()
+        values[config_field.name] = value
     return train_config, method_class.Config(**values)
 
 
@@ -193,7 +195,13 @@ def check_arguments(config: ErasureConfig) -> None:
     ):
         if any(not prompt.strip() for prompt in prompts):
             raise EraseError(f"{flag} must not be empty: give the text of a prompt.")
-    check_harden(config.harden, config.harden_config, get_method(config.method))
+    method_class = get_method(config.method)
+    if method_class.text_only and model_conditioning(config.model) == "class":
+        raise EraseError(
+            f"{config.method} edits how a model reads prompts, and '{config.model}' is "
+            "class-conditional: use --method salun or esd-u for it."
+        )
+    check_harden(config.harden, config.harden_config, method_class)
     if config.mask:
         if not get_method(config.method).uses_mask:
             raise EraseError(
@@ -306,31 +314,25 @@ def erase_into(
     if threads is not None:
         threads.enter_context(backend_threads(plan.backend, accelerator.device))
     clock.lap("load")
-    data_config, data, forget_latents, retain_latents = data_phase(plan, config, accelerator)
-    clock.lap("data")
-    for evaluation in evaluations:
-        evaluation.before(plan.backend, plan.concept)
-        clock.lap(f"{evaluation.name}_before")
-    mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
-    if mask is not None:  # the masked optimizer's state fits only the mask it was made with
-        plan.settings["mask_digest"] = mask_digest(mask)
-        check_resume(plan.checkpoint_dir, plan.settings, config.resume)
-    clock.lap("mask")
-    # a method's stage before training (FMN's textual inversion); most have none
-    plan.method.prepare(
-        forget_latents, data.forget_conditions, torch.Generator().manual_seed(config.seed)
-    )
-    clock.lap("prepare")
+    closed_form = plan.method.edit is not None
+    inputs = None  # a closed-form edit (UCE) needs no data, mask or training
+    if closed_form:
+        measure_before(evaluations, plan, clock)
+    else:
+        inputs = training_inputs(plan, config, accelerator, evaluations, clock)
 
     with staged_output(output) as staging:
-        result, changed = train_phase(
-            plan, accelerator, staging, mask, (forget_latents, retain_latents), data
-        )
-        clock.lap("train")
+        if closed_form:
+            result, changed = edit_phase(plan, accelerator, staging)
+            clock.lap("edit")
+        else:
+            result, changed = train_phase(plan, accelerator, staging, inputs)
+            clock.lap("train")
         measured = {}
         for evaluation in evaluations:
             measured.update(evaluation.after(plan.backend, staging, accelerator.is_main_process))
             clock.lap(f"{evaluation.name}_after")
+        mask = inputs.mask if inputs else None
         metadata = {
             "base_model": plan.backend.identity,
             "base_weights": plan.settings["weights"],  # erase-eval checks --model against it
@@ -338,14 +340,18 @@ def erase_into(
             "concept": plan.concept.to_dict(),
             "method": plan.method.name,
             "method_config": dataclasses.asdict(plan.method_config),
+            # closed-form: the weights are solved for in one step (edit_s seconds), not trained
+            "closed_form": closed_form,
             "harden": config.harden,
             "harden_config": plan.settings["harden_config"],
-            "train_config": dataclasses.asdict(plan.train_config),
-            "data_config": dataclasses.asdict(data_config),
-            "data_source": data.source,
+            "train_config": None if closed_form else dataclasses.asdict(plan.train_config),
+            "data_config": dataclasses.asdict(inputs.data_config) if inputs else None,
+            "data_source": inputs.data.source if inputs else "none (closed-form edit)",
             "seed": config.seed,
             "settings": dataclasses.replace(config, output=output).to_dict(),  # to replay the run
-            "train_result": dataclasses.asdict(result),
+            "train_result": None if closed_form else dataclasses.asdict(result),
+            "edit_result": result if closed_form else None,
+            "edit_s": clock.timings["edit"] if closed_form else None,
             "changed_weights": changed,
             "total_weights": sum(p.numel() for p in plan.backend.unet.parameters()),
             "mask_ratio": mask_ratio(mask) if mask is not None else None,
@@ -363,6 +369,43 @@ def erase_into(
     if on_phase:
         on_phase("write")
     return ErasureResult(output, metadata, plan.backend)
+
+
+@dataclass
+class TrainingInputs:
+    """What a trained method learns from: the data's settings and sets, their latents, the mask."""
+
+    data_config: DataConfig
+    data: ConceptData
+    forget_latents: torch.Tensor  # (N_f, C, h, w)
+    retain_latents: torch.Tensor  # (N_r, C, h, w)
+    mask: object  # the saliency mask (SalUn), else None
+
+
+def measure_before(evaluations: Sequence[Evaluation], plan: Plan, clock: PhaseClock) -> None:
+    """Each evaluation's measurement of the base model, timed as <name>_before."""
+    for evaluation in evaluations:
+        evaluation.before(plan.backend, plan.concept)
+        clock.lap(f"{evaluation.name}_before")
+
+
+def training_inputs(plan: Plan, config: ErasureConfig, accelerator, evaluations, clock):
+    """The data, mask and prepare phases of a trained method (and the base model measured
+    between data and mask): its TrainingInputs."""
+    data_config, data, forget_latents, retain_latents = data_phase(plan, config, accelerator)
+    clock.lap("data")
+    measure_before(evaluations, plan, clock)
+    mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
+    if mask is not None:  # the masked optimizer's state fits only the mask it was made with
+        plan.settings["mask_digest"] = mask_digest(mask)
+        check_resume(plan.checkpoint_dir, plan.settings, config.resume)
+    clock.lap("mask")
+    # a method's stage before training (FMN's textual inversion); most have none
+    plan.method.prepare(
+        forget_latents, data.forget_conditions, torch.Generator().manual_seed(config.seed)
+    )
+    clock.lap("prepare")
+    return TrainingInputs(data_config, data, forget_latents, retain_latents, mask)
 
 
 def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) -> Plan:
@@ -444,9 +487,8 @@ def mask_phase(plan: Plan, forget_latents, forget_conditions, accelerator):
     return mask
 
 
-def train_phase(plan: Plan, accelerator, staging: str, mask, latents, data):
+def train_phase(plan: Plan, accelerator, staging: str, inputs: TrainingInputs):
     """Train the method's weights; (the train result, how many weights changed)."""
-    forget_latents, retain_latents = latents
     backend, method = plan.backend, plan.method
     record_settings(accelerator, plan.checkpoint_dir, plan.settings)
     # The base values of what may move, on disk: changed weights are counted against them
@@ -458,10 +500,10 @@ def train_phase(plan: Plan, accelerator, staging: str, mask, latents, data):
         accelerator,
         backend,
         method,
-        (forget_latents, data.forget_conditions),
-        (retain_latents, data.retain_conditions),
+        (inputs.forget_latents, inputs.data.forget_conditions),
+        (inputs.retain_latents, inputs.data.retain_conditions),
         plan.train_config,
-        mask,
+        inputs.mask,
         checkpoint_dir=os.path.join(staging, "checkpoint"),
         harden=plan.harden,
     )
@@ -470,6 +512,21 @@ def train_phase(plan: Plan, accelerator, staging: str, mask, latents, data):
         changed = count_changed_weights(backend.unet, method.trainable, base_weights)
         os.remove(base_weights)
     return result, changed
+
+
+def edit_phase(plan: Plan, accelerator, staging: str) -> tuple[dict, int]:
+    """A closed-form method's edit of the UNet in place (on every process: it is deterministic);
+    (what it edited, how many weights changed), counted as train_phase counts them."""
+    backend, method = plan.backend, plan.method
+    base_weights = os.path.join(staging, "base-weights.bin")
+    if accelerator.is_main_process:
+        write_base_weights(backend.unet, method.trainable, base_weights)
+    edited = method.edit(backend.unet)
+    changed = 0
+    if accelerator.is_main_process:
+        changed = count_changed_weights(backend.unet, method.trainable, base_weights)
+        os.remove(base_weights)
+    return edited, changed
 
 
 def write_phase(plan: Plan, accelerator, staging: str, mask, metadata: dict, clock) -> None:

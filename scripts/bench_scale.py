@@ -5,6 +5,7 @@
         --mixed-precision bf16 --methods salun,esd-u,esd-x,fmn
     python scripts/bench_scale.py --methods salun --resolution 512 --steps 1 --slope-batch 2
     python scripts/bench_scale.py --methods fmn -- --fmn-ti-steps 0   # erase-concept flags
+    python scripts/bench_scale.py --methods uce   # the closed-form edit: its seconds and memory
 
 The model is SD v1.4's architecture built in code, with random weights (nothing is downloaded):
 diffusers' UNet2DConditionModel with SD v1.x's config (859.5 M weights), a CLIP ViT-L/14-sized
@@ -43,7 +44,9 @@ import time
 
 import torch
 
-PHASES = ("load", "data", "eval_before", "mask", "prepare", "train", "eval_after", "write")
+PHASES = (
+    "load", "data", "eval_before", "mask", "prepare", "train", "edit", "eval_after", "write"
+)  # fmt: skip
 
 
 def model_folder(arch: str = "sd") -> str:
@@ -421,10 +424,13 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
     reports = {}
     for name in methods:
         method = method_for_breakdown(name)
-        batch = method.defaults(text_backend, concept, 800)["batch_size"]
         trained = [(n, w) for n, w in unet.named_parameters() if method.trainable(n)]
         trained_numel = sum(w.numel() for _, w in trained)
         state = {"weights": 4 * numel, "encoders": sum(module_bytes(m) for m in encoders)}
+        if method.edit is not None:  # closed-form (UCE): no gradient, optimizer or activations
+            reports[name] = closed_form_breakdown(arch, numel, trained, state)
+            continue
+        batch = method.defaults(text_backend, concept, 800)["batch_size"]
         masked = round(0.5 * numel)
         flat_gradient = 4 * masked  # MaskedAdam's buffer of masked gradient values
         if getattr(method, "uses_mask", False):  # MaskedAdam over the top 50 %
@@ -471,6 +477,23 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
     return reports
 
 
+def closed_form_breakdown(arch: str, numel: int, edited: list, state: dict) -> dict:
+    """A closed-form edit's need: the model, and while one projection (out, in) is solved its
+    float64 copy, the (in, in) system and the solution (the base values of the edited weights
+    go to a file, not to memory)."""
+    solve = max(8 * (2 * w.shape[0] * w.shape[1] + w.shape[1] ** 2) for _, w in edited)
+    state = {**state, "solve": solve}
+    return {
+        "arch": arch,
+        "counted_on": "meta device (no memory used)",
+        "closed_form": True,
+        "unet_weights": numel,
+        "edited_weights": sum(w.numel() for _, w in edited),
+        "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
+        "needed_mb": {"edit": round(sum(state.values()) / 2**20)},
+    }
+
+
 def available_bytes() -> int:
     """MemAvailable of this machine (Linux)."""
     with open("/proc/meminfo") as file:
@@ -495,7 +518,8 @@ def not_run_reports(args: argparse.Namespace) -> dict:
     reports = {}
     for method in methods:
         needed = here[method]["needed_mb"]
-        if 2**20 * max(needed.get(p, 0) for p in ("train_micro_batch_1", "mask_batch_1")) > room:
+        phases = ("train_micro_batch_1", "mask_batch_1", "edit")
+        if 2**20 * max(needed.get(p, 0) for p in phases) > room:
             counted = breakdown(args.arch, [method], breakdown_resolution(args))[method]
             reports[method] = {
                 "not_run": f"needs more than this machine's {room / 2**30:.1f} GiB to spare",
@@ -555,6 +579,8 @@ def run_one(args: argparse.Namespace) -> dict:
     result = run(config, on_phase=memory.on_phase)
     memory.stop()
     metadata = result.metadata
+    if metadata["closed_form"]:
+        return closed_form_report(args, memory, result)
     backend, train_result = result.backend, metadata["train_result"]
     state = train_result.get("state_bytes") or estimated_state(backend, metadata)
     state = dict(state)
@@ -584,6 +610,31 @@ def run_one(args: argparse.Namespace) -> dict:
         "total_weights": metadata["total_weights"],
     }
     if device.type == "cuda":
+        report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
+    report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
+        args.method
+    ]
+    return report
+
+
+def closed_form_report(args: argparse.Namespace, memory, result) -> dict:
+    """A closed-form method's measurements (UCE): the edit's seconds and every phase's peak."""
+    metadata = result.metadata
+    report = {
+        "method": args.method,
+        "device": str(args.device),
+        "closed_form": True,
+        "extra_flags": args.extra,
+        "edit_s": metadata["edit_s"],
+        "peak_mb": memory.report(),
+        "peak_rss_mb": round(max(rss for _, rss in memory.samples) / 2**20, 1),
+        "timings_s": metadata["timings_s"],
+        "edit_result": metadata["edit_result"],
+        "artifact_bytes": artifact_sizes(result.output),
+        "changed_weights": metadata["changed_weights"],
+        "total_weights": metadata["total_weights"],
+    }
+    if torch.device(args.device).type == "cuda":
         report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
     report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
         args.method
@@ -698,8 +749,8 @@ def main() -> None:
         env["CUDA_VISIBLE_DEVICES"] = ""
     for method in args.methods.split(","):
         reports[method] = run_child(args, method, env, args.batch_size)
-        if "error" in reports[method]:
-            continue
+        if "error" in reports[method] or reports[method].get("closed_form"):
+            continue  # a closed-form edit has no activations to project
         reports[method]["projection"] = activation_projection(reports[method], args.project_batch)
         if args.slope_batch:
             large = run_child(args, method, env, args.slope_batch)

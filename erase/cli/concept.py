@@ -49,7 +49,9 @@ def add_setting_flag(group, config_field: dataclasses.Field, help_text: str) -> 
     """The flag of one config field (`--mask-ratio` for mask_ratio), typed by its annotation;
     its default is None, so a setting left unset takes its config's default."""
     flag = "--" + config_field.name.replace("_", "-")
-    if config_field.type in (bool, "bool"):
+    if str(config_field.type).startswith("list["):  # repeatable: --uce-preserve A --uce-preserve B
+        group.add_argument(flag, action="append", default=None, metavar="TEXT", help=help_text)
+    elif config_field.type in (bool, "bool"):
         group.add_argument(flag, action="store_true", default=None, help=help_text)
     elif config_field.type == "bool | None":
         group.add_argument(
@@ -65,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of erase-concept (erase-bench reuses it)."""
     parser = OneLineParser(
         prog="erase-concept",
-        description="Erase a concept from a diffusion model (SalUn by default; ESD and "
-        "Forget-Me-Not as baselines) and write the erased UNet in diffusers format, with its "
+        description="Erase a concept from a diffusion model (SalUn by default; ESD, "
+        "Forget-Me-Not and UCE as baselines) and write the erased UNet in diffusers format, with its "
         "saliency mask, metadata.json and report.",
         formatter_class=HelpFormatter,
     )

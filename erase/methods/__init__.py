@@ -1,4 +1,5 @@
-"""Unlearning methods by name. A method is a loss and the parameters it trains, nothing else.
+"""Unlearning methods by name. A method is a loss and the parameters it trains, nothing else
+(a closed-form method, UCE: the parameters it edits and the edit).
 
 Adding a method is one new module with a class decorated by `@register("name")` and one import
 line at the bottom of this file.
@@ -53,6 +54,12 @@ OPTIONAL = {
     # a simulated relearning and keeps on during a recovery; None: the method cannot be hardened
     "forget_loss": None,
     "prepare": no_prepare,
+    # a closed-form method's weight edit, `edit(unet) -> dict` (what it edited, for metadata),
+    # run in place of the data, mask and training phases; None: the method trains (`loss`)
+    "edit": None,
+    # True: the method reads prompts (UCE's edit of their projections), so a class-conditional
+    # model is refused before it is loaded
+    "text_only": False,
 }
 
 
@@ -188,4 +195,4 @@ def denoising_loss(
 
 
 # Registry lines: importing a module registers its method.
-from erase.methods import esd, fmn, salun  # noqa: E402,F401
+from erase.methods import esd, fmn, salun, uce  # noqa: E402,F401
