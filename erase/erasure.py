@@ -61,7 +61,7 @@ from erase.train import (
 )
 from prompts import MAX_SEED
 
-ERASURE_PHASES = ("data", "mask", "prepare", "train")
+ERASURE_PHASES = ("data", "mask", "prepare", "train", "edit")  # UCE: "edit" alone
 MAX_RESOLUTION = 8192  # beyond any released model; each backend also allows at most 4 x its own
 
 
