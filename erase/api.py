@@ -149,6 +149,10 @@ def evaluate(
     from eval.evaluation import EvalConfig, parse_metrics, run_evaluation
 
     if metrics is not None:
+        if not isinstance(metrics, str | list | tuple) or not all(
+            isinstance(name, str) for name in metrics
+        ):
+            raise EraseError(f"metrics must be a name or a list of names, got {metrics!r}.")
         names = metrics if isinstance(metrics, str) else ",".join(metrics)
         try:
             settings["metric"] = parse_metrics(names)

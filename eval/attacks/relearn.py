@@ -47,7 +47,9 @@ def relearn_data(target: AttackTarget, config: Config) -> tuple[torch.Tensor, li
             raise EraseError(
                 f"--relearn-data '{config.data}' is neither forget, retain nor a folder of images."
             )
-        images = load_image_folder(config.data, backend, None)[: config.num_images]
+        images = load_image_folder(config.data, backend, None, "--relearn-data")[
+            : config.num_images
+        ]
         conditions = forget_conditions(target)
         return images, [conditions[i % len(conditions)] for i in range(len(images))]
     if backend.digit_names or backend.conditioning == "class":
