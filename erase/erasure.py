@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -446,8 +447,11 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
     )
     mask = None
     if method.uses_mask and config.mask:
-        mask = load_mask(config.mask, backend.unet, backend.identity)
-        check_mask_base(config.mask, backend)
+        same_weights = check_mask_base(config.mask, backend)
+        with warnings.catch_warnings():
+            if same_weights:  # the base's name spelled otherwise is no reason to warn
+                warnings.simplefilter("ignore")
+            mask = load_mask(config.mask, backend.unet, backend.identity)
     checkpoint_dir = os.path.join(partial_path(output), "checkpoint")
     harden = None
     if config.harden:
@@ -469,17 +473,20 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
     )
 
 
-def check_mask_base(path: str, backend) -> None:
+def check_mask_base(path: str, backend) -> bool:
     """Refuse a --mask computed on other weights (its header's `weights`), even of the same
-    shapes: it selects the salient weights of another model."""
+    shapes: it selects the salient weights of another model. True when the weights match."""
     from erase.artifact import safetensors_header
 
     recorded = safetensors_header(path).get("__metadata__", {}).get("weights")
-    if recorded and recorded.strip('"') != unet_fingerprint(backend.unet):
+    if not recorded:
+        return False  # a mask of an older version: load_mask compares the model's name
+    if recorded.strip('"') != unet_fingerprint(backend.unet):
         raise EraseError(
             f"The mask '{path}' was computed on other weights than those of "
             f"'{backend.identity}': compute a new mask on this model (drop --mask)."
         )
+    return True
 
 
 def data_phase(plan: Plan, config: ErasureConfig, accelerator):
