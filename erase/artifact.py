@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import uuid
@@ -269,7 +270,9 @@ def check_output(
             f"'{staging}' exists and is not a folder erase wrote (a link or a file): move it "
             "away or pass another --output."
         )
-    if not is_marked(staging) and os.listdir(staging):
+    # a run killed while marking it leaves only the marker's temporary file
+    foreign = [name for name in os.listdir(staging) if not name.startswith(MARKER)]
+    if not is_marked(staging) and foreign:
         raise EraseError(
             f"'{staging}' exists and was not written by erase: move it away or pass another "
             "--output."
@@ -394,7 +397,9 @@ def check_file_output(path: str, overwrite: bool, tool: str = "erase-export") ->
         check_replaceable(path, overwrite, tool)
     staging = partial_path(path)
     if os.path.lexists(staging):
-        if os.path.islink(staging) or not is_marked(staging):
+        unmarked = os.path.isdir(staging) and not is_marked(staging)
+        foreign = unmarked and any(not n.startswith(MARKER) for n in os.listdir(staging))
+        if os.path.islink(staging) or not os.path.isdir(staging) or foreign:
             raise EraseError(
                 f"'{staging}' exists and was not written by erase: move it away or pass another "
                 "--output."
@@ -454,6 +459,8 @@ def no_space(error: BaseException, folder: str) -> bool:
         if isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS:
             return True
         if any(message in str(seen) for message in NO_SPACE_MESSAGES):
+            return True
+        if re.search(r"\d+ requested and \d+ written", str(seen)):  # numpy's short write
             return True
         seen = seen.__cause__ or seen.__context__
     if isinstance(error, (OSError, RuntimeError)):  # torch.save names no cause: look at the disk

@@ -679,8 +679,9 @@ KILL_POINTS = ("save_state", "copyfile", "write_json_atomic", "sync_tree", "repl
 
 
 def kill_inside_checkpoint(point: str, occurrence: int):
-    """SIGKILL at the `occurrence`-th call of `point` inside checkpoint saves, then --resume:
-    the weights equal an uninterrupted run's."""
+    """SIGKILL at the `occurrence`-th call of `point` (a step of a checkpoint save; os.replace
+    and shutil.copyfile are counted wherever they are called, the marker's write included), then
+    --resume: the weights equal an uninterrupted run's."""
 
     def case(world: World, tmp: str) -> None:
         reference = world.once(
