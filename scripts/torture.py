@@ -469,7 +469,8 @@ def attack_bad_outputs_and_inputs_are_one_line(world: World, tmp: str) -> None:
 def eval_resolution_not_a_multiple_of_8_is_one_line(world: World, tmp: str) -> None:
     """erase-eval --resolution 34 is one line, before any image."""
     argv = ["--model", world.model, "--prompts", world.prompts, "--num-steps", "2"]
-    require_one_line(eval_cli([*argv, "--resolution", "34", "--output", tmp + "/o"]), "multiple")
+    argv += ["--metric", "none", "--resolution", "34"]  # no metric model: the check is first
+    require_one_line(eval_cli([*argv, "--output", tmp + "/o", "--no-progress"]), "multiple")
 
 
 def export_bad_outputs_and_artifacts_are_one_line(world: World, tmp: str) -> None:
@@ -642,8 +643,8 @@ def unclosed_quote_in_a_prompt_csv_is_one_line(world: World, tmp: str) -> None:
     quoted = os.path.join(tmp, "quoted.csv")
     with open(quoted, "w") as file:
         file.write('prompt,evaluation_seed\n"a cat,3\na dog,5\n')
-    argv = ["--model", world.model, "--prompts", quoted, "--num-steps", "2"]
-    require_one_line(eval_cli([*argv, "--output", tmp + "/o"]), "CSV")
+    argv = ["--model", world.model, "--prompts", quoted, "--num-steps", "2", "--metric", "none"]
+    require_one_line(eval_cli([*argv, "--output", tmp + "/o", "--no-progress"]), "CSV")
 
 
 def killed_export_leftover_is_cleaned(world: World, tmp: str) -> None:
