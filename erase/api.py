@@ -86,7 +86,8 @@ def run(config: ErasureConfig, model=None, on_phase=None) -> ErasedModel:
     """Run the erasure `config` describes, as erase-concept does: the artifact in
     `config.output` (default outputs/<model>-<concept>-<method>), grid.png or the class-removal
     evaluation, and the upload with `push_to_hub`. `model`, when given, is a loaded model or
-    pipeline whose UNet is erased in place (no second copy)."""
+    pipeline whose UNet is erased in place (no second copy on the device): the run completes,
+    or the model is left as it was (a CPU copy restores it on any error, Ctrl-C included)."""
     from eval.before_after import before_after_evaluations
 
     name, backend = loaded(model)
@@ -119,7 +120,8 @@ def erase_concept(
     StableDiffusionPipeline or what erase.load_model returned.
 
     `settings` are erase-concept's flags by name (`steps=50`, `num_forget=64`, `lr=1e-5`). A
-    model object's UNet is erased in place (no second copy); the artifact is written to `output`
+    model object's UNet is erased in place (no second copy on the device; left as it was when
+    the run fails, Ctrl-C included); the artifact is written to `output`
     when given. `on_phase(name)` is called as each phase (load, data, mask, train, ...) ends.
     """
     config = erasure_config(concept, method, **settings)
@@ -149,6 +151,10 @@ def evaluate(
     from eval.evaluation import EvalConfig, parse_metrics, run_evaluation
 
     if metrics is not None:
+        if not isinstance(metrics, str | list | tuple) or not all(
+            isinstance(name, str) for name in metrics
+        ):
+            raise EraseError(f"metrics must be a name or a list of names, got {metrics!r}.")
         names = metrics if isinstance(metrics, str) else ",".join(metrics)
         try:
             settings["metric"] = parse_metrics(names)

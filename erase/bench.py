@@ -223,7 +223,7 @@ def run_bench(config: BenchConfig, backend=None) -> dict:
         api.check_erasure(config.erasure.concept, method, **method_settings(config, method))
     check_bench_clip(config.bench_clip)
     with output_lock(config.output):
-        check_output(config.output, config.overwrite)
+        check_output(config.output, config.overwrite, tool="erase-bench")
         return bench_into(config, backend)
 
 

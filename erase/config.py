@@ -95,6 +95,14 @@ def type_name(hint) -> str:
     return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
 
 
+def as_list(value, name: str) -> list:
+    """A list setting given as a list or tuple; anything else is one EraseError (the API)."""
+    if not isinstance(value, list | tuple):
+        flag = "--" + name.replace("_", "-")
+        raise EraseError(f"{flag} must be a text or a list of texts, got {value!r}.")
+    return list(value)
+
+
 def check_values(
     config, positive: set[str], choices: dict[str, tuple], extra: dict | None = None, skip=()
 ):
@@ -223,8 +231,12 @@ class ErasureConfig:
     def __post_init__(self):
         # one concept or prompt may be given as a string
         self.concept, self.forget_prompt, self.retain_prompt = (
-            [value] if isinstance(value, str) else list(value)
-            for value in (self.concept, self.forget_prompt, self.retain_prompt)
+            [value] if isinstance(value, str) else as_list(value, name)
+            for name, value in (
+                ("concept", self.concept),
+                ("forget_prompt", self.forget_prompt),
+                ("retain_prompt", self.retain_prompt),
+            )
         )
         self.method_config = dict(self.method_config)
         check_known(self.method_config, method_setting_names(), "erase-concept")

@@ -9,7 +9,9 @@ import contextlib
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -173,14 +175,69 @@ def run_erasure(
     # The accelerate state comes first: the lock and the output's cleanup ask it which process
     # is the main one (several CPU processes are known only to the accelerator made here).
     accelerator = make_accelerator(fields_from(config, TrainConfig))
+    # A model the caller passed is erased in place: it completes, or the model is left as it was.
+    in_place = restored_on_failure(backend) if backend is not None else nullcontext()
     # `threads` holds the loaded backend's CPU thread count from loading to the end of the run
-    with output_lock(output), contextlib.ExitStack() as threads:
+    with output_lock(output), in_place, contextlib.ExitStack() as threads:
         return erase_into(output, config, accelerator, backend, on_phase, evaluations, threads)
+
+
+@contextmanager
+def restored_on_failure(backend):
+    """Leave `backend`'s UNet and text encoders as they were (weights, train/eval mode, which
+    weights take gradients, the embedding rows textual inversion adds) when the run fails,
+    Ctrl-C included. The copy is on the CPU, for the length of the run."""
+    modules = {"unet": backend.unet}
+    for index, (_, encoder) in enumerate(getattr(backend, "text_encoders", list)()):
+        modules[f"text_encoder_{index}"] = encoder
+    saved = {name: module_state(module) for name, module in modules.items()}
+    checkpointing = getattr(backend.unet, "is_gradient_checkpointing", None)
+    precision = getattr(backend, "gen_precision", None)
+    try:
+        yield
+    except BaseException:
+        for name, module in modules.items():
+            restore_module(module, saved[name])
+        if checkpointing is not None and hasattr(backend, "set_gradient_checkpointing"):
+            backend.set_gradient_checkpointing(checkpointing)
+        if precision is not None:
+            backend.gen_precision = precision
+        raise
+
+
+def module_state(module: torch.nn.Module) -> dict:
+    """What an erasure may change in `module`, copied to the CPU."""
+    embeddings = getattr(module, "get_input_embeddings", lambda: None)()
+    return {
+        "tensors": {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()},
+        "training": {name: part.training for name, part in module.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in module.named_parameters()},
+        "embedding_rows": None if embeddings is None else embeddings.weight.shape[0],
+    }
+
+
+def restore_module(module: torch.nn.Module, state: dict) -> None:
+    """Put `module` back as module_state saw it."""
+    if state["embedding_rows"] is not None:
+        embeddings = module.get_input_embeddings()
+        if embeddings.weight.shape[0] != state["embedding_rows"]:
+            module.resize_token_embeddings(state["embedding_rows"])
+    with torch.no_grad():
+        for key, value in module.state_dict().items():
+            value.copy_(state["tensors"][key])
+    for name, part in module.named_modules():
+        part.training = state["training"].get(name, part.training)
+    for name, param in module.named_parameters():
+        param.requires_grad_(state["requires_grad"].get(name, param.requires_grad))
 
 
 def check_arguments(config: ErasureConfig) -> None:
     """Refuse, in one line, what can be judged from the arguments alone (before loading)."""
     config.check()  # types, ranges and choices, the method's own settings included
+    named = [name.strip().lower() for name in config.concept]
+    if len(set(named)) < len(named):
+        twice = next(name for name in named if named.count(name) > 1)
+        raise EraseError(f"--concept names '{twice}' twice: give each concept once.")
     if config.checkpoint_every < 0:
         raise EraseError(
             f"--checkpoint-every must be 0 (off) or more, got {config.checkpoint_every}."
@@ -213,12 +270,30 @@ def check_arguments(config: ErasureConfig) -> None:
                 f"--mask '{config.mask}' is a folder: pass the mask file in it (e.g. "
                 f"{os.path.join(config.mask, 'mask.safetensors')})."
             )
-    if config.concept_images and not os.path.isdir(config.concept_images):
-        raise EraseError(f"--concept-images '{config.concept_images}' is not a folder of images.")
+    check_image_folder(config.concept_images, "--concept-images", nested=False)
+    check_image_folder(config.retain_images, "--retain-images", nested=True)
     if config.cache_dir:
         check_folder_path(config.cache_dir, "--cache-dir")
     else:
         check_folder_path(os.path.join(erase_home(), "data"), "ERASE_HOME")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # erase.data.load_image_folder's
+
+
+def check_image_folder(folder: str | None, flag: str, nested: bool) -> None:
+    """Refuse a folder of images that is not one, or holds no image (in it, or with `nested` in
+    its class subfolders), before the other set is generated."""
+    if not folder:
+        return
+    if not os.path.isdir(folder):
+        raise EraseError(f"{flag} '{folder}' is not a folder of images.")
+    entries = list(os.scandir(folder))
+    names = [e.name for e in entries if e.is_file()]
+    if nested:
+        names += [n for e in entries if e.is_dir() for n in os.listdir(e.path)]
+    if not any(name.lower().endswith(IMAGE_SUFFIXES) for name in names):
+        raise EraseError(f"{flag} '{folder}' holds no .png/.jpg/.webp images.")
 
 
 def check_backend_arguments(backend, config: ErasureConfig) -> None:
@@ -244,7 +319,10 @@ def run_settings(
     return {
         "harden": config.harden,
         "harden_config": harden.resolved() if harden else {},
-        "model": backend.identity,
+        # the same model spelled two ways (./m, m/) is one model; its weights decide
+        "model": os.path.realpath(backend.identity)
+        if os.path.exists(backend.identity)
+        else backend.identity,
         "weights": unet_fingerprint(backend.unet),
         "concept": concept.to_dict(),
         "method": config.method,
@@ -426,7 +504,11 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
     )
     mask = None
     if method.uses_mask and config.mask:
-        mask = load_mask(config.mask, backend.unet, backend.identity)
+        same_weights = check_mask_base(config.mask, backend)
+        with warnings.catch_warnings():
+            if same_weights:  # the base's name spelled otherwise is no reason to warn
+                warnings.simplefilter("ignore")
+            mask = load_mask(config.mask, backend.unet, backend.identity)
     checkpoint_dir = os.path.join(partial_path(output), "checkpoint")
     harden = None
     if config.harden:
@@ -446,6 +528,22 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
         settings,
         checkpoint_dir,
     )
+
+
+def check_mask_base(path: str, backend) -> bool:
+    """Refuse a --mask computed on other weights (its header's `weights`), even of the same
+    shapes: it selects the salient weights of another model. True when the weights match."""
+    from erase.artifact import safetensors_header
+
+    recorded = safetensors_header(path).get("__metadata__", {}).get("weights")
+    if not recorded:
+        return False  # a mask of an older version: load_mask compares the model's name
+    if recorded.strip('"') != unet_fingerprint(backend.unet):
+        raise EraseError(
+            f"The mask '{path}' was computed on other weights than those of "
+            f"'{backend.identity}': compute a new mask on this model (drop --mask)."
+        )
+    return True
 
 
 def data_phase(plan: Plan, config: ErasureConfig, accelerator):
@@ -540,6 +638,7 @@ def write_phase(plan: Plan, accelerator, staging: str, mask, metadata: dict, clo
             ratio=plan.method_config.mask_ratio,
             model=backend.identity,
             concept=plan.concept.name,
+            weights=plan.settings["weights"],  # a later --mask is checked against it
         )
     clock.lap("write", notify=False)
     write_json(os.path.join(staging, "metadata.json"), metadata)

@@ -191,26 +191,52 @@ def read_metadata(artifact: str) -> dict:
             f"'{artifact}' is not an erase-concept output (no metadata.json): pass the folder "
             "erase-concept wrote."
         )
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
+    try:
+        with open(path, encoding="utf-8") as file:
+            metadata = json.load(file)
+    except (OSError, ValueError):
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise EraseError(
+            f"'{path}' is unreadable (not a JSON object): the erase-concept output is damaged; "
+            "erase the model again."
+        )
+    return metadata
 
 
-def load_erased_pipeline(artifact: str, base: str | None = None):
-    """The base pipeline with the artifact's erased UNet in place, and the artifact's metadata."""
+def unet_class(artifact: str) -> str | None:
+    """The class name in the artifact's unet/config.json; one line when it has none."""
+    path = os.path.join(artifact, "unet", "config.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+        return config.get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise EraseError(
+            f"'{artifact}' has no readable unet/config.json: pass a complete erase-concept "
+            "output (erase the model again if it was cut short)."
+        ) from None
+
+
+def load_erased_pipeline(artifact: str, base: str | None = None, metadata: dict | None = None):
+    """The base pipeline with the artifact's erased UNet in place, and the artifact's metadata.
+
+    The base (the artifact's own, or `base`) must have the weights it was erased from: its text
+    encoder and VAE go into the export beside the erased UNet."""
     import torch
 
+    from erase.data import unet_fingerprint
     from erase.models import load_backend
 
-    metadata = read_metadata(artifact)
-    with open(os.path.join(artifact, "unet", "config.json"), encoding="utf-8") as file:
-        unet_class = json.load(file).get("_class_name")
-    if unet_class != "UNet2DConditionModel":
-        raise EraseError(
-            f"'{artifact}' holds a {unet_class} (a class-conditional model), not Stable Diffusion: "
-            "its unet/ folder is already what diffusers loads; erase-export writes SD models."
-        )
+    metadata = metadata or read_metadata(artifact)
     spec = base or metadata.get("base_model")
     backend = load_backend(spec, device=torch.device("cpu"))
+    recorded = metadata.get("base_weights")
+    if recorded and recorded != unet_fingerprint(backend.unet):
+        raise EraseError(
+            f"'{spec}' is not the base '{artifact}' was erased from ('{metadata.get('base_model')}'"
+            "; its weights differ): pass that model with --base, or leave --base out."
+        )
     backend.pipe.unet = backend.load_unet(artifact)
     return backend.pipe, metadata
 
@@ -227,21 +253,45 @@ def export_artifact(
     base: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Write `artifact` as `export_format` to `output`, atomically; returns what was written."""
+    """Write `artifact` as `export_format` to `output`, atomically, holding its lock; returns
+    what was written. `--overwrite` replaces only what erase-export wrote."""
+    from erase.artifact import check_file_output, check_output, disk_errors, output_lock
+
     if export_format not in FORMATS:
         raise EraseError(f"Unknown format '{export_format}': choose from {', '.join(FORMATS)}.")
-    if os.path.exists(output) and not overwrite:
-        raise EraseError(f"'{output}' already exists: pass --overwrite or another --output.")
+    if not isinstance(output, str) or not output.strip():
+        raise EraseError("--output must be a path to write the export to.")
+    if not isinstance(artifact, str | os.PathLike) or not os.path.isdir(artifact):
+        raise EraseError(f"'{artifact}' is not a folder: pass the folder erase-concept wrote.")
+    artifact = str(artifact)
     if export_format != "pipeline" and not output.endswith(".safetensors"):
         raise EraseError(f"--format {export_format} writes one file: name it *.safetensors.")
+    metadata = read_metadata(artifact)
+    found = unet_class(artifact)
+    if found != "UNet2DConditionModel":
+        raise EraseError(
+            f"'{artifact}' holds a {found} (a class-conditional model), not Stable Diffusion: "
+            "its unet/ folder is already what diffusers loads; erase-export writes SD models."
+        )
+    kind = "folder" if export_format == "pipeline" else "file"
+    with output_lock(output, kind=kind), disk_errors(output):
+        if kind == "folder":
+            check_output(output, overwrite, tool="erase-export")
+        else:
+            check_file_output(output, overwrite)
+        return write_export(artifact, export_format, output, half, base, metadata)
+
+
+def write_export(artifact, export_format, output, half, base, metadata) -> dict:
+    """The export of export_artifact, holding the lock of `output`."""
     import torch
 
-    pipe, metadata = load_erased_pipeline(artifact, base)
+    pipe, metadata = load_erased_pipeline(artifact, base, metadata)
     if export_format != "pipeline" and getattr(pipe, "text_encoder_2", None) is not None:
         raise EraseError("An SDXL model is exported with --format pipeline (a diffusers folder).")
     dtype = torch.float16 if half else torch.float32
     if export_format == "pipeline":
-        write_pipeline_folder(pipe.to(dtype), metadata, output, overwrite)
+        write_pipeline_folder(pipe.to(dtype), metadata, output)
     else:
         if export_format == "unet":  # prefixed as in a checkpoint: ComfyUI and diffusers read it
             layers = pipe.unet.config.layers_per_block
@@ -260,30 +310,25 @@ def export_artifact(
     }
 
 
-def write_pipeline_folder(pipe, metadata: dict, output: str, overwrite: bool) -> None:
+def write_pipeline_folder(pipe, metadata: dict, output: str) -> None:
     """save_pretrained into a staged folder with the model card, renamed into place."""
-    from erase.artifact import check_output, staged_output
+    from erase.artifact import staged_output
     from erase.card import write_model_card
 
-    check_output(output, overwrite)
-    with staged_output(output) as staging:
+    with staged_output(output, tool="erase-export") as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         write_model_card(staging, metadata, export_format="pipeline")
 
 
 def write_safetensors_atomically(tensors: dict, output: str, metadata: dict[str, str]) -> None:
-    """One .safetensors file, written under a temporary name and renamed when complete."""
+    """One .safetensors file, written in a marked staging folder and renamed when complete; its
+    header's `erase.format` marks it as erase-export's (--overwrite replaces only such files)."""
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    partial = output + ".partial"
-    try:
-        save_file(tensors, partial, metadata=metadata)
-        os.replace(partial, output)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
+    from erase.artifact import staged_file
+
+    with staged_file(output) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
 
 
 def file_metadata(metadata: dict, export_format: str) -> dict[str, str]:

@@ -16,6 +16,7 @@ from erase.cli.args import (
     OneLineParser,
     add_generation_batch,
     positive,
+    run_command,
     seed,
     set_config_defaults,
 )
@@ -198,15 +199,13 @@ def summary_lines(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of erase-eval; user errors are one stderr line and exit code 2."""
-    args = build_parser().parse_args(argv)
-    try:
+
+    def work(args: argparse.Namespace) -> None:
         results = run_evaluation(config_from_args(args))
-    except EraseError as error:
-        print(f"erase-eval: error: {error}", file=sys.stderr)
-        return 2
-    if results is not None:
-        print("\n".join(summary_lines(results)))
-    return 0
+        if results is not None:
+            print("\n".join(summary_lines(results)))
+
+    return run_command(build_parser(), argv, work)
 
 
 if __name__ == "__main__":

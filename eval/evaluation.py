@@ -163,14 +163,12 @@ def run_evaluation(config: EvalConfig, metric_config=None, backend=None) -> dict
     check_arguments(config)
     entries = load_prompt_set(config)
 
-    from erase.artifact import output_lock
-    from eval.runner import (
-        process_state,
-    )
+    from erase.artifact import disk_errors, output_lock
+    from eval.runner import process_state
 
     state = process_state()
     output = config.output or default_output(config)
-    with output_lock(output):
+    with output_lock(output), disk_errors(output):
         return evaluate_into(output, config, entries, state, metric_config, backend)
 
 
@@ -187,6 +185,10 @@ def check_arguments(config: EvalConfig) -> None:
             f"erase-eval generates from text prompts and '{config.model}' is class-conditional: "
             "evaluate it with erase-concept's class-removal evaluation instead."
         )
+    if config.resolution is not None and config.resolution % 8:
+        raise EraseError(  # diffusers' pipelines make multiples of 8 (the VAE's factor)
+            f"--resolution must be a multiple of 8, got {config.resolution}."
+        )
     if config.unet and not os.path.isdir(config.unet):
         raise EraseError(f"--unet '{config.unet}' is not a folder: pass an erase-concept output.")
     if not 0 <= config.nudity_threshold <= 1:  # NaN fails this too
@@ -202,7 +204,12 @@ def evaluate_into(
 ) -> dict | None:
     """Generate and score into `output`, holding its lock; on an error no empty images/ is left."""
     image_dir = os.path.join(output, "images")
+    from erase.artifact import open_resumable
+
     created = [folder for folder in (output, image_dir) if not os.path.exists(folder)]
+    if state.is_main_process:
+        open_resumable(output, "erase-eval")
+    state.wait_for_everyone()
     try:
         return generate_and_score(output, image_dir, config, entries, state, metric_config, backend)
     except BaseException:

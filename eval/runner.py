@@ -30,7 +30,8 @@ from prompts import PromptEntry
 
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's usual guidance when neither flag nor file sets one
 # The fields of an index record that decide whether an existing image can be reused.
-# "unet" is the erased UNet's content digest, not its path: a folder erased again is new images.
+# "model" and "unet" are content digests of local folders, not their paths: a folder exported
+# or erased again is new images, and one model spelled two ways is the same.
 GENERATION_KEYS = (
     "prompt",
     "seed",
@@ -43,6 +44,7 @@ GENERATION_KEYS = (
 )
 # What an index record written before a key existed was made with: every image was DDIM then.
 UNRECORDED = {"sampler": "ddim"}
+MODEL_FILES = (".safetensors", ".bin", ".ckpt", ".pt", ".json", ".txt", ".model")
 
 
 @dataclass
@@ -72,6 +74,7 @@ def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> lis
     unet_key = config.unet
     if config.unet and os.path.isdir(config.unet):
         unet_key = unet_digest(config.unet)
+    model_key = model_digest(config.model) if os.path.exists(config.model) else config.model
     records = []
     for entry in entries:
         base_seed = entry.seed if entry.seed is not None else config.seed + entry.row
@@ -91,7 +94,8 @@ def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> lis
                 "num_steps": config.num_steps,
                 "sampler": config.sampler,
                 "resolution": config.resolution,
-                "model": identity(config.model),
+                "model": model_key,
+                "model_path": identity(config.model),
                 "unet": unet_key,
                 "unet_path": identity(config.unet) if config.unet else None,
             }
@@ -104,6 +108,33 @@ def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> lis
 def identity(spec: str) -> str:
     """A model or folder spec as recorded: absolute for local paths, as given for hub names."""
     return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
+_digests: dict[tuple, str] = {}  # model digests of this process, by the files' stat
+
+
+def model_digest(path: str) -> str:
+    """SHA-256 of a local model's weight, config and tokenizer files (a folder or one file):
+    the key of the images it makes; computed once per process for unchanged files."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(
+            os.path.join(root, name)
+            for root, folders, names in os.walk(path)
+            for name in names
+            if name.endswith(MODEL_FILES) and not name.startswith(".")
+        )
+    stats = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns, os.stat(f).st_ino) for f in files)
+    if stats not in _digests:
+        digest = hashlib.sha256()
+        for file_path in files:
+            digest.update(os.path.relpath(file_path, path).encode())
+            with open(file_path, "rb") as file:
+                for block in iter(lambda: file.read(2**22), b""):
+                    digest.update(block)
+        _digests[stats] = "sha256:" + digest.hexdigest()
+    return _digests[stats]
 
 
 def unet_folder(folder: str) -> str:

@@ -72,7 +72,7 @@ def load_prompt_file(path: str, limit: int | None = None) -> list[PromptEntry]:
 def read_prompt_csv(path: str) -> list[PromptEntry]:
     """Rows of a prompt CSV as entries (the header names the columns)."""
     with open(path, encoding="utf-8-sig", newline="") as file:
-        reader = csv.DictReader(file)
+        reader = csv.DictReader(file, strict=True)  # an unclosed quote is an error, not one row
         columns = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
         prompt_column = first_column(columns, PROMPT_COLUMNS)
         if prompt_column is None:

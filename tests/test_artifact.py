@@ -32,7 +32,7 @@ def test_every_output_carries_the_marker(tiny_sd_args, tmp_path):
     output = tmp_path / "out"
     assert erase_concept_main([*tiny_sd_args, "--output", str(output)]) == 0
     assert json.loads((output / MARKER).read_text())["written_by"] == "erase-concept"
-    assert leftovers(output) == []  # no .partial, no .lock
+    assert leftovers(output) == []  # no .partial, no .erase-lock
 
 
 def test_overwrite_keeps_a_folder_erase_did_not_write(tiny_sd_args, tmp_path, capsys):
@@ -74,16 +74,26 @@ def test_another_process_is_refused_while_the_lock_is_held(tiny_sd_args, tmp_pat
             timeout=300,
         )
     assert completed.returncode == 2
-    lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Another run is writing" in lines[0], lines
+    err = completed.stderr.strip()  # libraries' import-time notices may precede the line
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and err.endswith(lines[0]) and "Another run is writing" in lines[0], err
     assert not output.exists() and leftovers(output) == []
 
 
 def test_a_lock_file_left_by_a_killed_run_does_not_block(tiny_sd_args, tmp_path):
     output = tmp_path / "out"
-    (tmp_path / "out.lock").write_text("host 12345\n")  # kill -9 leaves the file, not the lock
+    # kill -9 leaves the file, not the lock
+    (tmp_path / "out.erase-lock").write_text("erase-lock host 12345\n")
     assert erase_concept_main([*tiny_sd_args, "--output", str(output)]) == 0
     assert leftovers(output) == []
+
+
+def test_a_users_file_at_the_lock_name_is_refused_and_kept(tiny_sd_args, tmp_path, capsys):
+    output, lock = tmp_path / "out", tmp_path / "out.erase-lock"
+    lock.write_text("my notes\n")
+    err = one_line(capsys, [*tiny_sd_args, "--output", str(output)])
+    assert "is not an erase lock" in err
+    assert lock.read_text() == "my notes\n" and not output.exists()
 
 
 def test_a_partial_folder_erase_did_not_write_is_refused(tiny_sd_args, tmp_path, capsys):

@@ -104,7 +104,7 @@ def test_a_leftover_checkpoint_is_not_used_without_resume(interrupted, tiny_sd_a
     assert "interrupted run (step 2)" in err and "--resume" in err
     assert (checkpoint_folder(interrupted) / "latest").is_file()  # nothing lost
     assert not interrupted.exists()
-    assert not (interrupted.parent / "run.lock").exists()
+    assert not (interrupted.parent / "run.erase-lock").exists()
 
 
 @pytest.mark.parametrize(
@@ -146,7 +146,7 @@ def test_a_damaged_checkpoint_is_one_line(interrupted, tiny_sd_args, capsys, dam
     target.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"x" * len(data))
     err = one_line(capsys, run_args(tiny_sd_args, interrupted, "--resume"))
     assert "is damaged" in err and "--overwrite" in err
-    assert not interrupted.exists() and not (interrupted.parent / "run.lock").exists()
+    assert not interrupted.exists() and not (interrupted.parent / "run.erase-lock").exists()
 
 
 def test_resume_with_a_different_mask_is_refused(interrupted, tiny_sd_args, capsys, monkeypatch):

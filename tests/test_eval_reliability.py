@@ -64,7 +64,7 @@ def test_a_unet_erased_from_another_base_is_refused(
     capsys.readouterr()  # the erasure's progress bars
     report = tmp_path / "eval"
     one_line(capsys, evaluate(other, erased, prompts, report), "was erased from")
-    assert not report.exists() and not (tmp_path / "eval.lock").exists()
+    assert not report.exists() and not (tmp_path / "eval.erase-lock").exists()
 
 
 def test_a_unet_of_another_shape_is_refused(tiny_sd_dir, prompts, tmp_path, capsys):

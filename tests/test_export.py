@@ -98,8 +98,14 @@ def test_existing_output_is_refused_and_left_intact(artifact, tmp_path, capsys):
     assert main([artifact, "--format", "unet", "--output", str(path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert path.read_bytes() == b"mine"
-    assert main([artifact, "--format", "unet", "--output", str(path), "--overwrite"]) == 0
-    assert path.stat().st_size > 1000 and not os.path.exists(f"{path}.partial")
+    # --overwrite replaces only a file erase-export wrote: not the user's
+    assert main([artifact, "--format", "unet", "--output", str(path), "--overwrite"]) == 2
+    assert "not written by erase" in capsys.readouterr().err
+    assert path.read_bytes() == b"mine"
+    ours = tmp_path / "ours.safetensors"
+    assert main([artifact, "--format", "unet", "--output", str(ours)]) == 0
+    assert main([artifact, "--format", "unet", "--output", str(ours), "--overwrite"]) == 0
+    assert ours.stat().st_size > 1000 and not os.path.exists(f"{ours}.partial")
 
 
 def test_not_an_artifact_is_one_line(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Bad inputs to erase-concept: each is one stderr line and exit code 2, found before any data is
-generated or trained on, with nothing left behind (no output, .partial or .lock)."""
+generated or trained on, with nothing left behind (no output, .partial or .erase-lock)."""
 
 import os
 

@@ -93,7 +93,7 @@ def run_command(
     work: Callable[[argparse.Namespace], None],
 ) -> int:
     """A console entry point: parse `argv`, then `work(args)`; --help and usage errors exit as
-    argparse says, a user error (EraseError) is one stderr line and exit code 2."""
+    argparse says, a user error (EraseError, or a full disk) is one stderr line and exit code 2."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:  # --help, or a usage error already printed on one line
@@ -102,5 +102,16 @@ def run_command(
         work(args)
     except EraseError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a full disk is the user's to fix, wherever it is met
+        from erase.artifact import no_space, one_line
+
+        if not no_space(error, "."):
+            raise
+        print(
+            f"{parser.prog}: error: the disk is full ({one_line(error)}): free space and run "
+            "again; outputs are written atomically, so an earlier one is unchanged.",
+            file=sys.stderr,
+        )
         return 2
     return 0

@@ -68,6 +68,8 @@ CLI_ONLY = ("attack", "output", "no_progress")
 
 def parse_attacks(text: str | list[str]) -> list[str]:
     """One attack, a comma list, or a list of them, in order without repeats."""
+    if not isinstance(text, str | list | tuple) or not all(isinstance(t, str) for t in text):
+        raise EraseError(f"attacks must be a name or a list of names, got {text!r}")
     parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
     names = list(dict.fromkeys(name.strip() for name in parts if name.strip()))
     unknown = [name for name in names if name not in ATTACK_NAMES]
@@ -94,7 +96,37 @@ def attack_settings(concept: str, attacks: str | list[str], **flags):
                 values[field_name] = flags[flag]
         configs[name] = get_attack(name).Config(**values)
     run = {name: flags[name] for name in RUN_SETTINGS if name in flags and name != "concept"}
-    return AttackSettings(concept=concept, attacks=names, configs=configs, **run)
+    settings = AttackSettings(concept=concept, attacks=names, configs=configs, **run)
+    check_attack_settings(settings)
+    return settings
+
+
+# Settings that must be above 0 when given (the CLI's `positive` flags), by flag name.
+POSITIVE = {
+    "limit", "per_prompt", "num_steps", "guidance_scale", "resolution", "batch_size", "k",
+    "iterations", "blocks", "attack_lr", "relearn_lr", "relearn_batch_size", "relearn_images",
+}  # fmt: skip
+
+
+def check_attack_settings(settings) -> None:
+    """One EraseError for a setting of the wrong type, a number that is not finite or not above
+    0: the same checks for the CLI and the Python API, before any model is loaded."""
+    import typing
+
+    from erase.config import check_values
+
+    if not isinstance(settings.concept, str) or not settings.concept.strip():
+        raise EraseError(f"--concept must be a concept's name, got {settings.concept!r}.")
+    extra = {}
+    for flag, (attack, field_name) in ATTACK_FLAGS.items():
+        config = settings.configs.get(attack)
+        if config is not None:
+            hint = typing.get_type_hints(type(config))[field_name]
+            extra[flag] = (getattr(config, field_name), hint)
+    check_values(settings, POSITIVE, {"judge_rule": JUDGE_RULES}, extra, skip=("configs",))
+    checkpoints = extra.get("relearn_steps", ([0], None))[0]
+    if any(step < 0 for step in checkpoints) or not checkpoints:
+        raise EraseError(f"--relearn-steps must be step counts >= 0, got {checkpoints}.")
 
 
 def default_output(settings) -> str:

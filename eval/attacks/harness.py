@@ -201,13 +201,24 @@ def attack_target(
 
 
 def run_attacks(settings: AttackSettings, output: str, backend=None, progress=True) -> dict | None:
-    """Run the attacks (and on Retrain, when asked), write the output folder; results on the main process."""
-    from erase.artifact import versions, write_json
+    """Run the attacks (and on Retrain, when asked), write the output folder; results on the
+    main process. The folder is locked for the run and reused only when erase-attack wrote it."""
+    from erase.artifact import disk_errors, output_lock
+
+    attack_configs(settings)  # unknown attack names fail here, before any loading
+    check_files(settings)
+    with output_lock(output), disk_errors(output):
+        return attack_into(settings, output, backend, progress)
+
+
+def attack_into(settings: AttackSettings, output: str, backend, progress) -> dict | None:
+    """The run of run_attacks, holding the lock of `output`."""
+    from erase.artifact import open_resumable, versions, write_json
     from erase.models import load_backend
     from eval.runner import process_state
 
-    configs = attack_configs(settings)  # unknown attack names fail here, before any loading
-    check_files(settings)
+    configs = attack_configs(settings)
+    open_resumable(output, "erase-attack", create=False)  # refused before the model loads
     backend = backend or load_backend(settings.model, device=process_state().device)
     for name in configs:  # an attack that cannot run on this model fails before any work
         getattr(get_attack(name), "check", lambda backend: None)(backend)
@@ -217,7 +228,9 @@ def run_attacks(settings: AttackSettings, output: str, backend=None, progress=Tr
         )
     target = load_target(settings, backend=backend)
     retrain = retrain_target(settings, target) if settings.retrain else None
-    os.makedirs(output, exist_ok=True)
+    if process_state().is_main_process:
+        open_resumable(output, "erase-attack")
+    process_state().wait_for_everyone()
     figures = attack_target(target, settings, output, progress)
     retrain_figures = (
         attack_target(retrain, settings, os.path.join(output, "retrain"), progress)

@@ -28,18 +28,34 @@ class Config:
 def load_attack_prompts(path: str, limit: int | None = None) -> list[PromptEntry]:
     """Prompts of a released attack set: Ring-A-Bell's sensitive column, else the prompt column."""
     if path.lower().endswith(".csv") and os.path.isfile(path):
-        with open(path, encoding="utf-8-sig", newline="") as file:
-            reader = csv.DictReader(file)
-            columns = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
-            if RING_A_BELL_COLUMN in columns:
-                texts = [(row.get(columns[RING_A_BELL_COLUMN]) or "").strip() for row in reader]
-                entries = [PromptEntry(text, row) for row, text in enumerate(t for t in texts if t)]
-                if not entries:
-                    raise EraseError(
-                        f"Prompt file '{path}' holds no prompts: pass a file with at least one."
-                    )
-                return entries[:limit] if limit else entries
+        try:
+            entries = ring_a_bell_prompts(path)
+        except UnicodeDecodeError as error:
+            raise EraseError(
+                f"Prompt file '{path}' is not UTF-8 text (byte {error.start}): save it as UTF-8."
+            ) from None
+        except csv.Error as error:
+            raise EraseError(
+                f"Prompt file '{path}' is not a readable CSV ({error}): fix it."
+            ) from None
+        if entries is not None:
+            if not entries:
+                raise EraseError(
+                    f"Prompt file '{path}' holds no prompts: pass a file with at least one."
+                )
+            return entries[:limit] if limit else entries
     return load_prompt_file(path, limit)
+
+
+def ring_a_bell_prompts(path: str) -> list[PromptEntry] | None:
+    """The sensitive prompts of a Ring-A-Bell CSV; None for a CSV without that column."""
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        reader = csv.DictReader(file, strict=True)
+        columns = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
+        if RING_A_BELL_COLUMN not in columns:
+            return None
+        texts = [(row.get(columns[RING_A_BELL_COLUMN]) or "").strip() for row in reader]
+    return [PromptEntry(text, row) for row, text in enumerate(t for t in texts if t)]
 
 
 def check(backend) -> None:

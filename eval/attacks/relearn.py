@@ -88,7 +88,7 @@ def relearn_data(target: AttackTarget, config: Config) -> tuple[torch.Tensor, li
         from erase.data import load_image_folder
 
         check_data(data)
-        images = load_image_folder(data, backend, None)[: config.num_images]
+        images = load_image_folder(data, backend, None, "--relearn-data")[: config.num_images]
         conditions = forget_conditions(target)
         return images, [conditions[i % len(conditions)] for i in range(len(images))]
     if backend.digit_names or backend.conditioning == "class":

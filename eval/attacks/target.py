@@ -36,12 +36,32 @@ class AttackTarget:
 
 
 def check_unet_base(unet_folder: str, backend) -> None:
-    """Refuse an erased UNet whose metadata names another base model than `backend`'s."""
+    """Refuse an erased UNet erased from another base than `backend`'s: its recorded base
+    weights decide (one model spelled two ways is the same), else the base's name."""
+    from erase.data import unet_fingerprint
+
     path = os.path.join(unet_folder, "metadata.json")
     if not os.path.isfile(path):
         return  # a bare diffusers UNet folder: load_unet checks its shape
-    with open(path) as file:
-        base = json.load(file).get("base_model")
+    try:
+        with open(path, encoding="utf-8") as file:
+            metadata = json.load(file)
+        base, weights = metadata.get("base_model"), metadata.get("base_weights")
+    except (OSError, ValueError, AttributeError):
+        raise EraseError(
+            f"'{path}' is unreadable: the output of erase-concept is damaged; erase the model "
+            "again."
+        ) from None
+    if weights:
+        if weights == unet_fingerprint(backend.unet):
+            return
+        raise EraseError(
+            f"The UNet in '{unet_folder}' was erased from '{base}', whose weights are not those "
+            f"of '{backend.identity}': pass --model {base}."
+        )
+    if base and os.path.exists(base) and os.path.exists(backend.identity):
+        if os.path.samefile(base, backend.identity):
+            return
     if base and base != backend.identity:
         raise EraseError(
             f"The UNet in '{unet_folder}' was erased from '{base}', not '{backend.identity}': "
