@@ -120,10 +120,11 @@ def check_values(
         flag = "--" + name.replace("_", "-")
         if not matches(value, hint):
             raise EraseError(f"{flag} must be {type_name(hint)}, got {value!r}.")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise EraseError(f"{flag} must be a finite number, got {value}.")
-        if name in positive and value is not None and not value > 0:
-            raise EraseError(f"{flag} must be greater than 0, got {value}.")
+        for number in value if isinstance(value, list | tuple) else [value]:  # a list: each
+            if isinstance(number, float) and not math.isfinite(number):
+                raise EraseError(f"{flag} must be a finite number, got {number}.")
+            if name in positive and number is not None and not number > 0:
+                raise EraseError(f"{flag} must be greater than 0, got {number}.")
         if name in choices and value not in choices[name]:
             raise EraseError(
                 f"{flag} must be one of {', '.join(map(str, choices[name]))}, got {value!r}."

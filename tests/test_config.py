@@ -148,3 +148,19 @@ def test_evaluate_and_benchmark_check_their_settings_before_any_work(tmp_path):
     with pytest.raises(EraseError, match="--bench-steps must be an integer, got '2'"):
         erase.benchmark("unused-model", "nudity", str(tmp_path / "b"), bench_steps="2")
     assert not any(tmp_path.iterdir())
+
+
+def test_each_number_of_a_list_setting_is_checked():
+    from dataclasses import dataclass, field
+
+    from erase.config import check_values
+
+    @dataclass
+    class Rates:
+        lr: list[float] = field(default_factory=lambda: [1e-4, 1e-5])
+
+    check_values(Rates(), {"lr"}, {})
+    with pytest.raises(EraseError, match="--lr must be greater than 0, got -1.0"):
+        check_values(Rates([1e-4, -1.0]), {"lr"}, {})
+    with pytest.raises(EraseError, match="--lr must be a finite number"):
+        check_values(Rates([float("nan")]), {"lr"}, {})
