@@ -40,6 +40,7 @@ from erase.harden import check_harden, get_technique, technique_config
 from erase.home import erase_home
 from erase.methods import get_method
 from erase.models import load_backend
+from erase.optim import eight_bit_functional
 from erase.saliency import (
     forget_loss_gradients,
     load_mask,
@@ -66,8 +67,13 @@ def resolve_settings(
 ):
     """TrainConfig and the method's Config: the run's settings first, then the method's
     reference defaults for this backend and concept (its `defaults`)."""
+    # --optimizer says how Adam's moments are stored; which Adam (AdamW for FMN) is the method's
     train_config = fields_from(
-        config, TrainConfig, gradient_checkpointing=not config.no_gradient_checkpointing
+        config,
+        TrainConfig,
+        gradient_checkpointing=not config.no_gradient_checkpointing,
+        optimizer=None,
+        eight_bit=config.optimizer == "adam8bit",
     )
     for name in ("lr", "batch_size", "max_grad_norm", "optimizer", "weight_decay"):
         if getattr(train_config, name) is None:
@@ -163,7 +169,7 @@ def run_erasure(
     check_arguments(config)
     # The accelerate state comes first: the lock and the output's cleanup ask it which process
     # is the main one (several CPU processes are known only to the accelerator made here).
-    accelerator = make_accelerator(fields_from(config, TrainConfig))
+    accelerator = make_accelerator(fields_from(config, TrainConfig, optimizer=None))
     with output_lock(output):
         return erase_into(output, config, accelerator, backend, on_phase, evaluations)
 
@@ -186,6 +192,8 @@ def check_arguments(config: ErasureConfig) -> None:
         if any(not prompt.strip() for prompt in prompts):
             raise EraseError(f"{flag} must not be empty: give the text of a prompt.")
     check_harden(config.harden, config.harden_config, get_method(config.method))
+    if config.optimizer == "adam8bit":
+        eight_bit_functional()  # the library runs here, or one line before any work
     if config.mask:
         if not get_method(config.method).uses_mask:
             raise EraseError(
