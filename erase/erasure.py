@@ -308,52 +308,64 @@ def erase_into(
     for evaluation in evaluations:
         evaluation.before(plan.backend, plan.concept)
         clock.lap(f"{evaluation.name}_before")
-    mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
-    if mask is not None:  # the masked optimizer's state fits only the mask it was made with
-        plan.settings["mask_digest"] = mask_digest(mask)
-        check_resume(plan.checkpoint_dir, plan.settings, config.resume)
-    clock.lap("mask")
-    # a method's stage before training (FMN's textual inversion); most have none
-    plan.method.prepare(
-        forget_latents, data.forget_conditions, torch.Generator().manual_seed(config.seed)
-    )
-    clock.lap("prepare")
-
-    with staged_output(output) as staging:
-        result, changed = train_phase(
-            plan, accelerator, staging, mask, (forget_latents, retain_latents), data
+    # The text encoders and the VAE wait on the host from the mask to the grids (the prompts'
+    # embeddings cached, the latents made): the device holds the UNet and its training state.
+    moved = encoders_to_host(plan, data)
+    try:
+        mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
+        if mask is not None:  # the masked optimizer's state fits only the mask it was made with
+            plan.settings["mask_digest"] = mask_digest(mask)
+            check_resume(plan.checkpoint_dir, plan.settings, config.resume)
+        clock.lap("mask")
+        # a method's stage before training (FMN's textual inversion); most have none
+        plan.method.prepare(
+            forget_latents, data.forget_conditions, torch.Generator().manual_seed(config.seed)
         )
-        clock.lap("train")
-        measured = {}
-        for evaluation in evaluations:
-            measured.update(evaluation.after(plan.backend, staging, accelerator.is_main_process))
-            clock.lap(f"{evaluation.name}_after")
-        metadata = {
-            "base_model": plan.backend.identity,
-            "base_weights": plan.settings["weights"],  # erase-eval checks --model against it
-            "model_arg": config.model,
-            "concept": plan.concept.to_dict(),
-            "method": plan.method.name,
-            "method_config": dataclasses.asdict(plan.method_config),
-            "harden": config.harden,
-            "harden_config": plan.settings["harden_config"],
-            "train_config": dataclasses.asdict(plan.train_config),
-            "data_config": dataclasses.asdict(data_config),
-            "data_source": data.source,
-            "seed": config.seed,
-            "settings": dataclasses.replace(config, output=output).to_dict(),  # to replay the run
-            "train_result": dataclasses.asdict(result),
-            "changed_weights": changed,
-            "total_weights": sum(p.numel() for p in plan.backend.unet.parameters()),
-            "mask_ratio": mask_ratio(mask) if mask is not None else None,
-            "timings_s": clock.timings,
-            "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
-            "device": str(accelerator.device),
-            "versions": versions(),
-            **measured,
-        }
-        if accelerator.is_main_process:
-            write_phase(plan, accelerator, staging, mask, metadata, clock)
+        clock.lap("prepare")
+
+        with staged_output(output) as staging:
+            result, changed = train_phase(
+                plan, accelerator, staging, mask, (forget_latents, retain_latents), data
+            )
+            if moved:  # the grids encode prompts and decode images
+                plan.backend.encoders_to(plan.backend.device)
+            clock.lap("train")
+            measured = {}
+            for evaluation in evaluations:
+                measured.update(
+                    evaluation.after(plan.backend, staging, accelerator.is_main_process)
+                )
+                clock.lap(f"{evaluation.name}_after")
+            metadata = {
+                "base_model": plan.backend.identity,
+                "base_weights": plan.settings["weights"],  # erase-eval checks --model against it
+                "model_arg": config.model,
+                "concept": plan.concept.to_dict(),
+                "method": plan.method.name,
+                "method_config": dataclasses.asdict(plan.method_config),
+                "harden": config.harden,
+                "harden_config": plan.settings["harden_config"],
+                "train_config": dataclasses.asdict(plan.train_config),
+                "data_config": dataclasses.asdict(data_config),
+                "data_source": data.source,
+                "seed": config.seed,
+                # every setting, to replay the run
+                "settings": dataclasses.replace(config, output=output).to_dict(),
+                "train_result": dataclasses.asdict(result),
+                "changed_weights": changed,
+                "total_weights": sum(p.numel() for p in plan.backend.unet.parameters()),
+                "mask_ratio": mask_ratio(mask) if mask is not None else None,
+                "timings_s": clock.timings,
+                "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+                "device": str(accelerator.device),
+                "versions": versions(),
+                **measured,
+            }
+            if accelerator.is_main_process:
+                write_phase(plan, accelerator, staging, mask, metadata, clock)
+    finally:
+        if moved:  # an API caller gets its whole pipeline back, even after a failure
+            plan.backend.encoders_to(plan.backend.device)
     if on_phase:
         on_phase("write")
     return ErasureResult(output, metadata, plan.backend)
@@ -414,6 +426,38 @@ def data_phase(plan: Plan, config: ErasureConfig, accelerator):
     forget_latents = encode_images(backend, data.forget_images)  # (N_f, C, h, w)
     retain_latents = encode_images(backend, data.retain_images)  # (N_r, C, h, w)
     return data_config, data, forget_latents, retain_latents
+
+
+def cached_conditions(plan: Plan, data) -> list[str]:
+    """Every prompt the mask and training encode: the forget and retain sets', their remap
+    targets and the empty prompt (the unconditional one), each once."""
+    conditions = [*data.forget_conditions, *data.retain_conditions, ""]
+    conditions += [t for c in data.forget_conditions for t in plan.concept.remap_for(c)]
+    return sorted({str(condition) for condition in conditions})
+
+
+def keeps_encoders(plan: Plan) -> bool:
+    """Whether the text encoders and VAE stay on the device through training: on the CPU (the
+    host already), on class-conditional models (none), for a method that runs the text encoder."""
+    backend = plan.backend
+    return (
+        backend.device.type == "cpu"
+        or backend.conditioning != "text"
+        or plan.method.runs_text_encoder
+    )
+
+
+def encoders_to_host(plan: Plan, data) -> bool:
+    """Encode every prompt training needs once (cached in the backend), then move the text
+    encoders and the VAE to the host; whether they moved."""
+    if keeps_encoders(plan):
+        return False
+    backend = plan.backend
+    backend.encode(cached_conditions(plan, data))
+    backend.encoders_to(torch.device("cpu"))
+    if backend.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the encoders' blocks back to the UNet's state
+    return True
 
 
 def mask_phase(plan: Plan, forget_latents, forget_conditions, accelerator):
