@@ -430,8 +430,9 @@ def data_phase(plan: Plan, config: ErasureConfig, accelerator):
 
 def cached_conditions(plan: Plan, data) -> list[str]:
     """Every prompt the mask and training encode: the forget and retain sets', their remap
-    targets and the empty prompt (the unconditional one), each once."""
-    conditions = [*data.forget_conditions, *data.retain_conditions, ""]
+    targets, the concept's terms (ESD's prompts) and the empty prompt (the unconditional one),
+    each once."""
+    conditions = [*data.forget_conditions, *data.retain_conditions, *plan.concept.terms, ""]
     conditions += [t for c in data.forget_conditions for t in plan.concept.remap_for(c)]
     return sorted({str(condition) for condition in conditions})
 

@@ -97,7 +97,9 @@ def test_adam8bit_update_stays_near_fp32_adam_each_step(tiny_sd_dir):
         assert relative < UPDATE_TOLERANCE, (step, float(relative))
         # the first step reads fp32 moments (zeros) in both; later ones the quantized ones
         assert (relative == 0) == (step == 0), (step, float(relative))
-    assert quantized.state_bytes()["optimizer"] < exact.state_bytes()["optimizer"] / 3
+    # 2 bytes a masked weight plus one absmax per block; the tiny model's many small tensors,
+    # each padded to whole blocks of 256, leave less of the 4x than at SD scale
+    assert quantized.state_bytes()["optimizer"] < 0.7 * exact.state_bytes()["optimizer"]
 
 
 def erase_args(tiny_sd_args, output, *extra):
