@@ -69,6 +69,7 @@ class FlatMoments:
         return 2 * self.exp_avg.numel() * 4
 
     def state_dict(self) -> dict:
+        """The stored tensors by name (checkpoints; `MaskedAdam.load_state_dict` copies into them)."""
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
 
@@ -108,7 +109,7 @@ class QuantizedMoments:
                 absmax=self.absmax[i][absmax],
                 code=self.maps[i],
                 blocksize=BLOCK,
-            )  # fmt: skip
+            )
             for i in range(2)
         )
 
@@ -127,6 +128,7 @@ class QuantizedMoments:
         return sum(t.numel() * t.element_size() for t in (*self.codes, *self.absmax))
 
     def state_dict(self) -> dict:
+        """The stored tensors by name (checkpoints; `MaskedAdam.load_state_dict` copies into them)."""
         return {
             "exp_avg_codes": self.codes[0],
             "exp_avg_sq_codes": self.codes[1],
