@@ -25,6 +25,7 @@ library's functions; the dense optimizers (ESD, FMN) use its Adam8bit/AdamW8bit 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -37,6 +38,9 @@ BLOCK = 256  # values per quantization block: bitsandbytes' 8-bit optimizers' bl
 
 def eight_bit_functional():
     """bitsandbytes' functional module, checked to run here; one EraseError if it cannot."""
+    optional_kernels = logging.getLogger("bitsandbytes")  # its import warns about CPU kernels
+    level = optional_kernels.level
+    optional_kernels.setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as functional
 
@@ -47,6 +51,8 @@ def eight_bit_functional():
             f"({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
             "pip install 'erase[adam8bit]', or use --optimizer adam."
         ) from None
+    finally:
+        optional_kernels.setLevel(level)
     return functional
 
 
