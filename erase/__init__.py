@@ -4,7 +4,14 @@ import erase
 result = erase.erase_concept("sd-v1-4", "nudity", output="outputs/no-nudity")
 """
 
+import logging
+
 from erase.errors import EraseError
+
+# bitsandbytes (--optimizer adam8bit), which diffusers and transformers import when it is
+# installed, warns at import about optional CPU kernels erase does not use: a CLI's failure must
+# stay its one stderr line.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
