@@ -8,9 +8,9 @@ import logging
 
 from erase.errors import EraseError
 
-# diffusers imports bitsandbytes wherever it is installed (erase's 8-bit Adam needs it), and its
-# CPU backend logs a warning about an optional 4-bit kernel erase never uses: keep it off stderr,
-# where every command promises one line per error.
+# bitsandbytes (--optimizer adam8bit), which diffusers and transformers import when it is
+# installed, warns at import about optional CPU kernels erase does not use: a CLI's failure must
+# stay its one stderr line.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"

@@ -165,6 +165,7 @@ ERASURE_CHOICES = {
     "remap": ("next", "random"),
     "gen_precision": ("auto", "fp32", "fp16", "bf16"),
     "mixed_precision": ("no", "fp16", "bf16"),
+    "optimizer": ("adam", "adam8bit"),
 }
 
 
@@ -218,6 +219,8 @@ class ErasureConfig:
     no_gradient_checkpointing: bool = False
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
+    # adam: the method's Adam/AdamW with fp32 moments; adam8bit: its moments quantized to 8 bits
+    optimizer: str = "adam"
     max_grad_norm: float | None = None
     seed: int = 0
     checkpoint_every: int = 0

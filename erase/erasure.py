@@ -44,6 +44,7 @@ from erase.harden import check_harden, get_technique, technique_config
 from erase.home import erase_home
 from erase.methods import get_method
 from erase.models import load_backend, model_conditioning
+from erase.optim import eight_bit_functional
 from erase.saliency import (
     forget_loss_gradients,
     load_mask,
@@ -72,8 +73,13 @@ def resolve_settings(
 ):
     """TrainConfig and the method's Config: the run's settings first, then the method's
     reference defaults for this backend and concept (its `defaults`)."""
+    # --optimizer says how Adam's moments are stored; which Adam (AdamW for FMN) is the method's
     train_config = fields_from(
-        config, TrainConfig, gradient_checkpointing=not config.no_gradient_checkpointing
+        config,
+        TrainConfig,
+        gradient_checkpointing=not config.no_gradient_checkpointing,
+        optimizer=None,
+        eight_bit=config.optimizer == "adam8bit",
     )
     for name in ("lr", "batch_size", "max_grad_norm", "optimizer", "weight_decay"):
         if getattr(train_config, name) is None:
@@ -174,7 +180,7 @@ def run_erasure(
     check_arguments(config)
     # The accelerate state comes first: the lock and the output's cleanup ask it which process
     # is the main one (several CPU processes are known only to the accelerator made here).
-    accelerator = make_accelerator(fields_from(config, TrainConfig))
+    accelerator = make_accelerator(fields_from(config, TrainConfig, optimizer=None))
     # A model the caller passed is erased in place: it completes, or the model is left as it was.
     in_place = restored_on_failure(backend) if backend is not None else nullcontext()
     # `threads` holds the loaded backend's CPU thread count from loading to the end of the run
@@ -259,6 +265,8 @@ def check_arguments(config: ErasureConfig) -> None:
             "class-conditional: use --method salun or esd-u for it."
         )
     check_harden(config.harden, config.harden_config, method_class)
+    if config.optimizer == "adam8bit":
+        eight_bit_functional()  # the library runs here, or one line before any work
     if config.mask:
         if not get_method(config.method).uses_mask:
             raise EraseError(
@@ -399,12 +407,14 @@ def erase_into(
     else:
         inputs = training_inputs(plan, config, accelerator, evaluations, clock)
 
-    with staged_output(output) as staging:
+    with staged_output(output) as staging, encoders_back(plan, inputs):
         if closed_form:
             result, changed = edit_phase(plan, accelerator, staging)
             clock.lap("edit")
         else:
             result, changed = train_phase(plan, accelerator, staging, inputs)
+            if inputs.encoders_moved:  # the grids encode prompts and decode images
+                plan.backend.encoders_to(plan.backend.device)
             clock.lap("train")
         measured = {}
         for evaluation in evaluations:
@@ -458,6 +468,7 @@ class TrainingInputs:
     forget_latents: torch.Tensor  # (N_f, C, h, w)
     retain_latents: torch.Tensor  # (N_r, C, h, w)
     mask: object  # the saliency mask (SalUn), else None
+    encoders_moved: bool = False  # text encoders and VAE on the host for mask and training
 
 
 def measure_before(evaluations: Sequence[Evaluation], plan: Plan, clock: PhaseClock) -> None:
@@ -473,17 +484,35 @@ def training_inputs(plan: Plan, config: ErasureConfig, accelerator, evaluations,
     data_config, data, forget_latents, retain_latents = data_phase(plan, config, accelerator)
     clock.lap("data")
     measure_before(evaluations, plan, clock)
-    mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
-    if mask is not None:  # the masked optimizer's state fits only the mask it was made with
-        plan.settings["mask_digest"] = mask_digest(mask)
-        check_resume(plan.checkpoint_dir, plan.settings, config.resume)
-    clock.lap("mask")
-    # a method's stage before training (FMN's textual inversion); most have none
-    plan.method.prepare(
-        forget_latents, data.forget_conditions, torch.Generator().manual_seed(config.seed)
-    )
-    clock.lap("prepare")
-    return TrainingInputs(data_config, data, forget_latents, retain_latents, mask)
+    # The text encoders and the VAE wait on the host from the mask to the grids (the prompts'
+    # embeddings cached, the latents made): the device holds the UNet and its training state.
+    moved = encoders_to_host(plan, data)
+    try:
+        mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
+        if mask is not None:  # the masked optimizer's state fits only the mask it was made with
+            plan.settings["mask_digest"] = mask_digest(mask)
+            check_resume(plan.checkpoint_dir, plan.settings, config.resume)
+        clock.lap("mask")
+        # a method's stage before training (FMN's textual inversion); most have none
+        plan.method.prepare(
+            forget_latents, data.forget_conditions, torch.Generator().manual_seed(config.seed)
+        )
+        clock.lap("prepare")
+    except BaseException:
+        if moved:  # an API caller gets its whole pipeline back, even after a failure
+            plan.backend.encoders_to(plan.backend.device)
+        raise
+    return TrainingInputs(data_config, data, forget_latents, retain_latents, mask, moved)
+
+
+@contextmanager
+def encoders_back(plan: Plan, inputs: TrainingInputs | None):
+    """The encoders back on the device when the block ends, failed or not, if they were moved."""
+    try:
+        yield
+    finally:
+        if inputs is not None and inputs.encoders_moved:
+            plan.backend.encoders_to(plan.backend.device)
 
 
 def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) -> Plan:
@@ -561,6 +590,39 @@ def data_phase(plan: Plan, config: ErasureConfig, accelerator):
     forget_latents = encode_images(backend, data.forget_images)  # (N_f, C, h, w)
     retain_latents = encode_images(backend, data.retain_images)  # (N_r, C, h, w)
     return data_config, data, forget_latents, retain_latents
+
+
+def cached_conditions(plan: Plan, data) -> list[str]:
+    """Every prompt the mask and training encode: the forget and retain sets', their remap
+    targets, the concept's terms (ESD's prompts) and the empty prompt (the unconditional one),
+    each once."""
+    conditions = [*data.forget_conditions, *data.retain_conditions, *plan.concept.terms, ""]
+    conditions += [t for c in data.forget_conditions for t in plan.concept.remap_for(c)]
+    return sorted({str(condition) for condition in conditions})
+
+
+def keeps_encoders(plan: Plan) -> bool:
+    """Whether the text encoders and VAE stay on the device through training: on the CPU (the
+    host already), on class-conditional models (none), for a method that runs the text encoder."""
+    backend = plan.backend
+    return (
+        backend.device.type == "cpu"
+        or backend.conditioning != "text"
+        or plan.method.runs_text_encoder
+    )
+
+
+def encoders_to_host(plan: Plan, data) -> bool:
+    """Encode every prompt training needs once (cached in the backend), then move the text
+    encoders and the VAE to the host; whether they moved."""
+    if keeps_encoders(plan):
+        return False
+    backend = plan.backend
+    backend.encode(cached_conditions(plan, data))
+    backend.encoders_to(torch.device("cpu"))
+    if backend.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the encoders' blocks back to the UNet's state
+    return True
 
 
 def mask_phase(plan: Plan, forget_latents, forget_conditions, accelerator):

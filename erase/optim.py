@@ -13,15 +13,134 @@ entries are never written, so they stay bit-identical.
 `StepInBackward`: a dense Adam/AdamW whose update of each parameter runs as soon as backward has
 produced its gradient, which is then freed: no full set of gradients ever exists. With gradient
 clipping, a first backward pass only measures the gradient norm.
+
+`--optimizer adam8bit` stores the masked moments blockwise-quantized to 8 bits with the dynamic
+map of 8-bit Adam (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"), by
+bitsandbytes' functional quantize/dequantize (`QuantizedMoments`): each parameter's moments are
+dequantized inside its step, updated in fp32 and quantized back, 2 bytes per masked weight
+instead of 8. bitsandbytes' own 8-bit optimizers hold state for whole tensors, not for the
+masked entries only, so the masked optimizer quantizes its flat buffers itself with the
+library's functions; the dense optimizers (ESD, FMN) use its Adam8bit/AdamW8bit directly.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
+from erase.errors import EraseError
 from erase.saliency import PackedMask, unpack_mask
+
+BLOCK = 256  # values per quantization block: bitsandbytes' 8-bit optimizers' block size
+
+
+def eight_bit_functional():
+    """bitsandbytes' functional module, checked to run here; one EraseError if it cannot."""
+    optional_kernels = logging.getLogger("bitsandbytes")  # its import warns about CPU kernels
+    level = optional_kernels.level
+    optional_kernels.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as functional
+
+        functional.quantize_blockwise(torch.ones(BLOCK), blocksize=BLOCK)
+    except (ImportError, RuntimeError, OSError) as error:
+        raise EraseError(
+            "--optimizer adam8bit needs bitsandbytes, which cannot run here "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
+            "pip install 'erase[adam8bit]', or use --optimizer adam."
+        ) from None
+    finally:
+        optional_kernels.setLevel(level)
+    return functional
+
+
+class FlatMoments:
+    """Adam's two moments of the masked entries in fp32, one flat buffer each."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.exp_avg = torch.zeros(size, device=device)
+        self.exp_avg_sq = torch.zeros(size, device=device)
+
+    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The moments of entries [start, stop), as views updated in place."""
+        return self.exp_avg[start:stop], self.exp_avg_sq[start:stop]
+
+    def write(self, start: int, stop: int, exp_avg, exp_avg_sq) -> None:
+        """Nothing to do: `read` gave views."""
+
+    def nbytes(self) -> int:
+        """Bytes of the stored moments."""
+        return 2 * self.exp_avg.numel() * 4
+
+    def state_dict(self) -> dict:
+        """The stored tensors by name (checkpoints; `MaskedAdam.load_state_dict` copies into them)."""
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+
+class QuantizedMoments:
+    """Adam's two moments of the masked entries, blockwise-quantized to 8 bits: uint8 codes of
+    8-bit Adam's dynamic map (signed for the first moment, unsigned for the second) and one fp32
+    absmax per block of BLOCK values. Each parameter's entries start on a block boundary, so one
+    parameter is dequantized and quantized without touching its neighbours."""
+
+    def __init__(self, segments: list[tuple[int, int]], device: torch.device):
+        self.functional = eight_bit_functional()
+        self.aligned = {}  # start of a parameter's entries -> start of its blocks' codes
+        size = 0
+        for start, stop in segments:
+            self.aligned[start] = size
+            size += -(-(stop - start) // BLOCK) * BLOCK
+        self.maps = [
+            self.functional.create_dynamic_map(signed=signed).to(device) for signed in (True, False)
+        ]
+        # zero codes with zero absmax dequantize to 0: Adam's initial moments
+        self.codes = [torch.zeros(size, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.absmax = [torch.zeros(size // BLOCK, device=device) for _ in range(2)]
+
+    def blocks(self, start: int, stop: int) -> tuple[slice, slice]:
+        """The codes and the absmax entries of entries [start, stop)."""
+        first = self.aligned[start]
+        return slice(first, first + stop - start), slice(
+            first // BLOCK, (first + stop - start + BLOCK - 1) // BLOCK
+        )
+
+    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The moments of entries [start, stop), dequantized to fp32."""
+        codes, absmax = self.blocks(start, stop)
+        return tuple(
+            self.functional.dequantize_blockwise(
+                self.codes[i][codes],
+                absmax=self.absmax[i][absmax],
+                code=self.maps[i],
+                blocksize=BLOCK,
+            )
+            for i in range(2)
+        )
+
+    def write(self, start: int, stop: int, exp_avg, exp_avg_sq) -> None:
+        """Quantize the updated moments of entries [start, stop) back."""
+        codes, absmax = self.blocks(start, stop)
+        for i, values in enumerate((exp_avg, exp_avg_sq)):
+            quantized, state = self.functional.quantize_blockwise(
+                values, code=self.maps[i], blocksize=BLOCK
+            )
+            self.codes[i][codes] = quantized
+            self.absmax[i][absmax] = state.absmax
+
+    def nbytes(self) -> int:
+        """Bytes of the stored moments: codes and absmax."""
+        return sum(t.numel() * t.element_size() for t in (*self.codes, *self.absmax))
+
+    def state_dict(self) -> dict:
+        """The stored tensors by name (checkpoints; `MaskedAdam.load_state_dict` copies into them)."""
+        return {
+            "exp_avg_codes": self.codes[0],
+            "exp_avg_sq_codes": self.codes[1],
+            "exp_avg_absmax": self.absmax[0],
+            "exp_avg_sq_absmax": self.absmax[1],
+        }
 
 
 class MaskedAdam:
@@ -41,6 +160,7 @@ class MaskedAdam:
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),  # torch.optim.Adam's defaults (SalUn: Adam)
         eps: float = 1e-8,
+        eight_bit: bool = False,
     ):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.entries = []  # (parameter, packed mask bits, start, stop) in the flat buffers
@@ -51,8 +171,12 @@ class MaskedAdam:
             offset += count
         self.size = offset
         self.device = named_parameters[0][1].device if named_parameters else torch.device("cpu")
-        self.exp_avg = torch.zeros(offset, device=self.device)
-        self.exp_avg_sq = torch.zeros(offset, device=self.device)
+        segments = [(start, stop) for _, _, start, stop in self.entries]
+        self.moments = (
+            QuantizedMoments(segments, self.device)
+            if eight_bit
+            else FlatMoments(offset, self.device)
+        )
         self.grad: torch.Tensor | None = None  # the flat masked gradient, when gathered
         self.stepping_in_backward = False
         self.largest_gradient = 0  # bytes of the largest masked gradient stepped in backward
@@ -69,7 +193,7 @@ class MaskedAdam:
         gradients = self.largest_gradient if self.grad is None else self.grad.numel() * 4
         return {
             "gradients": gradients,
-            "optimizer": 2 * self.exp_avg.numel() * 4,
+            "optimizer": self.moments.nbytes(),
             "mask": sum(bits.numel() for _, bits, _, _ in self.entries),
         }
 
@@ -126,7 +250,7 @@ class MaskedAdam:
 
     def release(self) -> None:
         """Drop the moments and the gradient buffer (after training)."""
-        self.exp_avg = self.exp_avg_sq = self.grad = None
+        self.moments = self.grad = None
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradient to norm <= max_norm, as torch.nn.utils.clip_grad_norm_ does on the
@@ -139,17 +263,19 @@ class MaskedAdam:
     @torch.no_grad()
     def adam_step(self, param, selected, grad, start: int, stop: int, step: int) -> None:
         """Adam's update of one parameter's masked entries (torch.optim.Adam's single-tensor
-        arithmetic, foreach=False) from their gradient `grad`, at step number `step`."""
+        arithmetic, foreach=False) from their gradient `grad`, at step number `step`; 8-bit
+        moments are dequantized for it and quantized back."""
         beta1, beta2 = self.betas
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         step_size = self.lr / (1 - beta1**step)
-        exp_avg, exp_avg_sq = self.exp_avg[start:stop], self.exp_avg_sq[start:stop]
+        exp_avg, exp_avg_sq = self.moments.read(start, stop)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
         values = param.data[selected].float()
         values.addcdiv_(exp_avg, denom, value=-step_size)
         param.data[selected] = values.to(param.dtype)
+        self.moments.write(start, stop, exp_avg, exp_avg_sq)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -179,17 +305,13 @@ class MaskedAdam:
 
     def state_dict(self) -> dict:
         """Moments and step count (for accelerate's checkpoints)."""
-        return {
-            "step": self.step_count,
-            "exp_avg": self.exp_avg,
-            "exp_avg_sq": self.exp_avg_sq,
-        }
+        return {"step": self.step_count, **self.moments.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
         self.step_count = int(state["step"])
-        self.exp_avg.copy_(state["exp_avg"])
-        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        for name, tensor in self.moments.state_dict().items():
+            tensor.copy_(state[name])
 
 
 class StepInBackward:

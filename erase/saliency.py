@@ -42,6 +42,7 @@ def forget_loss_gradients(
     batch_size: int = 8,
     micro_batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    host_gradients: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Sum over the forget set of d(-MSE(noise, guided eps))/dw for every UNet weight.
 
@@ -50,11 +51,54 @@ def forget_loss_gradients(
     `micro_batch_size`, each batch's noise and timesteps are drawn whole and the batch goes
     through the UNet in pieces whose losses are weighted by their share: the same gradient with
     the activations of a micro-batch.
+
+    With `host_gradients` (the default) each parameter's gradient leaves the device as soon as
+    backward has accumulated it and is added up in host memory (the same fp32 additions in the
+    same order as .grad's, so the same bits): the device never holds the dense gradient, only
+    the weights, the activations and one parameter's gradient. The gradients come back on the
+    host; without `host_gradients`, where the UNet is.
     """
     unet = backend.unet
     unet.requires_grad_(True)  # a previous run may have frozen it
     unet.zero_grad(set_to_none=True)
-    generator = generator or torch.Generator().manual_seed(0)
+    host: dict[str, torch.Tensor] = {}
+    hooks = [
+        param.register_post_accumulate_grad_hook(lambda param, name=name: to_host(param, name, host))
+        for name, param in unet.named_parameters()
+    ] if host_gradients else []  # fmt: skip
+    try:
+        sum_forget_gradients(
+            backend, forget_latents, forget_conditions, guidance_scale, batch_size,
+            micro_batch_size, generator or torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    finally:
+        for hook in hooks:
+            hook.remove()
+    gradients = {}
+    for name, param in unet.named_parameters():
+        grad = host.pop(name, None) if host_gradients else param.grad
+        if grad is None:
+            grad = torch.zeros(param.shape, device="cpu" if host_gradients else param.device)
+        gradients[name] = grad.detach().float()
+        param.grad = None
+    return gradients
+
+
+@torch.no_grad()
+def to_host(param: torch.nn.Parameter, name: str, host: dict[str, torch.Tensor]) -> None:
+    """Add one parameter's freshly accumulated gradient to its sum in host memory; free it."""
+    if name in host:
+        host[name].add_(param.grad.to("cpu"))
+    else:
+        host[name] = param.grad.to("cpu", copy=True)
+    param.grad = None
+
+
+def sum_forget_gradients(
+    backend, forget_latents, forget_conditions, guidance_scale, batch_size, micro_batch_size,
+    generator,
+) -> None:  # fmt: skip
+    """The forget set's backward passes of `forget_loss_gradients`, batch by batch."""
     num_train_timesteps = backend.noise_scheduler.config.num_train_timesteps
     for start in tqdm(range(0, len(forget_latents), batch_size), desc="saliency", unit="batch"):
         latents = forget_latents[start : start + batch_size].to(backend.device)  # (B, C, h, w)
@@ -71,12 +115,6 @@ def forget_loss_gradients(
                 guidance_scale,
             )  # fmt: skip
             (loss * share if share != 1 else loss).backward()
-    gradients = {}
-    for name, param in unet.named_parameters():
-        grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        gradients[name] = grad.detach().float()
-        param.grad = None
-    return gradients
 
 
 def guided_forget_loss(backend, latents, conditions, noise, timesteps, guidance_scale):

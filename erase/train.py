@@ -24,7 +24,7 @@ from erase.data import batch_at
 from erase.errors import EraseError
 from erase.harden import movable_entries
 from erase.models.base import Backend, Batch, Condition
-from erase.optim import MaskedAdam, StepInBackward
+from erase.optim import MaskedAdam, StepInBackward, eight_bit_functional
 from erase.saliency import PackedMask, pack_bool_mask
 
 
@@ -43,6 +43,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     max_grad_norm: float | None = None
     optimizer: str | None = None  # adam | adamw
+    eight_bit: bool = False  # --optimizer adam8bit: Adam's moments blockwise-quantized to 8 bits
     weight_decay: float | None = (
         None  # AdamW only; SalUn's Adam has none, so masked weights stay put
     )
@@ -118,9 +119,18 @@ def select_parameters(unet, method, mask) -> list[torch.nn.Parameter]:
 
 
 def make_optimizer(
-    name: str, parameters, lr: float, weight_decay: float | None
+    name: str, parameters, lr: float, weight_decay: float | None, eight_bit: bool = False
 ) -> torch.optim.Optimizer:
-    """Adam (SalUn, ESD: no weight decay, so masked weights stay put) or AdamW (Forget-Me-Not)."""
+    """Adam (SalUn, ESD: no weight decay, so masked weights stay put) or AdamW (Forget-Me-Not);
+    `eight_bit`: bitsandbytes' Adam8bit/AdamW8bit (moments blockwise-quantized to 8 bits)."""
+    if eight_bit:
+        eight_bit_functional()  # one line if the library cannot run here
+        import bitsandbytes
+
+        if name == "adam":
+            return bitsandbytes.optim.Adam8bit(parameters, lr=lr)
+        if name == "adamw":
+            return bitsandbytes.optim.AdamW8bit(parameters, lr=lr, weight_decay=weight_decay or 0.0)
     # No foreach: its fused temporaries would add a copy of every trained weight on a GPU.
     if name == "adam":
         return torch.optim.Adam(parameters, lr=lr, foreach=False)
@@ -280,7 +290,7 @@ def make_update(
     trained = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     check_sharding(accelerator, method, mask)
     if mask is not None and masked_state_fallback(config, clip_before_mask) is None:
-        update = MaskedAdam(trained, mask, config.lr)
+        update = MaskedAdam(trained, mask, config.lr, eight_bit=config.eight_bit)
         wrapped_unet = accelerator.prepare(unet)
         accelerator.register_for_checkpointing(update)
         if steps_in_backward(accelerator, unet, config) and not config.max_grad_norm:
@@ -294,13 +304,17 @@ def make_update(
         update = StepInBackward(
             accelerator,
             parameters,
-            lambda group: make_optimizer(config.optimizer, group, config.lr, config.weight_decay),
+            lambda group: make_optimizer(
+                config.optimizer, group, config.lr, config.weight_decay, config.eight_bit
+            ),
             config.max_grad_norm,
         )
         accelerator.register_for_checkpointing(update)
         return update, wrapped_unet, "dense, stepped in backward"
     dense_masks = [(p, mask.unpack(n).to(p.device)) for n, p in trained] if mask else []
-    optimizer = make_optimizer(config.optimizer, parameters, config.lr, config.weight_decay)
+    optimizer = make_optimizer(
+        config.optimizer, parameters, config.lr, config.weight_decay, config.eight_bit
+    )
     wrapped_unet, optimizer = accelerator.prepare(unet, optimizer)
     update = DenseUpdate(accelerator, optimizer, parameters, dense_masks, clip_before_mask)
     return update, wrapped_unet, "dense"

@@ -403,10 +403,22 @@ def method_for_breakdown(name: str):
     return method
 
 
-def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
+def moment_bytes(numel: int, optimizer: str, masked: bool) -> int:
+    """Bytes of Adam's two moments over `numel` entries of one tensor: fp32 (8 per entry), or
+    8-bit codes with one fp32 absmax per block of 256 (erase's masked optimizer pads each
+    parameter to whole blocks; bitsandbytes' Adam8bit keeps fp32 moments below 4096 entries)."""
+    if optimizer != "adam8bit" or (not masked and numel < 4096):
+        return 8 * numel
+    blocks = -(-numel // 256)
+    return 2 * ((blocks * 256 if masked else numel) + 4 * blocks)
+
+
+def breakdown(arch: str, methods: list[str], resolution: int, optimizer: str = "adam") -> dict:
     """Per method, the bytes of each part of the training state at the reference settings, by
-    the trainer's rules (erase/train.py, erase/optim.py), and the activations, all counted on
-    the meta device; `needed_mb` per phase with micro-batches of 1 and the whole batch."""
+    the trainer's rules (erase/train.py, erase/optim.py, erase/erasure.py), and the activations,
+    all counted on the meta device; `needed_mb` per phase on the device (a GPU) with
+    micro-batches of 1 and the whole batch, and `host_mb`: what waits in host memory (the mask
+    phase's dense gradient, the text encoders and VAE while the UNet trains)."""
     from erase.concepts import resolve_concept
     from erase.optim import MaskedAdam
 
@@ -414,6 +426,7 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
         components = sdxl_shaped_components() if arch == "sdxl" else sd14_shaped_components()
     unet = components["unet"]
     encoders = [components[n] for n in ("text_encoder", "text_encoder_2", "vae") if n in components]
+    encoder_bytes = sum(module_bytes(m) for m in encoders)
     weights = list(unet.parameters())
     numel = sum(w.numel() for w in weights)
     concept = resolve_concept("nudity", conditioning="text")
@@ -426,11 +439,16 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
         method = method_for_breakdown(name)
         trained = [(n, w) for n, w in unet.named_parameters() if method.trainable(n)]
         trained_numel = sum(w.numel() for _, w in trained)
-        state = {"weights": 4 * numel, "encoders": sum(module_bytes(m) for m in encoders)}
+        state = {"weights": 4 * numel}
         if method.edit is not None:  # closed-form (UCE): no gradient, optimizer or activations
+            state["encoders"] = encoder_bytes
             reports[name] = closed_form_breakdown(arch, numel, trained, state)
             continue
         batch = method.defaults(text_backend, concept, 800)["batch_size"]
+        # the encoders wait on the host unless the method runs the text encoder (FMN)
+        on_host = not getattr(method, "runs_text_encoder", False)
+        if not on_host:
+            state["encoders"] = encoder_bytes
         masked = round(0.5 * numel)
         flat_gradient = 4 * masked  # MaskedAdam's buffer of masked gradient values
         if getattr(method, "uses_mask", False):  # MaskedAdam over the top 50 %
@@ -439,12 +457,14 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
             stepped = hasattr(MaskedAdam, "step_in_backward")
             state.update(
                 gradients=max(2 * w.numel() for w in weights) if stepped else flat_gradient,
-                optimizer=8 * masked,
+                # half of each parameter's entries, each padded to whole blocks
+                optimizer=sum(moment_bytes(w.numel() // 2, optimizer, True) for w in weights),
                 mask=sum(-(-w.numel() // 8) for w in weights),
             )
         else:  # stepped in backward: one parameter's gradient at a time, Adam's two moments
             state.update(
-                gradients=max(4 * w.numel() for _, w in trained), optimizer=8 * trained_numel
+                gradients=max(4 * w.numel() for _, w in trained),
+                optimizer=sum(moment_bytes(w.numel(), optimizer, False) for _, w in trained),
             )
             if name.startswith("esd"):
                 state["frozen_copy"] = 4 * trained_numel
@@ -456,20 +476,28 @@ def breakdown(arch: str, methods: list[str], resolution: int) -> dict:
             "train_micro_batch_1": train + calls * per_sample,
             f"train_batch_{batch}": train + batch * calls * per_sample,
         }
-        if getattr(method, "uses_mask", False):  # the mask: dense gradient, guided (2 calls)
+        host = {"encoders": encoder_bytes if on_host else 0}
+        if getattr(method, "uses_mask", False):
             phases["train_micro_batch_1"] += flat_gradient - state["gradients"]
-            dense = state["weights"] + state["encoders"] + 4 * numel
-            phases["mask_batch_8"] = dense + 8 * 2 * per_checkpointing[True]
-            phases["mask_batch_1"] = dense + 2 * per_checkpointing[True]
+            # The mask phase: each parameter's gradient goes to the host as soon as backward
+            # has made it, so the device holds the weights, the largest parameter's gradient
+            # and the activations of the guided batch (2 calls per sample).
+            mask_device = state["weights"] + max(4 * w.numel() for w in weights)
+            mask_device += state.get("encoders", 0)
+            phases["mask_batch_8"] = mask_device + 8 * 2 * per_checkpointing[True]
+            phases["mask_batch_1"] = mask_device + 2 * per_checkpointing[True]
+            host["mask_gradients"] = 4 * numel
         reports[name] = {
             "arch": arch,
             "counted_on": "meta device (no memory used)",
             "resolution": resolution,
+            "optimizer": optimizer,
             "reference_batch_size": batch,
             "unet_weights": numel,
             "trained_weights": masked if method.uses_mask else trained_numel,
             "gradient_checkpointing": checkpointing,
             "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
+            "host_mb": {k: round(v / 2**20, 1) for k, v in host.items()},
             "activation_mb_per_sample_per_unet_call": round(per_sample / 2**20, 1),
             "activation_mb_without_checkpointing": round(per_checkpointing[False] / 2**20, 1),
             "needed_mb": {k: round(v / 2**20) for k, v in phases.items()},
@@ -513,14 +541,18 @@ def not_run_reports(args: argparse.Namespace) -> dict:
     methods = args.methods.split(",")
     if args.device != "cpu":
         return {}
-    here = breakdown(args.arch, methods, args.resolution)
+    here = breakdown(args.arch, methods, args.resolution, args.optimizer)
     room = available_bytes() - 4 * 2**30  # Python, torch, data, allocator retention (1-5 GB)
     reports = {}
     for method in methods:
-        needed = here[method]["needed_mb"]
-        phases = ("train_micro_batch_1", "mask_batch_1", "edit")
-        if 2**20 * max(needed.get(p, 0) for p in phases) > room:
-            counted = breakdown(args.arch, [method], breakdown_resolution(args))[method]
+        needed, host = here[method]["needed_mb"], here[method].get("host_mb", {})
+        # on the CPU the host is the device: what waits there counts too
+        encoders = host.get("encoders", 0)
+        train = needed.get("train_micro_batch_1", 0) + encoders
+        mask = needed.get("mask_batch_1", 0) + encoders + host.get("mask_gradients", 0)
+        if 2**20 * max(train, mask, needed.get("edit", 0)) > room:
+            counted = breakdown(args.arch, [method], breakdown_resolution(args), args.optimizer)
+            counted = counted[method]
             reports[method] = {
                 "not_run": f"needs more than this machine's {room / 2**30:.1f} GiB to spare",
                 "breakdown_here": here[method],
@@ -569,7 +601,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "--num-forget", str(args.num_images), "--num-retain", str(args.num_images),
         "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--resolution", str(args.resolution), "--gen-steps", "2",
-        "--mixed-precision", args.mixed_precision,
+        "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer,
         "--output", os.path.join(work, "out"), "--cache-dir", os.path.join(work, "data"),
     ]  # fmt: skip
     flags += args.extra
@@ -597,6 +629,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "micro_batch_size": train_result.get("micro_batch_size"),
         "mixed_precision": args.mixed_precision,
+        "optimizer": args.optimizer,
         "steps": args.steps,
         "extra_flags": args.extra,
         "state_measured": bool(train_result.get("state_bytes")),
@@ -611,9 +644,8 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     if device.type == "cuda":
         report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
-    report["breakdown"] = breakdown(args.arch, [args.method], breakdown_resolution(args))[
-        args.method
-    ]
+    counted = breakdown(args.arch, [args.method], breakdown_resolution(args), args.optimizer)
+    report["breakdown"] = counted[args.method]
     return report
 
 
@@ -708,6 +740,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument(
+        "--optimizer", default="adam", choices=["adam", "adam8bit"], help="erase-concept's"
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--num-images", type=int, default=None, help="default: max(2, batch)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -185,6 +185,30 @@ def test_forget_loss_gradients_in_micro_batches_equal_whole_batches(tiny_sd_dir)
     assert sum(int(g.count_nonzero()) for g in whole.values()) > 0
 
 
+@pytest.mark.parametrize("micro_batch_size", [None, 1])
+def test_gradients_summed_on_the_host_give_the_on_device_mask_bit_for_bit(
+    tiny_sd_dir, micro_batch_size
+):
+    backend = load_backend(tiny_sd_dir)
+    latents = torch.randn(3, *backend.latent_shape, generator=torch.Generator().manual_seed(1))
+    prompts = ["a photo of a nude person"] * 3
+
+    def gradients(host_gradients):  # two batches of 2 + 1, in micro-batches or whole
+        return forget_loss_gradients(
+            backend, latents, prompts, guidance_scale=7.5, batch_size=2,
+            micro_batch_size=micro_batch_size, generator=torch.Generator().manual_seed(3),
+            host_gradients=host_gradients,
+        )  # fmt: skip
+
+    on_device, on_host = gradients(False), gradients(True)
+    assert all(torch.equal(on_host[name], on_device[name]) for name in on_device)
+    assert all(g.device.type == "cpu" for g in on_host.values())
+    device_mask, host_mask = saliency_mask(on_device, 0.5), saliency_mask(on_host, 0.5)
+    assert all(torch.equal(host_mask.bits[n], device_mask.bits[n]) for n in device_mask.bits)
+    assert all(p.grad is None for p in backend.unet.parameters())
+    assert 0 < device_mask.kept() < device_mask.total()
+
+
 def test_nan_gradients_are_an_error():
     gradients = {"a": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.ones(5)}
     with pytest.raises(EraseError, match="NaN"):

@@ -258,6 +258,12 @@ def add_erase_arguments(parser: argparse.ArgumentParser, with_output: bool = Tru
     training.add_argument("--gradient-accumulation-steps", type=positive(int))
     training.add_argument("--mixed-precision", choices=ERASURE_CHOICES["mixed_precision"])
     training.add_argument(
+        "--optimizer",
+        choices=ERASURE_CHOICES["optimizer"],
+        help="adam: exact fp32 moments (default); adam8bit: Adam's moments blockwise-quantized "
+        "to 8 bits, a quarter of their memory (needs bitsandbytes: pip install 'erase[adam8bit]')",
+    )
+    training.add_argument(
         "--max-grad-norm",
         type=positive(float),
         default=None,

@@ -47,6 +47,9 @@ def no_prepare(self, forget_latents, forget_conditions, generator) -> None:
 OPTIONAL = {
     "needs_images": True,  # False: the method samples its own x_t (ESD), no forget set is made
     "gradient_checkpointing": True,  # False: the method's hooks need every activation (FMN)
+    # True: the method runs the text encoder itself (FMN's textual inversion), so the encoders
+    # stay on the device; otherwise they wait on the host while the mask and training run
+    "runs_text_encoder": False,
     "loss_is_mean_over_samples": True,  # False: the loss cannot be split into micro-batches
     "frozen_unet": None,  # a frozen copy of the UNet the loss reads (ESD's teacher)
     "clip_before_mask": None,  # a gradient norm clipped to before the mask (SalUn on DDPM)

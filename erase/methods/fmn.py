@@ -146,6 +146,7 @@ class ForgetMeNot:
     needs_images = True
     # Its recording attention processors are gone when backward would recompute the forward.
     gradient_checkpointing = False
+    runs_text_encoder = True  # textual inversion trains token vectors through the encoder
     loss_is_mean_over_samples = False  # a norm over the whole batch: no micro-batches
 
     def __init__(self, backend: Backend, concept: Concept, config: FMNConfig):

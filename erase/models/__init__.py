@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -42,15 +43,21 @@ def quiet_loading():
 
     loggers = (diffusers_logging, transformers_logging, hub_logging)
     levels = [module.get_verbosity() for module in loggers]
+    # bitsandbytes (--optimizer adam8bit), which diffusers imports when it is installed, warns
+    # through the standard logging module about optional CPU kernels as it is imported
+    optional_kernels = logging.getLogger("bitsandbytes")
+    kernels_level = optional_kernels.level
     try:
         for module in loggers:
             module.set_verbosity_error()
+        optional_kernels.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         for module, level in zip(loggers, levels):
             module.set_verbosity(level)
+        optional_kernels.setLevel(kernels_level)
 
 
 def is_ddpm_folder(path: str) -> bool:

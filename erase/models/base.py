@@ -99,12 +99,18 @@ def no_eval_prompts(self, condition) -> None:
     """None: a class is evaluated with the concept's own prompts."""
 
 
+def no_encoders(self, device) -> None:
+    """A backend without text encoders or VAE (the class-conditional DDPM): nothing to move."""
+
+
 # The optional parts of a backend, with what a backend that does not define one gets
 # (`declare_optional` fills them in, so the pipeline, the bench and the attacks read them
 # without probing).
 OPTIONAL = {
     "gen_precision": "auto",  # precision of image generation (text backends: see --gen-precision)
     "set_gradient_checkpointing": no_gradient_checkpointing,
+    # move the frozen encoders (text, VAE) to a device: the host while only the UNet trains
+    "encoders_to": no_encoders,
     "concept_prompts": no_concept_prompts,  # a testbed's own prompts of a concept (sd-digits)
     "eval_prompts": no_eval_prompts,  # a testbed's held-out prompts of a class (sd-digits)
     "digit_names": None,  # sd-digits: the digits' names, its classes

@@ -185,8 +185,10 @@ class StableDiffusionBackend:
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """The UNet's conditioning for `prompts`, with gradients to the text encoder's inputs
-        (textual inversion needs them): the last hidden states (B, L, D)."""
-        return self.pipe.text_encoder(self.tokenize(prompts).to(self.device))[0]
+        (textual inversion needs them): the last hidden states (B, L, D), on the UNet's device
+        wherever the encoder is."""
+        encoder = self.pipe.text_encoder
+        return encoder(self.tokenize(prompts).to(encoder.device))[0].to(self.device)
 
     @torch.no_grad()
     def encode(self, conditions: Sequence[Condition]) -> torch.Tensor:
@@ -195,6 +197,13 @@ class StableDiffusionBackend:
         if missing:
             self._embeds.update(zip(missing, self.embed(missing)))
         return torch.stack([self._embeds[str(c)] for c in conditions])
+
+    def encoders_to(self, device: torch.device) -> None:
+        """Move the frozen text encoder(s) and the VAE to `device`: to the host while only the
+        UNet trains (its prompts' embeddings cached, its images' latents made), back for the
+        grids."""
+        for module in (self.pipe.vae, *(encoder for _, encoder in self.text_encoders())):
+            module.to(device)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the UNet's activations in backward instead of keeping them (the reference

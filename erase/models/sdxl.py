@@ -70,11 +70,13 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
 
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:
         """Both encoders' prompt embeddings (B, L, D) with the pooled one (B, P) packed in as a
-        last row (B, L + 1, D), by the pipeline's own encode_prompt (gradients flow)."""
+        last row (B, L + 1, D), by the pipeline's own encode_prompt (gradients flow), on the
+        UNet's device wherever the encoders are."""
+        encoder_device = self.text_encoders()[0][1].device
         prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
-            list(prompts), device=self.device, do_classifier_free_guidance=False
+            list(prompts), device=encoder_device, do_classifier_free_guidance=False
         )
-        return pack_condition(prompt_embeds, pooled)
+        return pack_condition(prompt_embeds, pooled).to(self.device)
 
     def unconditional(self, batch_size: int) -> torch.Tensor:
         """The unconditional condition the pipeline guides with: zeros where the model says so
