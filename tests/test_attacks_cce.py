@@ -136,7 +136,16 @@ def test_cce_errors_are_one_line(capsys, tiny_sd_dir, tmp_path):
     folder = write_ddpm_folder(
         str(tmp_path / "ddpm"), build_class_unet(10, config), {"class_names": DIGIT_NAMES}
     )
-    argv = ["--model", folder, "--concept", "3", "--attack", "cce", "--output", str(tmp_path)]
+    argv = [
+        "--model",
+        folder,
+        "--concept",
+        "3",
+        "--attack",
+        "cce",
+        "--output",
+        str(tmp_path / "out"),
+    ]
     err = one_line_error(capsys, argv)
     assert "class-conditional (no text encoder)" in err and "relearn" in err
 

@@ -147,7 +147,7 @@ def test_ring_a_bell_errors_are_one_line(capsys, tiny_sd_dir, tmp_path):
         str(tmp_path / "ddpm"), build_class_unet(10, config), {"class_names": DIGIT_NAMES}
     )
     argv = ["--model", folder, "--concept", "3", "--attack", "ring-a-bell"]
-    err = one_line_error(capsys, [*argv, "--output", str(tmp_path)])
+    err = one_line_error(capsys, [*argv, "--output", str(tmp_path / "out")])
     assert "class-conditional (no text encoder)" in err and "relearn" in err
 
 
