@@ -449,6 +449,7 @@ def erase_into(
             "base_training_s": plan.backend.training_seconds,
             "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
             "device": str(accelerator.device),
+            "cpu_threads": torch.get_num_threads(),  # erase/threads.py: they order the sums
             "versions": versions(),
             **measured,
         }

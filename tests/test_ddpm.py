@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -287,6 +288,7 @@ def test_an_erasure_holds_the_backends_cpu_threads_and_gives_them_back(
 
     monkeypatch.setattr(erase.erasure, "train_phase", spy)
     monkeypatch.setattr(ClassDDPMBackend, "cpu_threads", 1, raising=False)
+    monkeypatch.setattr("erase.threads.cores_shared", lambda: True)  # another job is running
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -296,5 +298,45 @@ def test_an_erasure_holds_the_backends_cpu_threads_and_gives_them_back(
              "--no-eval"]
         )  # fmt: skip
         assert code == 0 and seen == [1] and torch.get_num_threads() == 2
+        metadata = json.load(open(tmp_path / "out" / "metadata.json"))
+        assert metadata["cpu_threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_free_cores_keep_torchs_threads(monkeypatch):
+    from erase.threads import backend_threads
+
+    class Testbed:
+        cpu_threads = 1
+
+    torch.set_num_threads(2)
+    monkeypatch.setattr("erase.threads.cores_shared", lambda: False)
+    with backend_threads(Testbed(), "cpu"):
+        assert torch.get_num_threads() == 2
+    monkeypatch.setattr("erase.threads.cores_shared", lambda: True)
+    with backend_threads(Testbed(), "cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import multiprocessing
+
+    from erase.threads import busy_cores
+
+    stop = multiprocessing.Event()
+    spinner = multiprocessing.Process(target=spin, args=(stop,))
+    spinner.start()
+    try:
+        time.sleep(0.2)
+        assert busy_cores() >= 0.5
+    finally:
+        stop.set()
+        spinner.join()
+
+
+def spin(stop) -> None:
+    """Keep one core busy until told to stop."""
+    while not stop.is_set():
+        pass

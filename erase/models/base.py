@@ -120,7 +120,7 @@ OPTIONAL = {
     "reference_sampler": "ddim",
     "method_defaults": {},  # a testbed's measured method settings, by method (docs/methods.md)
     "classifier": None,  # a class backend's own classifier (the digits testbeds)
-    "cpu_threads": None,  # torch CPU threads that suit the model (testbeds: 1, erase/threads.py)
+    "cpu_threads": None,  # torch CPU threads on shared cores (testbeds: 1, erase/threads.py)
     "training_seconds": None,  # how long a testbed's base model took to train (the cost yardstick)
 }
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from erase.models.ddpm import SCHEDULER_CONFIG, ClassDDPMBackend, read_ddpm_info, write_ddpm_folder
 from erase.models.sd import default_device, load_unet_folder
 from erase.testbeds.ddpm_training import DDPMConfig, train_class_ddpm
-from erase.threads import cpu_threads
+from erase.threads import chosen_threads, cpu_threads
 
 # --------------------------------------------------------------------------------
 FIRST_USE_MINUTES = 2  # the classifier and 1000 steps at batch 64, measured (docs/testbeds.md)
@@ -44,7 +44,7 @@ def train_ddpm_digits(folder: str, config: DDPMConfig | None = None) -> str:
     images, labels = digits_dataset(config.image_size, split="train")  # (N, 1, H, W)
     started = time.perf_counter()
     device = default_device()
-    with cpu_threads(1 if device.type == "cpu" else None):  # erase/threads.py
+    with cpu_threads(chosen_threads(1) if device.type == "cpu" else None):  # erase/threads.py
         unet = train_class_ddpm(images, labels, len(DIGIT_NAMES), config, device=device)
     info = {
         "dataset": "digits",
@@ -97,5 +97,5 @@ def load_ddpm_digits(
         classifier=classifier,
     )
     backend.training_seconds = info.get("train_seconds")
-    backend.cpu_threads = 1  # its operations are too small to share out (erase/threads.py)
+    backend.cpu_threads = 1  # on shared cores: its operations are too small (erase/threads.py)
     return backend

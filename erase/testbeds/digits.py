@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from erase.threads import cpu_threads
+from erase.threads import chosen_threads, cpu_threads
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -210,7 +210,7 @@ def load_digit_classifier(
     folder = classifier_folder(image_size, cache_dir)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         config = config or ClassifierConfig(image_size=image_size)
-        with cpu_threads(1):  # a small CNN: erase/threads.py
+        with cpu_threads(chosen_threads(1)):  # a small CNN on shared cores: erase/threads.py
             model = train_digit_classifier(config)
         save_digit_classifier(
             model, folder, test_accuracy=classifier_accuracy(model), training=asdict(config)
