@@ -50,18 +50,11 @@ def backend_classifier(backend, classifier: torch.nn.Module | None) -> torch.nn.
     return classifier
 
 
-@torch.no_grad()
 def classify(
     classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
     """Predicted class indices (N,) of images (N, C, H, W) in [0, 1]."""
-    device = next(iter(classifier.parameters()), torch.empty(0)).device
-    return torch.cat(
-        [
-            classifier(images[i : i + batch_size].to(device)).argmax(-1).cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
+    return class_probabilities(classifier, images, batch_size).argmax(-1)
 
 
 @torch.no_grad()

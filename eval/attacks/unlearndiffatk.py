@@ -29,6 +29,7 @@ from erase.models.base import denoising_target
 from eval.attacks.images import generate_with, judge_folder, load_pngs
 from eval.attacks.target import AttackTarget
 from eval.runner import (
+    GENERATION_KEYS,
     GenerationConfig,
     merge_index,
     process_state,
@@ -367,17 +368,7 @@ def finished(existing: dict | None, record: dict, settings: dict, folder: str) -
     """Whether a prompt's attack is done with these settings and its image is on disk."""
     if existing is None or existing.get("attack") != settings:
         return False
-    keys = (
-        "prompt",
-        "seed",
-        "guidance_scale",
-        "num_steps",
-        "sampler",
-        "resolution",
-        "model",
-        "unet",
-    )
-    same = all(existing.get(key) == record[key] for key in keys)
+    same = all(existing.get(key) == record[key] for key in GENERATION_KEYS)
     return same and os.path.isfile(os.path.join(folder, record["file"]))
 
 
