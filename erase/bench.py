@@ -30,6 +30,7 @@ from erase.config import (
 from erase.erasure import resolve_run_concept
 from erase.errors import EraseError
 from erase.methods import METHODS
+from erase.threads import backend_threads
 from erase.train import peak_memory_mb
 from eval.scoring import ModelScorer, ScoringSettings
 
@@ -272,8 +273,14 @@ def check_bench_clip(spec: str) -> None:
 def bench_into(config: BenchConfig, backend=None) -> dict:
     """The bench of run_bench, holding the lock of its output."""
     clock = time.perf_counter()
-    methods = config.methods
     backend = backend or api.load_model(config.erasure.model, data_dir=config.erasure.data_dir)
+    with backend_threads(backend, backend.device):  # a testbed on shared cores: one thread
+        return bench_loaded(config, backend, clock)
+
+
+def bench_loaded(config: BenchConfig, backend, clock: float) -> dict:
+    """The bench on the loaded base model (`clock`: when loading began)."""
+    methods = config.methods
     concept = resolve_run_concept(backend, config.erasure)
     attacks = attack_settings(config, concept)
     shared: dict = {}  # the base row's attack figures that later rows are measured against

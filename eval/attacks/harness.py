@@ -18,6 +18,7 @@ import torch
 
 from erase.config import SAMPLER_NAMES, check_known, config_to_dict
 from erase.errors import EraseError
+from erase.threads import backend_threads
 from eval.attacks import get_attack
 from eval.attacks.target import (
     AttackTarget,
@@ -213,13 +214,22 @@ def run_attacks(settings: AttackSettings, output: str, backend=None, progress=Tr
 
 def attack_into(settings: AttackSettings, output: str, backend, progress) -> dict | None:
     """The run of run_attacks, holding the lock of `output`."""
-    from erase.artifact import open_resumable, versions, write_json
+    from erase.artifact import open_resumable
     from erase.models import load_backend
     from eval.runner import process_state
 
     configs = attack_configs(settings)
     open_resumable(output, "erase-attack", create=False)  # refused before the model loads
     backend = backend or load_backend(settings.model, device=process_state().device)
+    with backend_threads(backend, backend.device):  # a testbed on shared cores: one thread
+        return attack_loaded(settings, output, backend, progress, configs)
+
+
+def attack_loaded(settings: AttackSettings, output: str, backend, progress, configs) -> dict | None:
+    """The run of run_attacks on the loaded base model."""
+    from erase.artifact import open_resumable, versions, write_json
+    from eval.runner import process_state
+
     for name in configs:  # an attack that cannot run on this model fails before any work
         getattr(get_attack(name), "check", lambda backend: None)(backend)
     if settings.sampler not in (None, "ddim") and backend.conditioning != "text":
