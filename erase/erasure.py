@@ -5,13 +5,12 @@ take around training; the pipeline never parses, prints or imports eval/."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -184,7 +183,7 @@ def run_erasure(
     # A model the caller passed is erased in place: it completes, or the model is left as it was.
     in_place = restored_on_failure(backend) if backend is not None else nullcontext()
     # `threads` holds the loaded backend's CPU thread count from loading to the end of the run
-    with output_lock(output), in_place, contextlib.ExitStack() as threads:
+    with output_lock(output), in_place, ExitStack() as threads:
         return erase_into(output, config, accelerator, backend, on_phase, evaluations, threads)
 
 
@@ -391,7 +390,7 @@ def erase_into(
     backend=None,
     on_phase=None,
     evaluations: Sequence[Evaluation] = (),
-    threads: contextlib.ExitStack | None = None,
+    threads: ExitStack | None = None,
 ) -> ErasureResult:
     """The erasure of run_erasure, holding the lock of `output`: one function per phase."""
     check_output(output, config.overwrite, resume=config.resume)

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from erase.errors import EraseError
-from eval.attacks.images import judge_folder, positive_rate
 from eval.attacks.target import AttackTarget
 from prompts import PromptEntry
 
@@ -193,7 +192,7 @@ def generate_here(target: AttackTarget, entries, folder: str, generation, progre
 
 def run(target: AttackTarget, config: Config, output: str, generation, progress=True) -> dict:
     """Learn the token on the erased model, generate the prompt set with it, judge: the ASR."""
-    from eval.attacks.unlearndiffatk import stricter_asr
+    from eval.attacks.prompts import judged_asr
 
     check(target.backend)
     if not target.entries:
@@ -215,17 +214,8 @@ def run(target: AttackTarget, config: Config, output: str, generation, progress=
             for e in target.entries
         ]
         records = generate_here(target, entries, folder, generation, progress)
-    verdicts = judge_folder(target.judge, folder, records)
-    rows = [
-        {**record, "plain_verdict": verdict, "attack": None}
-        for record, verdict in zip(records, verdicts)
-    ]
     return {
-        "prompts": len(records),
-        "positive": sum(v["positive"] for v in verdicts),
-        "asr": round(positive_rate(verdicts), 4),
+        **judged_asr(target.judge, folder, records),
         "token": snippet,
-        **stricter_asr(rows),
         "settings": asdict(config),
-        "per_prompt": rows,
     }

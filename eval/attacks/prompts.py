@@ -74,7 +74,13 @@ def run(target: AttackTarget, config: Config, output: str, generation, progress=
     records = generate_with(
         target.backend, target.unet, target.entries, folder, generation, progress
     )
-    verdicts = judge_folder(target.judge, folder, records)
+    return judged_asr(target.judge, folder, records)
+
+
+def judged_asr(judge, folder: str, records: list[dict]) -> dict:
+    """Judge a folder of generated prompts: the ASR (share judged positive), the stricter
+    figures, and a row per prompt (attacks that only rewrite the prompt set share it)."""
+    verdicts = judge_folder(judge, folder, records)
     rows = [
         {**record, "plain_verdict": verdict, "attack": None}
         for record, verdict in zip(records, verdicts)
