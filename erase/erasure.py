@@ -59,6 +59,7 @@ from erase.train import (
     make_accelerator,
     peak_memory_mb,
     train,
+    trained_model,
     write_base_weights,
 )
 from prompts import MAX_SEED
@@ -440,7 +441,11 @@ def erase_into(
             "edit_result": result if closed_form else None,
             "edit_s": clock.timings["edit"] if closed_form else None,
             "changed_weights": changed,
-            "total_weights": sum(p.numel() for p in plan.backend.unet.parameters()),
+            "total_weights": sum(
+                p.numel() for p in trained_model(plan.backend, plan.method).parameters()
+            ),
+            # the parts of the model the artifact's folders replace (unet/, text_encoder/)
+            "erased_components": ["text_encoder"] if plan.method.trains_text_encoder else ["unet"],
             "mask_ratio": mask_ratio(mask) if mask is not None else None,
             "timings_s": clock.timings,
             # the erasure proper (data, mask, training) beside what training the base took
@@ -654,8 +659,9 @@ def train_phase(plan: Plan, accelerator, staging: str, inputs: TrainingInputs):
     # The base values of what may move, on disk: changed weights are counted against them
     # without a second UNet in memory.
     base_weights = os.path.join(staging, "base-weights.bin")
+    trained = trained_model(backend, method)  # the UNet, or AdvUnlearn's text encoder
     if accelerator.is_main_process:
-        write_base_weights(backend.unet, method.trainable, base_weights)
+        write_base_weights(trained, method.trainable, base_weights)
     result = train(
         accelerator,
         backend,
@@ -667,9 +673,11 @@ def train_phase(plan: Plan, accelerator, staging: str, inputs: TrainingInputs):
         checkpoint_dir=os.path.join(staging, "checkpoint"),
         harden=plan.harden,
     )
+    if method.trains_text_encoder:  # the cached prompt embeddings are the original encoder's
+        backend.forget_prompt_embeddings()
     changed = 0
     if accelerator.is_main_process:
-        changed = count_changed_weights(backend.unet, method.trainable, base_weights)
+        changed = count_changed_weights(trained, method.trainable, base_weights)
         os.remove(base_weights)
     return result, changed
 
@@ -693,6 +701,9 @@ def write_phase(plan: Plan, accelerator, staging: str, mask, metadata: dict, clo
     """The artifact's files in the staging folder: unet/, mask, metadata.json, the model card."""
     backend = plan.backend
     backend.save_unet(accelerator.unwrap_model(backend.unet), os.path.join(staging, "unet"))
+    if plan.method.trains_text_encoder:  # AdvUnlearn: the erased encoder beside the same UNet
+        encoder = accelerator.unwrap_model(trained_model(backend, plan.method))
+        encoder.save_pretrained(os.path.join(staging, "text_encoder"), safe_serialization=True)
     if mask is not None:
         save_mask(
             mask,

@@ -333,8 +333,11 @@ def train(
 ) -> TrainResult:
     """Fine-tune `backend.unet` in place with `method.loss`; `forget`/`retain` are (latents,
     conditions). `harden` (erase/harden/) sets the loss of its steps and may add steps after the
-    method's (`extra_steps`)."""
-    unet = backend.unet
+    method's (`extra_steps`). A method that trains the text encoder (AdvUnlearn) gets it, not
+    the UNet, as the module its loss is given; the UNet then takes no gradient."""
+    unet = trained_model(backend, method)
+    if unet is not backend.unet:
+        backend.unet.requires_grad_(False)
     unet.train()
     backend.set_gradient_checkpointing(
         config.gradient_checkpointing and method.gradient_checkpointing
@@ -370,6 +373,7 @@ def train(
     try:
         for step in progress:
             clock = time.perf_counter()
+            method.begin_step(step)
             step_loss = harden.step_loss(step, unet, entries, forget, retain) if harden else None
             for micro_step in range(accumulation):
                 index = (step * accumulation + micro_step) * accelerator.num_processes
@@ -411,6 +415,14 @@ def train(
     unet.eval()
     unet.requires_grad_(False)
     return result
+
+
+def trained_model(backend: Backend, method) -> torch.nn.Module:
+    """The module whose weights `method` trains: the UNet, or the (only) text encoder of a method
+    that erases there (AdvUnlearn)."""
+    if method.trains_text_encoder:
+        return backend.text_encoders()[0][1]
+    return backend.unet
 
 
 def tensor_bytes(tensors) -> int:

@@ -42,6 +42,10 @@ def no_prepare(self, forget_latents, forget_conditions, generator) -> None:
     """A method's stage before training (FMN's textual inversion); most have none."""
 
 
+def no_begin_step(self, step: int) -> None:
+    """A method told which training step starts (AdvUnlearn's warm-up); most need not know."""
+
+
 # The optional parts of a method, with what a method that does not define one gets
 # (`register` fills them in, so the pipeline and the trainer call them without probing).
 OPTIONAL = {
@@ -57,6 +61,10 @@ OPTIONAL = {
     # a simulated relearning and keeps on during a recovery; None: the method cannot be hardened
     "forget_loss": None,
     "prepare": no_prepare,
+    "begin_step": no_begin_step,
+    # True: the method trains the text encoder (AdvUnlearn), not the UNet; the artifact gains
+    # text_encoder/ beside the unchanged unet/
+    "trains_text_encoder": False,
     # a closed-form method's weight edit, `edit(unet) -> dict` (what it edited, for metadata),
     # run in place of the data, mask and training phases; None: the method trains (`loss`)
     "edit": None,
@@ -198,4 +206,4 @@ def denoising_loss(
 
 
 # Registry lines: importing a module registers its method.
-from erase.methods import esd, fmn, salun, uce  # noqa: E402,F401
+from erase.methods import advunlearn, esd, fmn, salun, uce  # noqa: E402,F401

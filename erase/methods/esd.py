@@ -73,40 +73,19 @@ class ESD:
         """Whether the parameter with this name is trained (set by each variant)."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def partial_sample(self, unet, conditions, shape, generator: torch.Generator):
         """(x_t, t): DDIM from fresh noise under `conditions` with `unet`, stopped at a random step."""
         backend = self.backend
-        sampler = backend.make_sampler(SAMPLING_STEPS)
-        stop = int(torch.randint(0, SAMPLING_STEPS, (1,), generator=generator))
-        latents = torch.randn(shape, generator=generator).to(backend.device)  # (B, C, h, w)
-        latents = latents * sampler.init_noise_sigma
-        guided_cond = torch.cat(
-            [backend.encode(conditions), backend.unconditional(len(conditions))]
-        )
-        was_training = unet.training
-        unet.eval()  # no dropout while sampling (the class DDPM has some)
-        try:
-            for timestep in sampler.timesteps[:stop]:
-                timesteps = timestep.expand(2 * len(conditions)).to(backend.device)
-                eps = backend.predict_noise(unet, torch.cat([latents] * 2), timesteps, guided_cond)
-                eps_cond, eps_uncond = eps.float().chunk(2)
-                eps = eps_uncond + SAMPLING_GUIDANCE * (eps_cond - eps_uncond)
-                latents = sampler.step(eps.to(latents.dtype), timestep, latents).prev_sample
-        finally:
-            unet.train(was_training)
-        return latents, sampler.timesteps[stop].expand(len(conditions)).to(backend.device)
+        cond, uncond = backend.encode(conditions), backend.unconditional(len(conditions))
+        return partial_sample(backend, unet, cond, uncond, shape, generator)
 
-    @torch.no_grad()
     def target(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditions) -> torch.Tensor:
         """The frozen original's negatively guided prediction: eps*("") - eta (eps*(c) - eps*(""))."""
         backend = self.backend
-        cond = torch.cat([backend.encode(conditions), backend.unconditional(len(conditions))])
-        eps = backend.predict_noise(
-            self.frozen_unet, torch.cat([noisy] * 2), torch.cat([timesteps] * 2), cond
+        cond, uncond = backend.encode(conditions), backend.unconditional(len(conditions))
+        return negatively_guided(
+            backend, self.frozen_unet, noisy, timesteps, cond, uncond, self.config.negative_guidance
         )
-        eps_cond, eps_uncond = eps.float().chunk(2)
-        return eps_uncond - self.config.negative_guidance * (eps_cond - eps_uncond)
 
     def loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
         """MSE between the trained eps(x_t, c, t) and the negatively guided target."""
@@ -125,6 +104,41 @@ class ESD:
     def forget_loss(self, unet, forget: Batch, retain: Batch, generator: torch.Generator):
         """ESD's loss is its forget objective whole (it has no retain term)."""
         return self.loss(unet, forget, retain, generator)
+
+
+@torch.no_grad()
+def partial_sample(backend: Backend, unet, cond, uncond, shape, generator, stop=None):
+    """(x_t, t): 50-step DDIM at guidance 3 from fresh noise under prompt embeddings `cond`
+    (B, L, D) against `uncond`, with `unet`, stopped at step `stop` (drawn when None)."""
+    sampler = backend.make_sampler(SAMPLING_STEPS)
+    if stop is None:
+        stop = int(torch.randint(0, SAMPLING_STEPS, (1,), generator=generator))
+    latents = torch.randn(shape, generator=generator).to(backend.device)  # (B, C, h, w)
+    latents = latents * sampler.init_noise_sigma
+    guided_cond = torch.cat([cond, uncond])
+    was_training = unet.training
+    unet.eval()  # no dropout while sampling (the class DDPM has some)
+    try:
+        for timestep in sampler.timesteps[:stop]:
+            timesteps = timestep.expand(2 * len(cond)).to(backend.device)
+            eps = backend.predict_noise(unet, torch.cat([latents] * 2), timesteps, guided_cond)
+            eps_cond, eps_uncond = eps.float().chunk(2)
+            eps = eps_uncond + SAMPLING_GUIDANCE * (eps_cond - eps_uncond)
+            latents = sampler.step(eps.to(latents.dtype), timestep, latents).prev_sample
+    finally:
+        unet.train(was_training)
+    return latents, sampler.timesteps[stop].expand(len(cond)).to(backend.device)
+
+
+@torch.no_grad()
+def negatively_guided(backend: Backend, frozen_unet, noisy, timesteps, cond, uncond, eta: float):
+    """ESD's target, the frozen original's prediction guided away from the concept:
+    eps*(x_t, "") - eta (eps*(x_t, c) - eps*(x_t, "")), from embeddings `cond` and `uncond`."""
+    eps = backend.predict_noise(
+        frozen_unet, torch.cat([noisy] * 2), torch.cat([timesteps] * 2), torch.cat([cond, uncond])
+    )
+    eps_cond, eps_uncond = eps.float().chunk(2)
+    return eps_uncond - eta * (eps_cond - eps_uncond)
 
 
 def frozen_copy(

@@ -99,6 +99,10 @@ def no_eval_prompts(self, condition) -> None:
     """None: a class is evaluated with the concept's own prompts."""
 
 
+def no_prompt_cache(self) -> None:
+    """A backend that caches no prompt embeddings (the class-conditional DDPM)."""
+
+
 def no_encoders(self, device) -> None:
     """A backend without text encoders or VAE (the class-conditional DDPM): nothing to move."""
 
@@ -111,6 +115,8 @@ OPTIONAL = {
     "set_gradient_checkpointing": no_gradient_checkpointing,
     # move the frozen encoders (text, VAE) to a device: the host while only the UNet trains
     "encoders_to": no_encoders,
+    # drop the cached prompt embeddings (after a method trained the text encoder)
+    "forget_prompt_embeddings": no_prompt_cache,
     "concept_prompts": no_concept_prompts,  # a testbed's own prompts of a concept (sd-digits)
     "eval_prompts": no_eval_prompts,  # a testbed's held-out prompts of a class (sd-digits)
     "digit_names": None,  # sd-digits: the digits' names, its classes

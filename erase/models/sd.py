@@ -198,6 +198,10 @@ class StableDiffusionBackend:
             self._embeds.update(zip(missing, self.embed(missing)))
         return torch.stack([self._embeds[str(c)] for c in conditions])
 
+    def forget_prompt_embeddings(self) -> None:
+        """Drop the cached prompt embeddings: the text encoder they came from has changed."""
+        self._embeds.clear()
+
     def encoders_to(self, device: torch.device) -> None:
         """Move the frozen text encoder(s) and the VAE to `device`: to the host while only the
         UNet trains (its prompts' embeddings cached, its images' latents made), back for the

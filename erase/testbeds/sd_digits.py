@@ -80,6 +80,8 @@ class SDDigitsBackend(StableDiffusionBackend):
     # The attacks sample the testbed with DDIM, as its evaluation does (SD's reference is LMS).
     reference_sampler = "ddim"
     cpu_threads = 1  # erase/threads.py
+    # AdvUnlearn keeps the testbed's other digits, not COCO objects it never learned
+    method_defaults = {"advunlearn": {"advunlearn_retain": "concept"}}
 
     def __init__(self, folder: str, device: torch.device | None = None):
         super().__init__(folder, device=device)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +25,13 @@ from tqdm.auto import tqdm
 
 from erase.errors import EraseError
 from erase.models.base import denoising_target
+from erase.softprompt import (
+    ids_for_text_encoder,
+    prefixed_condition,
+    prefixed_ids,
+    prompt_words,
+    with_prefix,
+)
 from eval.attacks.images import generate_with, judge_folder, load_pngs
 from eval.attacks.target import AttackTarget
 from eval.runner import (
@@ -105,50 +111,6 @@ def target_generation(generation: GenerationConfig, config: Config, backend) -> 
     return target
 
 
-def prompt_words(tokenizer, prompt: str, k: int) -> list[int]:
-    """The prompt's tokens that fit after the start token and k prefix slots, before the end."""
-    return tokenizer(prompt, add_special_tokens=False).input_ids[
-        : tokenizer.model_max_length - k - 2
-    ]
-
-
-def prefixed_ids(tokenizer, prompt: str, k: int) -> torch.Tensor:
-    """Token ids (1, L): start token, k slots for the adversarial tokens, the prompt, end, padding."""
-    slot = tokenizer.bos_token_id  # replaced by the soft tokens; never the end token (pooling)
-    return ids_for_text_encoder(tokenizer, [*[slot] * k, *prompt_words(tokenizer, prompt, k)])
-
-
-def with_prefix(ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """`ids` (1, L) from prefixed_ids with its k slots holding the tokens `prefix` (k,)."""
-    filled = ids.clone()
-    filled[0, 1 : 1 + len(prefix)] = prefix.to(ids.device, ids.dtype)
-    return filled
-
-
-def ids_for_text_encoder(tokenizer, token_ids: list[int]) -> torch.Tensor:
-    """Recorded prompt tokens as the text encoder reads them (1, L): start, tokens, end, padding."""
-    length = tokenizer.model_max_length
-    ids = [tokenizer.bos_token_id, *token_ids[: length - 2], tokenizer.eos_token_id]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return torch.tensor([ids + [pad] * (length - len(ids))])
-
-
-@contextmanager
-def soft_tokens(text_encoder, embeddings: torch.Tensor, start: int = 1):
-    """While active, the token embeddings at positions start..start+k-1 are `embeddings` (k, D)."""
-
-    def replace(module, inputs, output):  # output: (B, L, D) token embeddings
-        output = output.clone()
-        output[:, start : start + len(embeddings)] = embeddings.to(output.dtype)
-        return output
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def sampled_timesteps(num_train_timesteps: int, blocks: int) -> list[int]:
     """Evenly spaced training timesteps, one per block, from the middle of the first interval."""
     stride = max(1, num_train_timesteps // blocks)
@@ -219,8 +181,7 @@ def attack_loss(target: AttackTarget, soft: SoftPrompt, ids, latent, timestep, g
     noise = torch.randn(latent.shape, generator=generator).to(latent.device)
     timesteps = torch.full((1,), timestep, device=latent.device, dtype=torch.long)
     noisy = backend.noise_scheduler.add_noise(latent, noise, timesteps)
-    with soft_tokens(soft.text_encoder, embeddings):
-        condition = soft.text_encoder(ids)[0]  # (1, L, D)
+    condition = prefixed_condition(soft.text_encoder, ids, embeddings)  # (1, L, D)
     prediction = backend.predict_noise(target.unet, noisy, timesteps, condition)
     wanted = denoising_target(backend.noise_scheduler, latent, noise, timesteps)
     return torch.nn.functional.mse_loss(prediction.float(), wanted.float())
