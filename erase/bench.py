@@ -27,9 +27,9 @@ from erase.config import (
     check_values,
     config_to_dict,
 )
-from erase.erasure import resolve_run_concept
+from erase.erasure import module_state, resolve_run_concept, restore_module
 from erase.errors import EraseError
-from erase.methods import METHODS
+from erase.methods import METHODS, get_method
 from erase.threads import backend_threads
 from erase.train import peak_memory_mb
 from eval.scoring import ModelScorer, ScoringSettings
@@ -285,6 +285,10 @@ def bench_loaded(config: BenchConfig, backend, clock: float) -> dict:
     attacks = attack_settings(config, concept)
     shared: dict = {}  # the base row's attack figures that later rows are measured against
     base_state = {name: value.clone() for name, value in backend.unet.state_dict().items()}
+    # AdvUnlearn erases the text encoder in place: the rows after it start from the base's
+    erases_encoder = any(get_method(name).trains_text_encoder for name in methods)
+    encoders = [e for _, e in getattr(backend, "text_encoders", list)()] if erases_encoder else []
+    encoder_states = [module_state(encoder) for encoder in encoders]
     scorer = ModelScorer(backend, concept, scoring_settings(config))
     load_s = round(time.perf_counter() - clock, 2)
     rows, samples = [], {}
@@ -311,6 +315,10 @@ def bench_loaded(config: BenchConfig, backend, clock: float) -> dict:
                 rows[-1].update(attack_columns(backend, method, attacks, attack_dir, shared))
             backend.unet.load_state_dict(base_state)
             backend.unet.requires_grad_(False)
+            if get_method(method).trains_text_encoder:
+                for encoder, state in zip(encoders, encoder_states):
+                    restore_module(encoder, state)
+                backend.forget_prompt_embeddings()
         failed = [row for row in rows[1:] if "error" in row]
         if len(failed) == len(methods):  # a table of errors is no benchmark: nothing is written
             raise EraseError(

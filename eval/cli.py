@@ -56,7 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint file",
     )
     model.add_argument(
-        "--unet", default=None, metavar="DIR", help="erased UNet: an erase-concept output folder"
+        "--model-dir",
+        "--unet",
+        dest="unet",
+        default=None,
+        metavar="DIR",
+        help="the erased model: an erase-concept output folder (its unet/, and its "
+        "text_encoder/ when the method erased the text encoder); --unet is the same flag",
+    )
+    model.add_argument(
+        "--text-encoder",
+        default=None,
+        metavar="DIR",
+        help="an erase-concept output whose text_encoder/ (AdvUnlearn's) reads the prompts, "
+        "paired with the UNet of --model-dir (or the base's)",
     )
 
     prompts = parser.add_argument_group("prompts")

@@ -58,7 +58,8 @@ class EvalConfig:
 
     prompts: str = ""  # i2p, i2p-nudity, coco, imagenette, or a CSV/TXT file
     model: str = "sd-v1-4"
-    unet: str | None = None  # an erase-concept output folder
+    unet: str | None = None  # an erase-concept output folder (--model-dir / --unet)
+    text_encoder: str | None = None  # an output whose text_encoder/ reads the prompts instead
     category: list[str] = field(default_factory=list)
     min_nudity_percentage: float | None = None
     limit: int | None = None
@@ -191,6 +192,11 @@ def check_arguments(config: EvalConfig) -> None:
         )
     if config.unet and not os.path.isdir(config.unet):
         raise EraseError(f"--unet '{config.unet}' is not a folder: pass an erase-concept output.")
+    if config.text_encoder and not os.path.isdir(os.path.join(config.text_encoder, "text_encoder")):
+        raise EraseError(
+            f"--text-encoder '{config.text_encoder}' holds no text_encoder/: pass the output of "
+            "a method that erases the text encoder (erase-concept --method advunlearn)."
+        )
     if not 0 <= config.nudity_threshold <= 1:  # NaN fails this too
         raise EraseError(f"--nudity-threshold must be in [0, 1], got {config.nudity_threshold}.")
     if config.min_nudity_percentage is not None and not 0 <= config.min_nudity_percentage <= 100:

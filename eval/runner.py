@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -26,6 +27,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from erase.batching import sample_in_batches
+from erase.text_encoder import (
+    base_text_encoder,
+    erased_text_encoder,
+    installed_text_encoder,
+    text_encoder_folder,
+)
 from prompts import PromptEntry
 
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's usual guidance when neither flag nor file sets one
@@ -53,6 +60,8 @@ class GenerationConfig:
 
     model: str
     unet: str | None = None  # an erased UNet folder (erase-concept output) replacing the model's
+    # an output whose text_encoder/ reads the prompts; None: `unet`'s own when it has one
+    text_encoder: str | None = None
     num_steps: int = 50  # sampling steps
     sampler: str = "ddim"  # ddim | lms (erase.models.sd.SAMPLERS); LMS on Stable Diffusion only
     guidance_scale: float | None = None  # None: each prompt's own (I2P), else DEFAULT_GUIDANCE
@@ -74,6 +83,9 @@ def plan_images(entries: Sequence[PromptEntry], config: GenerationConfig) -> lis
     unet_key = config.unet
     if config.unet and os.path.isdir(config.unet):
         unet_key = unet_digest(config.unet)
+    encoder_folder = text_encoder_folder(config.text_encoder or config.unet)
+    if encoder_folder:  # an erased text encoder (AdvUnlearn's) makes other images
+        unet_key = f"{unet_key or 'base'}+text_encoder:{model_digest(encoder_folder)}"
     model_key = model_digest(config.model) if os.path.exists(config.model) else config.model
     records = []
     for entry in entries:
@@ -267,7 +279,11 @@ def generate_images(
         if mine:
             backend = backend or load_generation_backend(config, state.device)
             unet = load_erased_unet(backend, config.unet) if config.unet else None
-            write_images(backend, unet, mine, folder, config, state, progress)
+            encoder = erased_text_encoder(backend, config.unet, config.text_encoder)
+            if encoder is not None and unet is None:  # the base's UNet, the erased encoder
+                unet = backend.unet
+            with installed_text_encoder(backend, encoder):
+                write_images(backend, unet, mine, folder, config, state, progress)
     state.wait_for_everyone()
     if state.is_main_process:
         merge_index(folder)
@@ -307,7 +323,9 @@ def write_images(backend, unet, records, folder, config, state, progress) -> Non
         unit="img",
         disable=not progress or not state.is_local_main_process,
     )
-    with open(part, "a", encoding="utf-8") as index:
+    # the base model's images (unet None) read prompts with the base's own text encoder
+    reading = base_text_encoder(backend) if unet is None else nullcontext()
+    with reading, open(part, "a", encoding="utf-8") as index:
         for guidance, group in groupby(by_guidance, key=lambda r: r["guidance_scale"]):
             group = list(group)
             for start, stop, images in sample_in_batches(

@@ -76,10 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="sd-v1-4", help="base model the UNet was erased from")
     parser.add_argument(
+        "--model-dir",
         "--unet",
+        dest="unet",
         default=None,
         metavar="DIR",
-        help="erased UNet: an erase-concept output (default: attack the base)",
+        help="the erased model: an erase-concept output, its unet/ and its text_encoder/ when "
+        "it has one; --unet is the same flag (default: attack the base)",
+    )
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
+        metavar="DIR",
+        help="an erase-concept output whose text_encoder/ (AdvUnlearn's) reads the prompts, "
+        "paired with the UNet of --model-dir (or the base's)",
     )
     parser.add_argument(
         "--concept",

@@ -18,6 +18,7 @@ import torch
 
 from erase.config import SAMPLER_NAMES, check_known, config_to_dict
 from erase.errors import EraseError
+from erase.text_encoder import erased_text_encoder, installed_text_encoder, text_encoder_folder
 from erase.threads import backend_threads
 from eval.attacks import get_attack
 from eval.attacks.target import (
@@ -40,6 +41,8 @@ class AttackSettings:
     concept: str
     attacks: list[str]
     unet: str | None = None  # erased UNet folder; None attacks the base model itself
+    # an output whose text_encoder/ reads the prompts; None: `unet`'s own when it has one
+    text_encoder: str | None = None
     prompts: str | None = None  # a prompt CSV/TXT; None: the concept's built-in set
     limit: int | None = None
     per_prompt: int = 10  # seeds per prompt of a built-in set
@@ -120,6 +123,11 @@ def check_files(settings: AttackSettings) -> None:
         )
     if settings.unet and not os.path.isdir(settings.unet):
         raise EraseError(f"--unet '{settings.unet}' is not a folder: pass an erase-concept output.")
+    if settings.text_encoder and not text_encoder_folder(settings.text_encoder):
+        raise EraseError(
+            f"--text-encoder '{settings.text_encoder}' holds no text_encoder/: pass the output "
+            "of a method that erases the text encoder (erase-concept --method advunlearn)."
+        )
 
 
 def load_target(settings: AttackSettings, backend=None, unet=None, label=None) -> AttackTarget:
@@ -146,6 +154,7 @@ def load_target(settings: AttackSettings, backend=None, unet=None, label=None) -
     return AttackTarget(
         backend=backend,
         unet=unet,
+        text_encoder=erased_text_encoder(backend, settings.unet, settings.text_encoder),
         concept=judge.name,
         judge=judge,
         entries=entries,
@@ -160,7 +169,12 @@ def retrain_target(settings: AttackSettings, target: AttackTarget) -> AttackTarg
 
     backend = load_retrain(settings.model, target.concept, device=process_state().device)
     return dataclasses.replace(
-        target, backend=backend, unet=backend.unet, label="retrain", base_backend=target.backend
+        target,
+        backend=backend,
+        unet=backend.unet,
+        text_encoder=None,  # the retrained testbed reads prompts with its own
+        label="retrain",
+        base_backend=target.backend,
     )
 
 
@@ -173,6 +187,7 @@ def generation_config(settings: AttackSettings, target: AttackTarget):
     return GenerationConfig(
         model=backend.identity,
         unet=target.label if target.label not in ("base",) else None,
+        text_encoder=settings.text_encoder,
         num_steps=steps,
         sampler=settings.sampler or backend.reference_sampler,
         guidance_scale=None,  # each entry carries its own, resolved above
@@ -191,13 +206,14 @@ def attack_target(
     state = process_state()
     generation = generation_config(settings, target)
     figures = {}
-    for name, config in attack_configs(settings).items():
-        if name in MAIN_PROCESS_ONLY and not state.is_main_process:
-            continue  # one fine-tuning run or search: the main process does it
-        summary = get_attack(name).run(
-            target, config, os.path.join(output, name), generation, progress
-        )
-        figures[name] = summary
+    with installed_text_encoder(target.backend, target.text_encoder):
+        for name, config in attack_configs(settings).items():
+            if name in MAIN_PROCESS_ONLY and not state.is_main_process:
+                continue  # one fine-tuning run or search: the main process does it
+            summary = get_attack(name).run(
+                target, config, os.path.join(output, name), generation, progress
+            )
+            figures[name] = summary
     return figures
 
 
