@@ -34,6 +34,9 @@ class ErasedModel:
     output: str | None = None  # the artifact folder, when one was asked for
     backend: object = field(repr=False, default=None)
     pushed: str | None = None  # the hub URL, with push_to_hub
+    # the erased text encoder (AdvUnlearn's, the pipeline's own erased in place); None when the
+    # method leaves the text encoder as it was
+    text_encoder: torch.nn.Module | None = None
 
 
 def load_model(model, device: torch.device | None = None, data_dir: str | None = None):
@@ -86,8 +89,9 @@ def run(config: ErasureConfig, model=None, on_phase=None) -> ErasedModel:
     """Run the erasure `config` describes, as erase-concept does: the artifact in
     `config.output` (default outputs/<model>-<concept>-<method>), grid.png or the class-removal
     evaluation, and the upload with `push_to_hub`. `model`, when given, is a loaded model or
-    pipeline whose UNet is erased in place (no second copy on the device): the run completes,
-    or the model is left as it was (a CPU copy restores it on any error, Ctrl-C included)."""
+    pipeline whose UNet (AdvUnlearn: text encoder) is erased in place (no second copy on the
+    device): the run completes, or the model is left as it was (a CPU copy restores it on any
+    error, Ctrl-C included)."""
     from eval.before_after import before_after_evaluations
 
     name, backend = loaded(model)
@@ -101,6 +105,8 @@ def run(config: ErasureConfig, model=None, on_phase=None) -> ErasedModel:
         config, backend=backend, on_phase=on_phase, evaluations=before_after_evaluations(config)
     )
     erased = ErasedModel(result.backend.unet, result.metadata, result.output, result.backend)
+    if "text_encoder" in result.metadata.get("erased_components", []):
+        erased.text_encoder = result.backend.text_encoders()[0][1]
     if config.push_to_hub:
         from erase.card import push_folder
 
@@ -205,10 +211,19 @@ def export_model(
     half: bool = False,
     base: str | None = None,
     overwrite: bool = False,
+    text_encoder: str | None = None,
 ) -> str:
-    """Write an erase-concept output as single-file, unet or pipeline (erase-export); the path."""
+    """Write an erase-concept output as single-file, unet or pipeline (erase-export); the path.
+    `text_encoder`: another output whose erased text encoder goes in (AdvUnlearn's)."""
     from erase.export import export_artifact
 
-    return export_artifact(artifact, format, output, half=half, base=base, overwrite=overwrite)[
-        "output"
-    ]
+    written = export_artifact(
+        artifact,
+        format,
+        output,
+        half=half,
+        base=base,
+        overwrite=overwrite,
+        text_encoder=text_encoder,
+    )
+    return written["output"]

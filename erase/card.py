@@ -96,7 +96,8 @@ def model_card(metadata: dict, export_format: str | None = None, grid: bool = Fa
     ]
     if grid:
         lines += ["", "![before | after: forget prompts, then retain prompts](grid.png)"]
-    lines += ["", "## How to use it", "", *usage_lines(base, export_format)]
+    erased_encoder = "text_encoder" in (metadata.get("erased_components") or [])
+    lines += ["", "## How to use it", "", *usage_lines(base, export_format, erased_encoder)]
     license_name = BASE_LICENSES.get(base)
     if license_name:
         lines += [
@@ -147,8 +148,9 @@ def evaluation_lines(evaluation: dict | None) -> list[str]:
     return lines
 
 
-def usage_lines(base: str, export_format: str | None) -> list[str]:
-    """Loading instructions for the artifact folder or one of erase-export's formats."""
+def usage_lines(base: str, export_format: str | None, text_encoder: bool = False) -> list[str]:
+    """Loading instructions for the artifact folder or one of erase-export's formats;
+    `text_encoder`: the folder holds an erased text encoder (AdvUnlearn's) to load."""
     if export_format == "pipeline":
         return [
             "```python",
@@ -184,6 +186,23 @@ def usage_lines(base: str, export_format: str | None) -> list[str]:
             f'    "FILE.safetensors", config="{base}", subfolder="unet"',
             ")",
             "```",
+        ]
+    if text_encoder:  # AdvUnlearn: the erased text encoder beside the base's UNet
+        return [
+            "```python",
+            "from diffusers import StableDiffusionPipeline",
+            "from transformers import CLIPTextModel",
+            "",
+            "text_encoder = CLIPTextModel.from_pretrained(",
+            '    "THIS_REPO_OR_FOLDER", subfolder="text_encoder"',
+            ")",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}", text_encoder=text_encoder)',
+            "```",
+            "",
+            "The text encoder is a plug-in: pass it with any UNet of the same base (another "
+            "method's erased one, `unet=...`). `erase-export` turns this folder into one "
+            "checkpoint file (`--format single-file`, the erased encoder in it) or a complete "
+            "diffusers pipeline (`--format pipeline`).",
         ]
     return [
         "```python",

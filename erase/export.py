@@ -24,6 +24,7 @@ import os
 import re
 
 from erase.errors import EraseError
+from erase.text_encoder import erased_text_encoder, text_encoder_folder
 
 FORMATS = ("single-file", "unet", "pipeline")
 UNET_PREFIX = "model.diffusion_model."  # the original layout's prefixes of each model
@@ -218,8 +219,14 @@ def unet_class(artifact: str) -> str | None:
         ) from None
 
 
-def load_erased_pipeline(artifact: str, base: str | None = None, metadata: dict | None = None):
-    """The base pipeline with the artifact's erased UNet in place, and the artifact's metadata.
+def load_erased_pipeline(
+    artifact: str,
+    base: str | None = None,
+    metadata: dict | None = None,
+    text_encoder: str | None = None,
+):
+    """The base pipeline with the artifact's erased UNet in place (and its erased text encoder,
+    or that of `text_encoder`, another output), and the artifact's metadata.
 
     The base (the artifact's own, or `base`) must have the weights it was erased from: its text
     encoder and VAE go into the export beside the erased UNet."""
@@ -238,6 +245,9 @@ def load_erased_pipeline(artifact: str, base: str | None = None, metadata: dict 
             "; its weights differ): pass that model with --base, or leave --base out."
         )
     backend.pipe.unet = backend.load_unet(artifact)
+    encoder = erased_text_encoder(backend, artifact, text_encoder)
+    if encoder is not None:
+        backend.pipe.text_encoder = encoder
     return backend.pipe, metadata
 
 
@@ -252,9 +262,11 @@ def export_artifact(
     half: bool = False,
     base: str | None = None,
     overwrite: bool = False,
+    text_encoder: str | None = None,
 ) -> dict:
     """Write `artifact` as `export_format` to `output`, atomically, holding its lock; returns
-    what was written. `--overwrite` replaces only what erase-export wrote."""
+    what was written. `--overwrite` replaces only what erase-export wrote; `text_encoder`: an
+    output whose erased text encoder goes in instead of the base's."""
     from erase.artifact import check_file_output, check_output, disk_errors, output_lock
 
     if export_format not in FORMATS:
@@ -273,20 +285,31 @@ def export_artifact(
             f"'{artifact}' holds a {found} (a class-conditional model), not Stable Diffusion: "
             "its unet/ folder is already what diffusers loads; erase-export writes SD models."
         )
+    erased_encoder = text_encoder_folder(text_encoder or artifact)
+    if text_encoder and erased_encoder is None:
+        raise EraseError(
+            f"--text-encoder '{text_encoder}' holds no text_encoder/: pass the output of a "
+            "method that erases the text encoder (erase-concept --method advunlearn)."
+        )
+    if export_format == "unet" and erased_encoder:
+        raise EraseError(
+            "This model's text encoder is erased, which a UNet-only file would leave out: use "
+            "--format single-file or pipeline."
+        )
     kind = "folder" if export_format == "pipeline" else "file"
     with output_lock(output, kind=kind), disk_errors(output):
         if kind == "folder":
             check_output(output, overwrite, tool="erase-export")
         else:
             check_file_output(output, overwrite)
-        return write_export(artifact, export_format, output, half, base, metadata)
+        return write_export(artifact, export_format, output, half, base, metadata, text_encoder)
 
 
-def write_export(artifact, export_format, output, half, base, metadata) -> dict:
+def write_export(artifact, export_format, output, half, base, metadata, text_encoder) -> dict:
     """The export of export_artifact, holding the lock of `output`."""
     import torch
 
-    pipe, metadata = load_erased_pipeline(artifact, base, metadata)
+    pipe, metadata = load_erased_pipeline(artifact, base, metadata, text_encoder)
     if export_format != "pipeline" and getattr(pipe, "text_encoder_2", None) is not None:
         raise EraseError("An SDXL model is exported with --format pipeline (a diffusers folder).")
     dtype = torch.float16 if half else torch.float32

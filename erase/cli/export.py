@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the base model when the one in metadata.json cannot be loaded here "
         "(e.g. the artifact came from a pipeline in memory)",
     )
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
+        metavar="DIR",
+        help="an erase-concept output whose erased text_encoder/ (AdvUnlearn's) goes in, paired "
+        "with the artifact's UNet (default: the artifact's own, when it has one)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
         "--push-to-hub",
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             half=args.half,
             base=args.base,
             overwrite=args.overwrite,
+            text_encoder=args.text_encoder,
         )
         print(
             f"wrote {written['output']} ({written['format']}, {written['dtype']}, "
