@@ -23,6 +23,8 @@ METHOD_NAMES = {
     "esd-x-strict": "ESD-x-strict (cross-attention keys and values; Gandikota et al., ICCV 2023)",
     "fmn": "Forget-Me-Not (attention re-steering; Zhang et al., 2023)",
     "uce": "UCE (unified concept editing, closed form; Gandikota et al., WACV 2024)",
+    "advunlearn": "AdvUnlearn (adversarial training of the text encoder; Zhang et al., "
+    "NeurIPS 2024)",
 }
 
 

@@ -267,6 +267,14 @@ def check_arguments(config: ErasureConfig) -> None:
     check_harden(config.harden, config.harden_config, method_class)
     if config.optimizer == "adam8bit":
         eight_bit_functional()  # the library runs here, or one line before any work
+    mask_settings = [
+        name for name in ("mask_ratio", "mask_guidance") if name in config.method_config
+    ]
+    if method_class.trains_text_encoder and (config.mask or mask_settings):
+        raise EraseError(
+            f"{config.method} trains the text encoder, and a saliency mask selects UNet weights: "
+            "drop --mask, --mask-ratio and --mask-guidance."
+        )
     if config.mask:
         if not get_method(config.method).uses_mask:
             raise EraseError(
