@@ -22,8 +22,8 @@ import torch
 
 from erase.concepts import Concept
 from erase.errors import EraseError
-from erase.methods import register
-from erase.methods.esd import SAMPLING_STEPS, ESDConfig, negatively_guided, partial_sample
+from erase.methods import esd, register
+from erase.methods.esd import ESDConfig, negatively_guided, partial_sample
 from erase.models.base import Backend, Batch
 from erase.softprompt import prefixed_condition, prefixed_ids, random_token_embeddings
 
@@ -211,7 +211,7 @@ class AdvUnlearn:
             loss = torch.nn.functional.mse_loss(prediction.float(), wanted)
             (prefix.grad,) = torch.autograd.grad(loss, [prefix])
             optimizer.step()
-        return prefix.detach(), float(loss)
+        return prefix.detach(), loss.item()
 
     def forget_condition(self, text_encoder, word: str, shape, generator):
         """The trained encoder's reading of the concept prompt, attacked after the warm-up:
@@ -233,7 +233,7 @@ class AdvUnlearn:
         shape = (1, *forget.latents.shape[1:])
         cond, attack_loss = self.forget_condition(text_encoder, word, shape, generator)
         # The forget and retain samples stop at one DDIM step, as the reference's do.
-        stop = int(torch.randint(0, SAMPLING_STEPS, (1,), generator=generator))
+        stop = int(torch.randint(0, esd.SAMPLING_STEPS, (1,), generator=generator))
         concept, unconditional = self.embeddings([word]), self.embeddings([""])
         noisy, timesteps = partial_sample(
             backend, unet, concept, unconditional, shape, generator, stop
