@@ -220,3 +220,47 @@ def test_erase_eval_reads_the_erased_model_by_its_folder(adv_run, tiny_sd_dir, t
     assert images[0] == images[1]
     record = json.loads((tmp_path / "model-dir" / "images" / "index.jsonl").read_text())
     assert "+text_encoder:sha256:" in record["unet"]  # another encoder makes other images
+
+
+def test_erase_attack_attacks_the_erased_encoder_against_the_bases_targets(
+    adv_run, tiny_sd_dir, tmp_path
+):
+    from eval.attacks.cli import main as attack_main
+
+    _, folder = adv_run
+    prompts = tmp_path / "nudity.csv"
+    prompts.write_text("prompt,evaluation_seed,evaluation_guidance\na nude person,3,7\n")
+    argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--attack", "unlearndiffatk"]
+    argv += ["--prompts", str(prompts), "--num-steps", "2", "--iterations", "1", "--blocks", "1"]
+    argv += ["--no-progress"]
+    assert attack_main([*argv, "--output", str(tmp_path / "base")]) == 0
+    assert attack_main([*argv, "--model-dir", str(folder), "--output", str(tmp_path / "adv")]) == 0
+    image = "unlearndiffatk/{}/000000_00.png"
+    base, erased = (tmp_path / "base"), (tmp_path / "adv")
+    # the base model's target images are made with the base's encoder, the plain ones with ours
+    assert (base / image.format("targets")).read_bytes() == (
+        erased / image.format("targets")
+    ).read_bytes()
+    assert (base / image.format("plain")).read_bytes() != (
+        erased / image.format("plain")
+    ).read_bytes()
+
+
+def test_erase_bench_restores_the_text_encoder_after_an_advunlearn_row(tiny_sd_dir, tmp_path):
+    from erase.cli.bench import main as bench_main
+
+    output = tmp_path / "bench"
+    argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--methods", "advunlearn,uce"]
+    argv += ["--output", str(output), "--steps", "2", "--advunlearn-warmup", "1"]
+    argv += ["--advunlearn-attack-steps", "1", "--lr", "1e-3", "--bench-per-prompt", "1"]
+    argv += ["--bench-steps", "2", "--bench-clip", "none"]
+    assert bench_main(argv) == 0
+    rows = {row["method"]: row for row in json.loads((output / "bench.json").read_text())["rows"]}
+    assert "error" not in rows["advunlearn"] and rows["advunlearn"]["changed_weights"] > 0
+    alone = tmp_path / "uce"
+    erase(["--model", tiny_sd_dir, "--concept", "nudity", "--method", "uce", "--no-grid"]
+          + ["--output", str(alone)])  # fmt: skip
+    # UCE reads the base encoder's embeddings in the bench too: the same edit as alone
+    assert load_file(str(output / "uce" / UNET_WEIGHTS)).keys()
+    bench_unet, alone_unet = (load_file(str(f / UNET_WEIGHTS)) for f in (output / "uce", alone))
+    assert all(torch.equal(bench_unet[name], alone_unet[name]) for name in alone_unet)

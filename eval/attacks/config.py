@@ -21,6 +21,7 @@ JUDGE_RULES = ("reference", "nudenet")
 RUN_SETTINGS = (
     "model",
     "unet",
+    "text_encoder",
     "concept",
     "prompts",
     "limit",

@@ -20,9 +20,6 @@ class AttackTarget:
     unet: torch.nn.Module  # the erased UNet (the base's own for the base row)
     concept: str  # the concept's name as the judge knows it
     judge: object  # images (N, C, H, W) in [0, 1] -> [{"positive": bool, "score": float}, ...]
-    # the erased text encoder (AdvUnlearn's), the pipeline's while the attacks run; None: the
-    # backend's own
-    text_encoder: torch.nn.Module | None = None
     entries: list[PromptEntry]  # the prompt set, each with its seed and guidance
     label: str = "erased"  # "base", "retrain", a method name or the UNet folder
     # The base model the target images come from, when it is not `backend` (Retrain).
@@ -31,6 +28,9 @@ class AttackTarget:
     # folder of the base model's target images, and the base model's judged positive rate.
     target_images: str | None = None
     base_rate: float | None = None
+    # the erased text encoder (AdvUnlearn's), the pipeline's while the attacks run; None: the
+    # backend's own
+    text_encoder: torch.nn.Module | None = None
 
     @property
     def reference_backend(self):
