@@ -28,16 +28,20 @@ def text_encoder_folder(artifact: str | None) -> str | None:
 
 def check_text_encoder_base(artifact: str, backend) -> None:
     """Refuse an artifact erased from other base weights than `backend`'s (metadata.json's
-    `base_weights`, the base UNet's fingerprint)."""
+    `base_weights`, the base UNet's fingerprint); a folder without metadata.json (the authors'
+    released encoder in `text_encoder/`) is checked by its shapes alone."""
     from erase.data import unet_fingerprint
 
     path = os.path.join(artifact, "metadata.json")
+    if not os.path.exists(path):
+        return
     try:
         with open(path, encoding="utf-8") as file:
             metadata = json.load(file)
     except (OSError, ValueError):
         raise EraseError(
-            f"'{path}' is missing or unreadable: pass an erase-concept output with --text-encoder."
+            f"'{path}' is unreadable: the output of erase-concept is damaged; erase the model "
+            "again."
         ) from None
     recorded = metadata.get("base_weights") if isinstance(metadata, dict) else None
     if recorded and recorded != unet_fingerprint(backend.unet):
