@@ -400,6 +400,8 @@ def method_for_breakdown(name: str):
     method_class = get_method(name)
     method = method_class.__new__(method_class)
     method.config = method_class.Config()
+    if method_class.trains_text_encoder:
+        method.layers = None  # AdvUnlearn's default: every layer (text_encoder_full)
     return method
 
 
@@ -440,6 +442,11 @@ def breakdown(arch: str, methods: list[str], resolution: int, optimizer: str = "
         trained = [(n, w) for n, w in unet.named_parameters() if method.trainable(n)]
         trained_numel = sum(w.numel() for _, w in trained)
         state = {"weights": 4 * numel}
+        if method.trains_text_encoder:  # AdvUnlearn: the encoder trains through the UNet
+            per_sample = per_checkpointing[True]
+            reports[name] = text_encoder_breakdown(arch, components, method, per_sample, optimizer)
+            reports[name]["resolution"] = resolution
+            continue
         if method.edit is not None:  # closed-form (UCE): no gradient, optimizer or activations
             state["encoders"] = encoder_bytes
             reports[name] = closed_form_breakdown(arch, numel, trained, state)
@@ -503,6 +510,39 @@ def breakdown(arch: str, methods: list[str], resolution: int, optimizer: str = "
             "needed_mb": {k: round(v / 2**20) for k, v in phases.items()},
         }
     return reports
+
+
+def text_encoder_breakdown(arch: str, components: dict, method, per_sample: int, optimizer):
+    """AdvUnlearn's need: the whole model on the device (the encoder trains, the UNet and VAE
+    serve it), Adam's moments and one gradient at a time for the trained encoder weights, and the
+    activations of one backward through the UNet for the forget sample and the retain batch."""
+    encoder = components["text_encoder"]
+    trained = [w for n, w in encoder.named_parameters() if method.trainable(n)]
+    unet_bytes = module_bytes(components["unet"])
+    state = {
+        "weights": unet_bytes + module_bytes(encoder),
+        "encoders": module_bytes(components["vae"]),
+        "gradients": max(4 * w.numel() for w in trained),
+        "optimizer": sum(moment_bytes(w.numel(), optimizer, False) for w in trained),
+    }
+    calls = 1 + method.config.advunlearn_retain_batch  # forget sample + retain batch, one graph
+    train = sum(state.values())
+    return {
+        "arch": arch,
+        "counted_on": "meta device (no memory used)",
+        "optimizer": optimizer,
+        "reference_batch_size": 1,
+        "unet_weights": sum(w.numel() for w in components["unet"].parameters()),
+        "trained_weights": sum(w.numel() for w in trained),
+        "trained_module": "text_encoder",
+        "gradient_checkpointing": True,
+        "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
+        "host_mb": {},
+        "activation_mb_per_sample_per_unet_call": round(per_sample / 2**20, 1),
+        "needed_mb": {
+            f"train_forget_1_retain_{calls - 1}": round((train + calls * per_sample) / 2**20)
+        },
+    }
 
 
 def closed_form_breakdown(arch: str, numel: int, edited: list, state: dict) -> dict:
