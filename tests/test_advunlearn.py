@@ -264,3 +264,27 @@ def test_erase_bench_restores_the_text_encoder_after_an_advunlearn_row(tiny_sd_d
     assert load_file(str(output / "uce" / UNET_WEIGHTS)).keys()
     bench_unet, alone_unet = (load_file(str(f / UNET_WEIGHTS)) for f in (output / "uce", alone))
     assert all(torch.equal(bench_unet[name], alone_unet[name]) for name in alone_unet)
+
+
+def test_an_in_place_erasure_of_a_pipeline_erases_its_text_encoder(tiny_sd_dir, tmp_path):
+    import erase
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    before = {n: p.clone() for n, p in pipe.text_encoder.state_dict().items()}
+    unet_before = {n: p.clone() for n, p in pipe.unet.state_dict().items()}
+    settings = dict(steps=2, advunlearn_warmup=1, advunlearn_attack_steps=1, lr=1e-3, no_grid=True)
+    result = erase.erase_concept(pipe, "nudity", method="advunlearn", **settings)
+    assert result.text_encoder is pipe.text_encoder  # the pipeline generates with it at once
+    after = pipe.text_encoder.state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.equal(unet_before[n], p) for n, p in pipe.unet.state_dict().items())
+
+
+def test_sdxl_is_refused_in_one_line(tmp_path, capsys):
+    from erase.testing import save_tiny_sdxl
+
+    model = save_tiny_sdxl(str(tmp_path / "sdxl"))
+    output = tmp_path / "out"
+    error = one_line_error(capsys, erase_concept_main, adv_args(model, output))
+    assert "two" in error and "SDXL" in error
+    assert not output.exists()
