@@ -335,7 +335,7 @@ def train(
     conditions). `harden` (erase/harden/) sets the loss of its steps and may add steps after the
     method's (`extra_steps`). A method that trains the text encoder (AdvUnlearn) gets it, not
     the UNet, as the module its loss is given; the UNet then takes no gradient."""
-    unet = trained_model(backend, method)
+    unet = trained_model(backend, method)  # named so below, the text encoder for AdvUnlearn
     if unet is not backend.unet:
         backend.unet.requires_grad_(False)
     unet.train()
