@@ -124,9 +124,9 @@ def test_the_inner_attack_raises_the_forget_loss_under_its_prefix(tiny_sd_dir, t
     with torch.no_grad():
         plain = forget_loss(method, backend, encoder(backend.tokenize(["nudity"]))[0])
     method.config.advunlearn_attack_steps = 0  # the attack's start: a random vocabulary token
-    start, _ = method.attack(encoder, "nudity", shape, torch.Generator().manual_seed(0))
+    start, _ = method.attack("nudity", shape, torch.Generator().manual_seed(0))
     method.config.advunlearn_attack_steps = 30  # the reference's 30 Adam steps at lr 1e-3
-    found, _ = method.attack(encoder, "nudity", shape, torch.Generator().manual_seed(0))
+    found, _ = method.attack("nudity", shape, torch.Generator().manual_seed(0))
     with torch.no_grad():
         unattacked = forget_loss(method, backend, prefixed_condition(encoder, ids, start))
         attacked = forget_loss(method, backend, prefixed_condition(encoder, ids, found))

@@ -188,10 +188,11 @@ class AdvUnlearn:
         """(B, L, D) the original encoder's embeddings of `texts`."""
         return torch.stack([self.original[str(text)] for text in texts]).to(self.backend.device)
 
-    def attack(self, text_encoder, word: str, shape, generator) -> tuple[torch.Tensor, float]:
+    def attack(self, word: str, shape, generator) -> tuple[torch.Tensor, float]:
         """The soft prefix (k, D) that makes the erased model predict, under the prefixed `word`,
         what the original predicts under `word` (the reference's soft_prompt_attack, pgd), and
-        its last loss. Only the prefix gets gradients."""
+        its last loss. Only the prefix gets gradients; the encoder runs unwrapped (no process
+        synchronises a backward that reaches no weight)."""
         backend, unet, config = self.backend, self.backend.unet, self.config
         concept, unconditional = self.embeddings([word]), self.embeddings([""])
         prefix = random_token_embeddings(
@@ -206,7 +207,7 @@ class AdvUnlearn:
             )
             with torch.no_grad():
                 wanted = backend.predict_noise(unet, noisy, timesteps, concept).float()
-            cond = prefixed_condition(self.encoder, ids, prefix.to(backend.device), text_encoder)
+            cond = prefixed_condition(self.encoder, ids, prefix.to(backend.device))
             prediction = backend.predict_noise(unet, noisy, timesteps, cond)
             loss = torch.nn.functional.mse_loss(prediction.float(), wanted)
             (prefix.grad,) = torch.autograd.grad(loss, [prefix])
@@ -220,7 +221,7 @@ class AdvUnlearn:
         if self.step < config.advunlearn_warmup or not config.advunlearn_attack_steps:
             ids = self.backend.tokenize([word]).to(self.encoder.device)
             return text_encoder(ids)[0].to(self.backend.device), None
-        prefix, attack_loss = self.attack(text_encoder, word, shape, generator)
+        prefix, attack_loss = self.attack(word, shape, generator)
         ids = prefixed_ids(self.tokenizer, word, config.advunlearn_prefix_tokens)
         return prefixed_condition(self.encoder, ids, prefix, text_encoder), attack_loss
 
