@@ -36,10 +36,11 @@ METHOD_SETTINGS = {
     "esd-u": {"lr": 1e-4, "steps": 100, "batch_size": 1},
     "esd-x": {"lr": 1e-3, "steps": 100, "batch_size": 1},
     "fmn": {"lr": 1e-5, "steps": 50, "batch_size": 8},
-    # the reference's warm-up share (200 of 1000), lr as ESD-u's here; 10 attack steps, not 30:
-    # each is a partial DDIM sampling, 30 would be ~25 s an iteration on one core
+    # the reference's warm-up share (200 of 1000), lr as ESD-x's here (1e-4 cost 11 points of
+    # the other digits, docs/methods.md); 10 attack steps, not 30: each is a partial DDIM
+    # sampling, 30 would be ~25 s an iteration on one core
     "advunlearn": {
-        "lr": 1e-4,
+        "lr": 1e-3,
         "steps": 100,
         "batch_size": 1,
         "advunlearn_warmup": 20,
