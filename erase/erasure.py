@@ -45,6 +45,7 @@ from erase.methods import get_method
 from erase.models import load_backend, model_conditioning
 from erase.optim import eight_bit_functional
 from erase.saliency import (
+    GradientFile,
     forget_loss_gradients,
     load_mask,
     mask_digest,
@@ -642,16 +643,23 @@ def mask_phase(plan: Plan, forget_latents, forget_conditions, accelerator):
     """SalUn's saliency mask from the forget set's gradients; None for methods without one."""
     if not plan.method.uses_mask:
         return None
-    gradients = forget_loss_gradients(
-        plan.backend,
-        forget_latents,
-        forget_conditions,
-        guidance_scale=plan.method_config.mask_guidance,
-        batch_size=plan.train_config.batch_size,
-        micro_batch_size=plan.train_config.micro_batch_size,
-        generator=torch.Generator().manual_seed(plan.train_config.seed),
-    )
-    mask = saliency_mask(gradients, plan.method_config.mask_ratio)
+    gradient_file = None
+    if plan.method_config.mask_offload == "disk":  # beside the output (<output>.partial/..)
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(plan.checkpoint_dir)))
+        shapes = {name: p.shape for name, p in plan.backend.unet.named_parameters()}
+        gradient_file = GradientFile(shapes, folder)
+    with gradient_file or nullcontext():
+        gradients = forget_loss_gradients(
+            plan.backend,
+            forget_latents,
+            forget_conditions,
+            guidance_scale=plan.method_config.mask_guidance,
+            batch_size=plan.train_config.batch_size,
+            micro_batch_size=plan.train_config.micro_batch_size,
+            generator=torch.Generator().manual_seed(plan.train_config.seed),
+            gradient_file=gradient_file,
+        )
+        mask = saliency_mask(gradients, plan.method_config.mask_ratio)
     if accelerator.num_processes > 1:  # every process trains with the main process's mask
         mask.bits = {
             name: broadcast(bits.to(accelerator.device)).cpu() for name, bits in mask.bits.items()

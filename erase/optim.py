@@ -18,7 +18,7 @@ clipping, a first backward pass only measures the gradient norm.
 map of 8-bit Adam (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"), by
 bitsandbytes' functional quantize/dequantize (`QuantizedMoments`): each parameter's moments are
 dequantized inside its step, updated in fp32 and quantized back, 2 bytes per masked weight
-instead of 8. bitsandbytes' own 8-bit optimizers hold state for whole tensors, not for the
+instead of 8; parameters under 4096 weights keep fp32 moments, as bitsandbytes' Adam8bit does. bitsandbytes' own 8-bit optimizers hold state for whole tensors, not for the
 masked entries only, so the masked optimizer quantizes its flat buffers itself with the
 library's functions; the dense optimizers (ESD, FMN) use its Adam8bit/AdamW8bit directly.
 """
@@ -34,6 +34,8 @@ from erase.errors import EraseError
 from erase.saliency import PackedMask, unpack_mask
 
 BLOCK = 256  # values per quantization block: bitsandbytes' 8-bit optimizers' block size
+# parameters smaller than this keep fp32 moments: bitsandbytes' Adam8bit's min_8bit_size default
+MIN_8BIT_SIZE = 4096
 
 
 def eight_bit_functional():
@@ -83,31 +85,42 @@ class QuantizedMoments:
     """Adam's two moments of the masked entries, blockwise-quantized to 8 bits: uint8 codes of
     8-bit Adam's dynamic map (signed for the first moment, unsigned for the second) and one fp32
     absmax per block of BLOCK values. Each parameter's entries start on a block boundary, so one
-    parameter is dequantized and quantized without touching its neighbours."""
+    parameter is dequantized and quantized without touching its neighbours. A parameter of fewer
+    than MIN_8BIT_SIZE weights keeps fp32 moments, as bitsandbytes' own Adam8bit does."""
 
-    def __init__(self, segments: list[tuple[int, int]], device: torch.device):
+    def __init__(self, segments: list[tuple[int, int, int]], device: torch.device):
+        """`segments`: (start, stop, parameter size) of each parameter's masked entries."""
         self.functional = eight_bit_functional()
-        self.aligned = {}  # start of a parameter's entries -> start of its blocks' codes
-        size = 0
-        for start, stop in segments:
-            self.aligned[start] = size
-            size += -(-(stop - start) // BLOCK) * BLOCK
+        # (start, stop) of a parameter's entries -> the start of its codes, or in the fp32 buffers
+        self.aligned, self.exact = {}, {}
+        size = exact_size = 0
+        for start, stop, parameter_size in segments:
+            if parameter_size < MIN_8BIT_SIZE:
+                self.exact[start, stop] = exact_size
+                exact_size += stop - start
+            else:
+                self.aligned[start, stop] = size
+                size += -(-(stop - start) // BLOCK) * BLOCK
         self.maps = [
             self.functional.create_dynamic_map(signed=signed).to(device) for signed in (True, False)
         ]
         # zero codes with zero absmax dequantize to 0: Adam's initial moments
         self.codes = [torch.zeros(size, dtype=torch.uint8, device=device) for _ in range(2)]
         self.absmax = [torch.zeros(size // BLOCK, device=device) for _ in range(2)]
+        self.fp32 = FlatMoments(exact_size, device)
 
     def blocks(self, start: int, stop: int) -> tuple[slice, slice]:
         """The codes and the absmax entries of entries [start, stop)."""
-        first = self.aligned[start]
+        first = self.aligned[start, stop]
         return slice(first, first + stop - start), slice(
             first // BLOCK, (first + stop - start + BLOCK - 1) // BLOCK
         )
 
     def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The moments of entries [start, stop), dequantized to fp32."""
+        """The moments of entries [start, stop), dequantized to fp32 (views of fp32 ones)."""
+        if (start, stop) in self.exact:
+            first = self.exact[start, stop]
+            return self.fp32.read(first, first + stop - start)
         codes, absmax = self.blocks(start, stop)
         return tuple(
             self.functional.dequantize_blockwise(
@@ -120,7 +133,10 @@ class QuantizedMoments:
         )
 
     def write(self, start: int, stop: int, exp_avg, exp_avg_sq) -> None:
-        """Quantize the updated moments of entries [start, stop) back."""
+        """Quantize the updated moments of entries [start, stop) back (fp32 ones: updated in
+        place already)."""
+        if (start, stop) in self.exact:
+            return
         codes, absmax = self.blocks(start, stop)
         for i, values in enumerate((exp_avg, exp_avg_sq)):
             quantized, state = self.functional.quantize_blockwise(
@@ -130,8 +146,9 @@ class QuantizedMoments:
             self.absmax[i][absmax] = state.absmax
 
     def nbytes(self) -> int:
-        """Bytes of the stored moments: codes and absmax."""
-        return sum(t.numel() * t.element_size() for t in (*self.codes, *self.absmax))
+        """Bytes of the stored moments: codes, absmax and the small parameters' fp32 moments."""
+        quantized = sum(t.numel() * t.element_size() for t in (*self.codes, *self.absmax))
+        return quantized + self.fp32.nbytes()
 
     def state_dict(self) -> dict:
         """The stored tensors by name (checkpoints; `MaskedAdam.load_state_dict` copies into them)."""
@@ -140,6 +157,7 @@ class QuantizedMoments:
             "exp_avg_sq_codes": self.codes[1],
             "exp_avg_absmax": self.absmax[0],
             "exp_avg_sq_absmax": self.absmax[1],
+            **{f"{name}_fp32": tensor for name, tensor in self.fp32.state_dict().items()},
         }
 
 
@@ -171,7 +189,7 @@ class MaskedAdam:
             offset += count
         self.size = offset
         self.device = named_parameters[0][1].device if named_parameters else torch.device("cpu")
-        segments = [(start, stop) for _, _, start, stop in self.entries]
+        segments = [(start, stop, param.numel()) for param, _, start, stop in self.entries]
         self.moments = (
             QuantizedMoments(segments, self.device)
             if eight_bit

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ def forget_loss_gradients(
     micro_batch_size: int | None = None,
     generator: torch.Generator | None = None,
     host_gradients: bool = True,
-) -> dict[str, torch.Tensor]:
+    gradient_file: GradientFile | None = None,
+) -> dict[str, torch.Tensor] | GradientFile:
     """Sum over the forget set of d(-MSE(noise, guided eps))/dw for every UNet weight.
 
     The prediction is the classifier-free-guided one, (1 + g) eps(x_t, c) - g eps(x_t, ""),
@@ -56,16 +58,24 @@ def forget_loss_gradients(
     backward has accumulated it and is added up in host memory (the same fp32 additions in the
     same order as .grad's, so the same bits): the device never holds the dense gradient, only
     the weights, the activations and one parameter's gradient. The gradients come back on the
-    host; without `host_gradients`, where the UNet is.
+    host; without `host_gradients`, where the UNet is. With a `gradient_file`, the sums are kept
+    in that file instead (the same additions again), which is returned.
     """
     unet = backend.unet
     unet.requires_grad_(True)  # a previous run may have frozen it
     unet.zero_grad(set_to_none=True)
     host: dict[str, torch.Tensor] = {}
+
+    def add(param, name):
+        if gradient_file is not None:
+            to_file(param, name, gradient_file)
+        else:
+            to_host(param, name, host)
+
     hooks = [
-        param.register_post_accumulate_grad_hook(lambda param, name=name: to_host(param, name, host))
+        param.register_post_accumulate_grad_hook(lambda param, name=name: add(param, name))
         for name, param in unet.named_parameters()
-    ] if host_gradients else []  # fmt: skip
+    ] if host_gradients or gradient_file is not None else []  # fmt: skip
     try:
         sum_forget_gradients(
             backend, forget_latents, forget_conditions, guidance_scale, batch_size,
@@ -74,6 +84,8 @@ def forget_loss_gradients(
     finally:
         for hook in hooks:
             hook.remove()
+    if gradient_file is not None:
+        return gradient_file
     gradients = {}
     for name, param in unet.named_parameters():
         grad = host.pop(name, None) if host_gradients else param.grad
@@ -92,6 +104,117 @@ def to_host(param: torch.nn.Parameter, name: str, host: dict[str, torch.Tensor])
     else:
         host[name] = param.grad.to("cpu", copy=True)
     param.grad = None
+
+
+@torch.no_grad()
+def to_file(param: torch.nn.Parameter, name: str, gradient_file: GradientFile) -> None:
+    """Add one parameter's freshly accumulated gradient to its sum in `gradient_file`; free it."""
+    gradient_file.add(name, param.grad)
+    param.grad = None
+
+
+class GradientFile:
+    """The saliency gradients summed in an unnamed file, parameter after parameter in fp32,
+    read and written with ordinary file I/O (no mmap): between passes they are page cache, which
+    the kernel may write out, not the process's memory. Deleted when closed (or the process ends).
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], folder: str):
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.offsets, offset = {}, 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = offset
+            offset += 4 * math.prod(shape)
+        self.file = tempfile.TemporaryFile(dir=folder)
+        self.file.truncate(offset)  # a parameter without gradient reads as zeros
+        self.written: set[str] = set()
+
+    def __enter__(self) -> GradientFile:
+        return self
+
+    def __exit__(self, *error) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete the file."""
+        self.file.close()
+
+    def numel(self) -> int:
+        """How many gradient values the file holds."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    def read(self, name: str) -> np.ndarray:
+        """One parameter's summed gradient, flat fp32."""
+        values = np.empty(math.prod(self.shapes[name]), dtype=np.float32)
+        buffer, done = memoryview(values).cast("B"), 0
+        while done < len(buffer):
+            count = os.preadv(self.file.fileno(), [buffer[done:]], self.offsets[name] + done)
+            if count == 0:
+                raise OSError(f"the saliency gradient file ends inside '{name}'")
+            done += count
+        return values
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        """Add one gradient to its parameter's sum: its first is copied, later ones added in the
+        gradient's dtype, as `to_host` adds them in memory (the same bits)."""
+        grad = grad.detach().to("cpu")
+        if name in self.written:
+            total = torch.from_numpy(self.read(name)).to(grad.dtype).view(grad.shape)
+            grad = total.add_(grad)
+        buffer = memoryview(grad.float().contiguous().reshape(-1).numpy()).cast("B")
+        done = 0
+        while done < len(buffer):
+            done += os.pwrite(self.file.fileno(), buffer[done:], self.offsets[name] + done)
+        self.written.add(name)
+
+    def score_bits(self, name: str) -> np.ndarray:
+        """The bit patterns of one parameter's |gradient|, as int32: for non-negative floats
+        their order is the numbers' order."""
+        bits = self.read(name).view(np.int32)
+        np.bitwise_and(bits, 0x7FFFFFFF, out=bits)  # the sign bit cleared: |g|
+        if np.any(bits > 0x7F800000):  # NaN
+            raise EraseError(
+                "The saliency gradients contain NaN: the model or its inputs are broken."
+            )
+        return bits
+
+
+def file_top_k_masks(gradient_file: GradientFile, keep: int) -> dict[str, torch.Tensor]:
+    """Packed masks keeping exactly `keep` gradients of `gradient_file` by |value|: all above the
+    keep-th largest and, of those equal to it, the earliest, as `top_k_selection` keeps them.
+
+    The threshold is a radix selection over the float bit patterns, one parameter in memory at a
+    time: a pass counts the high 16 bits, a second the low 16 bits inside the bucket that holds
+    the keep-th largest, and a third packs the masks.
+    """
+    names = list(gradient_file.shapes)
+    high = np.zeros(1 << 15, dtype=np.int64)  # sign bit clear: 15 high bits
+    for name in names:
+        high += np.bincount(gradient_file.score_bits(name) >> 16, minlength=1 << 15)
+    bucket, rank = select_bucket(high, keep)
+    low = np.zeros(1 << 16, dtype=np.int64)
+    for name in names:
+        bits = gradient_file.score_bits(name)
+        low += np.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    position, ties = select_bucket(low, rank)
+    threshold = (bucket << 16) | position
+    packed = {}
+    for name in names:
+        bits = gradient_file.score_bits(name)
+        packed[name] = pack_mask(torch.from_numpy(bits > threshold))
+        if ties > 0:
+            tied = true_positions(torch.from_numpy(bits == threshold))[:ties]
+            set_bits(packed[name], tied)
+            ties -= tied.numel()
+    return packed
+
+
+def select_bucket(counts: np.ndarray, rank: int) -> tuple[int, int]:
+    """(the bucket holding the rank-th largest value of a histogram, that value's rank within
+    its bucket, counted from the bucket's top)."""
+    at_least = np.cumsum(counts[::-1])[::-1]  # at_least[b]: values in buckets >= b
+    bucket = int(np.flatnonzero(at_least >= rank)[-1])
+    return bucket, rank - int(at_least[bucket] - counts[bucket])
 
 
 def sum_forget_gradients(
@@ -347,15 +470,18 @@ def sort_threshold(scores: Iterable[torch.Tensor], keep: int) -> float:
     return torch.sort(flat, descending=True).values[keep - 1].item()
 
 
-def saliency_mask(gradients: Mapping[str, torch.Tensor], ratio: float) -> PackedMask:
+def saliency_mask(gradients: Mapping[str, torch.Tensor] | GradientFile, ratio: float) -> PackedMask:
     """The mask keeping exactly round(ratio * N) weights by |gradient|, bit-packed.
 
     One global threshold; weights equal to it are kept earliest first (in parameter order)
     until the count is reached. The gradients are made absolute in place (no second copy of
-    860 M values at SD scale).
+    860 M values at SD scale); those of a GradientFile are read one parameter at a time.
     """
     if not 0 < ratio <= 1:
         raise EraseError(f"--mask-ratio must be in (0, 1], got {ratio}.")
+    if isinstance(gradients, GradientFile):
+        keep = max(1, round(ratio * gradients.numel()))
+        return PackedMask(file_top_k_masks(gradients, keep), dict(gradients.shapes))
     scores = [g.abs_().reshape(-1) for g in gradients.values()]
     keep = max(1, round(ratio * sum(s.numel() for s in scores)))
     _, packed = top_k_selection(scores, keep)

@@ -2,6 +2,7 @@
 
     python scripts/bench_sd_digits.py                         # concept: three
     python scripts/bench_sd_digits.py --concept 7 -- --bench-per-prompt 5
+    python scripts/bench_sd_digits.py --methods salun --optimizer adam8bit
 
 Trains (or loads the cached) sd-digits model and digit classifier, erases the digit with every
 method through `erase.benchmark` (what `erase-bench` runs), and prints JSON: per method, the forgotten digit's classifier
@@ -58,11 +59,19 @@ def bench_settings(flags: list[str]) -> dict:
     return {name: value for name, value in given.items() if value != defaults[name]}
 
 
+def method_settings(method: str, optimizer: str) -> dict:
+    """One method's settings on this testbed, with the optimizer asked for."""
+    return {**METHOD_SETTINGS.get(method, {}), "optimizer": optimizer}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concept", default="three")
     parser.add_argument("--methods", default="salun,esd-u,esd-x,fmn")
     parser.add_argument("--output", default=None, help="bench folder (default: a new temp folder)")
+    parser.add_argument(
+        "--optimizer", default="adam", choices=["adam", "adam8bit"], help="every method's"
+    )
     parser.add_argument("extra", nargs="*", help="erase-bench flags (after --)")
     args = parser.parse_args()
     output = args.output or tempfile.mkdtemp(prefix="bench-sd-digits-") + "/bench"
@@ -73,7 +82,7 @@ def main() -> None:
         args.concept,
         output,
         methods,
-        method_settings={m: METHOD_SETTINGS[m] for m in methods if m in METHOD_SETTINGS},
+        method_settings={m: method_settings(m, args.optimizer) for m in methods},
         **{**TESTBED_SETTINGS, **bench_settings(args.extra)},
     )
     base = table["rows"][0]
@@ -95,7 +104,7 @@ def main() -> None:
             "peak_memory_mb": row["peak_memory_mb"],
         }
     summary["wall_s"] = round(time.perf_counter() - start, 1)
-    summary["method_settings"] = {m: METHOD_SETTINGS.get(m) for m in methods}
+    summary["method_settings"] = {m: method_settings(m, args.optimizer) for m in methods}
     print(json.dumps(summary, indent=2))
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import erase.train as train_module
 from erase.cli.concept import erase_concept_main
 from erase.models import load_backend
-from erase.optim import BLOCK, MaskedAdam, QuantizedMoments
+from erase.optim import BLOCK, MIN_8BIT_SIZE, MaskedAdam, QuantizedMoments
 from erase.saliency import load_mask, pack_bool_mask
 
 bitsandbytes_functional = pytest.importorskip("bitsandbytes.functional")
@@ -25,7 +25,10 @@ def test_quantized_moments_round_trip_through_the_librarys_quantization():
     for size in sizes:
         segments.append((start, start + size))
         start += size
-    moments = QuantizedMoments(segments, torch.device("cpu"))
+    # each parameter masked to its size here, from parameters big enough for 8-bit moments
+    moments = QuantizedMoments(
+        [(first, last, MIN_8BIT_SIZE) for first, last in segments], torch.device("cpu")
+    )
     generator = torch.Generator().manual_seed(0)
     written = [
         (torch.randn(size, generator=generator), torch.rand(size, generator=generator) * 1e-3)
@@ -48,6 +51,19 @@ def test_quantized_moments_round_trip_through_the_librarys_quantization():
     assert moments.nbytes() == 2 * (padded + 4 * padded // BLOCK)
 
 
+def test_small_parameters_keep_fp32_moments():
+    # bitsandbytes' Adam8bit keeps fp32 state for tensors under min_8bit_size entries
+    moments = QuantizedMoments(
+        [(0, 5, MIN_8BIT_SIZE - 1), (5, 5, 10), (5, 9, MIN_8BIT_SIZE)], "cpu"
+    )
+    small = (torch.randn(5), torch.rand(5))
+    moments.write(0, 5, *small)
+    exp_avg, exp_avg_sq = moments.read(0, 5)
+    exp_avg.copy_(small[0]), exp_avg_sq.copy_(small[1])  # fp32 moments are views, kept as written
+    assert all(torch.equal(read, value) for read, value in zip(moments.read(0, 5), small))
+    assert moments.nbytes() == 2 * (5 * 4 + BLOCK + 4)
+
+
 def tiny_step_gradients(backend, steps):
     """The gradients of a denoising loss of the tiny UNet at `steps` fresh batches (at its own
     weights: both optimizers then see the same gradients)."""
@@ -66,10 +82,9 @@ def tiny_step_gradients(backend, steps):
     return gradients
 
 
-# 8-bit dynamic quantization keeps ~2-7 % relative error per entry a decade or two below its
-# block's absmax (docs/memory.md): the update's relative distance to fp32 Adam's measured here
-# is 1.7 % at the first quantized step, growing to 3 % by the tenth; the issue asked for 1 %.
-UPDATE_TOLERANCE = 0.05
+# The issue's bound: measured here 0.5-0.9 % at steps 2-10 (docs/memory.md), with the small
+# parameters' fp32 moments; 8-bit moments for every parameter gave 1.7-3.2 %.
+UPDATE_TOLERANCE = 0.01
 
 
 def test_adam8bit_update_stays_near_fp32_adam_each_step(tiny_sd_dir):
@@ -97,9 +112,36 @@ def test_adam8bit_update_stays_near_fp32_adam_each_step(tiny_sd_dir):
         assert relative < UPDATE_TOLERANCE, (step, float(relative))
         # the first step reads fp32 moments (zeros) in both; later ones the quantized ones
         assert (relative == 0) == (step == 0), (step, float(relative))
-    # 2 bytes a masked weight plus one absmax per block; the tiny model's many small tensors,
-    # each padded to whole blocks of 256, leave less of the 4x than at SD scale
-    assert quantized.state_bytes()["optimizer"] < 0.7 * exact.state_bytes()["optimizer"]
+    # 2 bytes a masked weight plus one absmax per block, and 8 a masked weight of the small
+    # tensors (most of the tiny model, a few MB at SD scale)
+    counts = [(mask.count(name), param.numel()) for name, param in named]
+    small = sum(count for count, size in counts if size < MIN_8BIT_SIZE)
+    blocks = sum(-(-count // BLOCK) for count, size in counts if size >= MIN_8BIT_SIZE)
+    assert quantized.state_bytes()["optimizer"] == 8 * small + 2 * blocks * (BLOCK + 4)
+
+
+def test_masked_adam8bit_over_every_weight_matches_bitsandbytes_adam8bit(tiny_sd_dir):
+    import bitsandbytes
+
+    backend = load_backend(tiny_sd_dir)
+    named = list(backend.unet.named_parameters())
+    everything = pack_bool_mask({n: torch.ones(p.shape, dtype=torch.bool) for n, p in named})
+    ours = MaskedAdam(named, everything, lr=1e-3, eight_bit=True)
+    base = [p.detach().clone() for _, p in named]
+    library = bitsandbytes.optim.Adam8bit([p for _, p in named], lr=1e-3)
+    for gradients in tiny_step_gradients(backend, 3):
+        weights = []
+        for step in (lambda: ours.update(None), library.step):
+            with torch.no_grad():
+                for (_, param), value in zip(named, base):
+                    param.copy_(value)
+            for (_, param), gradient in zip(named, gradients):
+                param.grad = gradient.clone()
+            step()
+            weights.append([p.detach().clone() for _, p in named])
+        # the same moments and codes; fp32 Adam's arithmetic in another order: a few ulps of the
+        # weights, 1e-4 of the learning rate's step
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(*weights))
 
 
 def erase_args(tiny_sd_args, output, *extra):

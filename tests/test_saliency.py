@@ -12,6 +12,7 @@ from erase.errors import EraseError
 from erase.models import load_backend
 from erase.saliency import (
     BOOL_MASK_FORMAT,
+    GradientFile,
     bisection_threshold,
     forget_loss_gradients,
     load_mask,
@@ -209,7 +210,106 @@ def test_gradients_summed_on_the_host_give_the_on_device_mask_bit_for_bit(
     assert 0 < device_mask.kept() < device_mask.total()
 
 
+def gradient_file_of(gradients, folder):
+    """A GradientFile holding `gradients` (each added in two parts, as two batches would)."""
+    gradient_file = GradientFile({n: g.shape for n, g in gradients.items()}, str(folder))
+    for name, gradient in gradients.items():
+        first = gradient / 3
+        gradient_file.add(name, first)
+        gradient_file.add(name, gradient - first)
+    return gradient_file
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "zeros", "ties-and-zeros"])
+@pytest.mark.parametrize("ratio", [1e-5, 0.1, 0.5, 0.9, 1.0])
+def test_mask_from_a_gradient_file_equals_the_in_memory_mask(tmp_path, kind, ratio):
+    scores = random_scores(2, zeros=0.7 if "zeros" in kind else 0.0, ties="ties" in kind)
+    signs = [torch.where(torch.rand(s.shape) < 0.5, -1.0, 1.0) for s in scores]
+    gradients = {f"w{i}": s * sign for i, (s, sign) in enumerate(zip(scores, signs))}
+    with gradient_file_of(gradients, tmp_path) as gradient_file:
+        summed = {name: torch.from_numpy(gradient_file.read(name)) for name in gradients}
+        in_memory = saliency_mask({n: g.clone() for n, g in summed.items()}, ratio)
+        from_file = saliency_mask(gradient_file, ratio)
+    assert all(torch.equal(from_file.bits[n], in_memory.bits[n]) for n in gradients)
+    assert from_file.shapes == in_memory.shapes
+    assert from_file.kept() == max(1, round(ratio * from_file.total()))
+    assert os.listdir(tmp_path) == []  # the file has no name; closed, it is gone
+
+
+def test_gradient_file_sums_as_memory_does(tmp_path):
+    generator = torch.Generator().manual_seed(4)
+    parts = [torch.randn(3, 5, generator=generator) for _ in range(3)]
+    with GradientFile({"w": (3, 5), "unused": (2,)}, str(tmp_path)) as gradient_file:
+        for part in parts:
+            gradient_file.add("w", part)
+        expected = parts[0].clone().add_(parts[1]).add_(parts[2])
+        assert torch.equal(torch.from_numpy(gradient_file.read("w")).view(3, 5), expected)
+        assert gradient_file.read("unused").tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 1])
+def test_gradients_summed_on_disk_give_the_in_memory_mask_bit_for_bit(
+    tiny_sd_dir, tmp_path, micro_batch_size
+):
+    backend = load_backend(tiny_sd_dir)
+    latents = torch.randn(3, *backend.latent_shape, generator=torch.Generator().manual_seed(1))
+    prompts = ["a photo of a nude person"] * 3
+    shapes = {name: p.shape for name, p in backend.unet.named_parameters()}
+
+    def gradients(gradient_file=None):  # two batches of 2 + 1, in micro-batches or whole
+        return forget_loss_gradients(
+            backend, latents, prompts, guidance_scale=7.5, batch_size=2,
+            micro_batch_size=micro_batch_size, generator=torch.Generator().manual_seed(3),
+            gradient_file=gradient_file,
+        )  # fmt: skip
+
+    in_memory = gradients()
+    with GradientFile(shapes, str(tmp_path)) as gradient_file:
+        assert gradients(gradient_file) is gradient_file
+        summed = {n: torch.from_numpy(gradient_file.read(n)).view(s) for n, s in shapes.items()}
+        assert all(torch.equal(summed[name], in_memory[name]) for name in in_memory)
+        disk_mask = saliency_mask(gradient_file, 0.5)
+    memory_mask = saliency_mask(in_memory, 0.5)
+    assert all(torch.equal(disk_mask.bits[n], memory_mask.bits[n]) for n in memory_mask.bits)
+    assert all(p.grad is None for p in backend.unet.parameters())
+
+
+def test_nan_gradients_in_a_file_are_an_error(tmp_path):
+    gradients = {"a": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.ones(5)}
+    with gradient_file_of(gradients, tmp_path) as gradient_file:
+        with pytest.raises(EraseError, match="NaN"):
+            saliency_mask(gradient_file, 0.5)
+
+
 def test_nan_gradients_are_an_error():
     gradients = {"a": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.ones(5)}
     with pytest.raises(EraseError, match="NaN"):
         saliency_mask(gradients, 0.5)
+
+
+def test_erase_concept_with_the_mask_offloaded_to_disk_is_the_same_run(tiny_sd_args, tmp_path):
+    from safetensors.torch import load_file
+
+    from erase.cli.concept import erase_concept_main
+
+    outputs = {}
+    for offload in ("memory", "disk"):
+        output = tmp_path / offload
+        flags = [*tiny_sd_args, "--output", str(output), "--mask-offload", offload]
+        assert erase_concept_main(flags) == 0
+        outputs[offload] = output
+    for name in ("mask.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        memory, disk = (load_file(str(outputs[o] / name)) for o in ("memory", "disk"))
+        assert all(torch.equal(memory[key], disk[key]) for key in memory), name
+    assert sorted(os.listdir(tmp_path)) == ["disk", "memory"]  # no gradient file left
+
+
+def test_a_bad_mask_offload_is_one_line(tiny_sd_args, tmp_path, capsys):
+    from erase.cli.concept import erase_concept_main
+
+    output = tmp_path / "run"
+    flags = [*tiny_sd_args, "--output", str(output), "--mask-offload", "swap"]
+    assert erase_concept_main(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--mask-offload" in err, err
+    assert not output.exists()

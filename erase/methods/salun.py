@@ -40,6 +40,14 @@ class SalUnConfig:
     )
     mask_ratio: float = 0.5  # share of weights kept by the saliency mask (reference: top 50 %)
     mask_guidance: float | None = None  # guidance of the mask's loss: 7.5 SD, 2.0 DDPM
+    mask_offload: str = field(
+        default="memory",
+        metadata={
+            "help": "SalUn: where the mask phase sums the dense gradient, 'memory' (the host's) "
+            "or 'disk' (a file beside the output, page cache rather than the process's memory; "
+            "the same mask bit for bit)"
+        },
+    )
     retain_reduction: str | None = field(
         default=None,
         metadata={
@@ -123,6 +131,8 @@ class SalUn:
             raise EraseError(
                 f"--retain-reduction must be mean or sum, got '{config.retain_reduction}'."
             )
+        if config.mask_offload not in ("memory", "disk"):
+            raise EraseError(f"--mask-offload must be memory or disk, got '{config.mask_offload}'.")
         if config.cond_drop is not None and not 0 <= config.cond_drop < 1:
             raise EraseError(f"--cond-drop must be in [0, 1), got {config.cond_drop}.")
         self.backend, self.concept, self.config = backend, concept, config
