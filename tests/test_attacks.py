@@ -586,6 +586,38 @@ def test_cli_relearns_with_lora_and_full_at_each_rate_and_draws_the_curves(
     assert (output / "relearn.png").stat().st_size > 0
 
 
+def test_relearning_judges_with_the_runs_sampler_and_records_it(tiny_sd_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from erase.models.sd import StableDiffusionBackend
+
+    images = tmp_path / "images"  # the attacker's own images: no sampling to make them
+    images.mkdir()
+    for index in range(2):
+        Image.new("RGB", (32, 32), (index * 200, 0, 0)).save(images / f"{index}.png")
+    used = []  # the sampler of every sampling call
+    sample = StableDiffusionBackend.sample
+
+    def recording_sample(self, *args, sampler="ddim", **settings):
+        used.append(sampler)
+        return sample(self, *args, sampler=sampler, **settings)
+
+    monkeypatch.setattr(StableDiffusionBackend, "sample", recording_sample)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a nude person\n")
+    argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--attack", "relearn"]
+    argv += ["--prompts", str(prompts), "--num-steps", "2", "--relearn-steps", "0,1"]
+    argv += ["--relearn-data", str(images), "--relearn-batch-size", "2", "--no-progress"]
+    for sampler in ("lms", "ddim"):
+        used.clear()
+        output = tmp_path / sampler
+        assert main([*argv, "--sampler", sampler, "--output", str(output)]) == 0
+        results = json.loads((output / "results.json").read_text())
+        assert results["attacks"]["relearn"]["sampler"] == sampler
+        assert results["settings"]["sampler"] == sampler
+        assert len(used) == 3 and set(used) == {sampler}  # the base model's rate, 2 checkpoints
+
+
 def test_bad_relearning_flags_are_one_line(capsys, tiny_sd_dir):
     argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--attack", "relearn"]
     err = one_line_error(capsys, argv + ["--relearn-tuning", "qlora"])

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
-from eval.attacks.target import AttackTarget
+from eval.attacks.target import AttackTarget, check_one_text_encoder
 from eval.runner import save_png
 
 # The columns of a prompt-pair CSV (Ring-A-Bell's released nudity pairs, as RECE ships them).
@@ -58,17 +58,8 @@ class Config:
 
 
 def check(backend) -> None:
-    """Ring-A-Bell searches prompt tokens: a class-conditional model has none; SDXL reads two."""
-    if backend.conditioning != "text":
-        raise EraseError(
-            f"ring-a-bell searches prompt tokens and '{backend.identity}' is class-conditional "
-            "(no text encoder): use --attack relearn, which works on any model."
-        )
-    if getattr(backend.pipe, "text_encoder_2", None) is not None:
-        raise EraseError(
-            "ring-a-bell matches the embedding of one text encoder and SDXL reads the prompt "
-            "with two: use --attack relearn or a released prompt set on SDXL."
-        )
+    """Ring-A-Bell searches the prompt tokens of one text encoder."""
+    check_one_text_encoder(backend, "ring-a-bell", "searches prompt tokens", "no text encoder")
 
 
 def prompt_pairs(target: AttackTarget, config: Config) -> list[tuple[str, str]]:

@@ -38,6 +38,21 @@ class AttackTarget:
         return self.base_backend or self.backend
 
 
+def check_one_text_encoder(backend, attack: str, works_on: str, lacks: str) -> None:
+    """An attack on the prompt tokens of one text encoder (`works_on`, e.g. "optimizes prompt
+    tokens"): one EraseError on a class-conditional model (it `lacks` them) or on SDXL (two)."""
+    if backend.conditioning != "text":
+        raise EraseError(
+            f"{attack} {works_on} and '{backend.identity}' is class-conditional ({lacks}): "
+            "use --attack relearn, which works on any model."
+        )
+    if getattr(backend.pipe, "text_encoder_2", None) is not None:
+        raise EraseError(
+            f"{attack} {works_on} of one text encoder and SDXL reads the prompt with two: use "
+            "--attack relearn or a released prompt set on SDXL."
+        )
+
+
 def check_unet_base(unet_folder: str, backend) -> None:
     """Refuse an erased UNet erased from another base than `backend`'s: its recorded base
     weights decide (one model spelled two ways is the same), else the base's name."""

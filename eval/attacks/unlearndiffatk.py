@@ -33,7 +33,7 @@ from erase.softprompt import (
     with_prefix,
 )
 from eval.attacks.images import generate_with, judge_folder, load_pngs
-from eval.attacks.target import AttackTarget
+from eval.attacks.target import AttackTarget, check_one_text_encoder
 from eval.runner import (
     GENERATION_KEYS,
     GenerationConfig,
@@ -266,17 +266,8 @@ def attack_settings(config: Config, k: int, judge) -> dict:
 
 
 def check(backend) -> None:
-    """UnlearnDiffAtk needs prompt tokens: a class-conditional model is a user error."""
-    if backend.conditioning != "text":
-        raise EraseError(
-            f"unlearndiffatk optimizes prompt tokens and '{backend.identity}' is class-conditional "
-            "(no tokens): use --attack relearn, which works on any model."
-        )
-    if getattr(backend.pipe, "text_encoder_2", None) is not None:
-        raise EraseError(
-            "unlearndiffatk optimizes the tokens of one text encoder and SDXL reads the prompt "
-            "with two: use --attack relearn or a released prompt set on SDXL."
-        )
+    """UnlearnDiffAtk needs the prompt tokens of one text encoder."""
+    check_one_text_encoder(backend, "unlearndiffatk", "optimizes prompt tokens", "no tokens")
 
 
 def run(
