@@ -140,8 +140,8 @@ def test_masked_adam8bit_over_every_weight_matches_bitsandbytes_adam8bit(tiny_sd
             step()
             weights.append([p.detach().clone() for _, p in named])
         # the same moments and codes; fp32 Adam's arithmetic in another order: a few ulps of the
-        # weights, 1e-4 of the learning rate's step
-        assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(*weights))
+        # weights, 1e-3 of the learning rate's step
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(*weights))
 
 
 def erase_args(tiny_sd_args, output, *extra):
