@@ -483,6 +483,26 @@ def versions() -> dict[str, str]:
     }
 
 
+def read_metadata(folder: str):
+    """The parsed metadata.json of an erase-concept output folder, or None where the folder has
+    none (a bare diffusers folder, a released text encoder); one EraseError when it cannot be read
+    or is not JSON."""
+    path = os.path.join(folder, "metadata.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        raise damaged_metadata(path) from None
+
+
+def damaged_metadata(path: str) -> EraseError:
+    return EraseError(
+        f"'{path}' is unreadable: the output of erase-concept is damaged; erase the model again."
+    )
+
+
 def write_json(path: str, payload: dict) -> None:
     """Pretty JSON, written through a temporary file."""
     temporary = f"{path}.{os.getpid()}.tmp"  # one per process: several may write the same file

@@ -9,7 +9,6 @@ so that what the base model makes (an attack's target images) is still made with
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 
@@ -30,19 +29,10 @@ def check_text_encoder_base(artifact: str, backend) -> None:
     """Refuse an artifact erased from other base weights than `backend`'s (metadata.json's
     `base_weights`, the base UNet's fingerprint); a folder without metadata.json (the authors'
     released encoder in `text_encoder/`) is checked by its shapes alone."""
+    from erase.artifact import read_metadata
     from erase.data import unet_fingerprint
 
-    path = os.path.join(artifact, "metadata.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as file:
-            metadata = json.load(file)
-    except (OSError, ValueError):
-        raise EraseError(
-            f"'{path}' is unreadable: the output of erase-concept is damaged; erase the model "
-            "again."
-        ) from None
+    metadata = read_metadata(artifact)
     recorded = metadata.get("base_weights") if isinstance(metadata, dict) else None
     if recorded and recorded != unet_fingerprint(backend.unet):
         raise EraseError(

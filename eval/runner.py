@@ -181,6 +181,7 @@ def unet_digest(folder: str) -> str:
 
 def load_erased_unet(backend, folder: str):
     """The erased UNet of `folder`, checked against the base: same weights, and erased from it."""
+    from erase.artifact import read_metadata
     from erase.data import unet_fingerprint
     from erase.errors import EraseError
 
@@ -193,18 +194,8 @@ def load_erased_unet(backend, folder: str):
             f"The UNet in '{folder}' does not fit '{backend.identity}' ({len(differ)} weights "
             f"differ, e.g. '{differ[0]}'): pass the base model it was erased from with --model."
         )
-    metadata_path = os.path.join(folder, "metadata.json")
-    base_weights = None
-    if os.path.isfile(metadata_path):
-        try:
-            with open(metadata_path, encoding="utf-8") as file:
-                metadata = json.load(file)
-        except (OSError, ValueError):
-            raise EraseError(
-                f"'{metadata_path}' is unreadable: the output of erase-concept is damaged; erase "
-                "the model again."
-            ) from None
-        base_weights = metadata.get("base_weights") if isinstance(metadata, dict) else None
+    metadata = read_metadata(folder)
+    base_weights = metadata.get("base_weights") if isinstance(metadata, dict) else None
     if base_weights and base_weights != unet_fingerprint(backend.unet):
         raise EraseError(
             f"The UNet in '{folder}' was erased from '{metadata.get('base_model')}', whose weights "

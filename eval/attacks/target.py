@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -56,20 +55,15 @@ def check_one_text_encoder(backend, attack: str, works_on: str, lacks: str) -> N
 def check_unet_base(unet_folder: str, backend) -> None:
     """Refuse an erased UNet erased from another base than `backend`'s: its recorded base
     weights decide (one model spelled two ways is the same), else the base's name."""
+    from erase.artifact import damaged_metadata, read_metadata
     from erase.data import unet_fingerprint
 
-    path = os.path.join(unet_folder, "metadata.json")
-    if not os.path.isfile(path):
+    metadata = read_metadata(unet_folder)
+    if metadata is None:
         return  # a bare diffusers UNet folder: load_unet checks its shape
-    try:
-        with open(path, encoding="utf-8") as file:
-            metadata = json.load(file)
-        base, weights = metadata.get("base_model"), metadata.get("base_weights")
-    except (OSError, ValueError, AttributeError):
-        raise EraseError(
-            f"'{path}' is unreadable: the output of erase-concept is damaged; erase the model "
-            "again."
-        ) from None
+    if not isinstance(metadata, dict):
+        raise damaged_metadata(os.path.join(unet_folder, "metadata.json"))
+    base, weights = metadata.get("base_model"), metadata.get("base_weights")
     if weights:
         if weights == unet_fingerprint(backend.unet):
             return
