@@ -423,7 +423,8 @@ def erase_into(
         else:
             result, changed = train_phase(plan, accelerator, staging, inputs)
             if inputs.encoders_moved:  # the grids encode prompts and decode images
-                plan.backend.encoders_to(plan.backend.device)
+                plan.backend.encoders_on()
+                inputs.encoders_moved = False
             clock.lap("train")
         measured = {}
         for evaluation in evaluations:
@@ -482,7 +483,7 @@ class TrainingInputs:
     forget_latents: torch.Tensor  # (N_f, C, h, w)
     retain_latents: torch.Tensor  # (N_r, C, h, w)
     mask: object  # the saliency mask (SalUn), else None
-    encoders_moved: bool = False  # text encoders and VAE on the host for mask and training
+    encoders_moved: bool = False  # text encoders and VAE off the device for mask and training
 
 
 def measure_before(evaluations: Sequence[Evaluation], plan: Plan, clock: PhaseClock) -> None:
@@ -498,9 +499,9 @@ def training_inputs(plan: Plan, config: ErasureConfig, accelerator, evaluations,
     data_config, data, forget_latents, retain_latents = data_phase(plan, config, accelerator)
     clock.lap("data")
     measure_before(evaluations, plan, clock)
-    # The text encoders and the VAE wait on the host from the mask to the grids (the prompts'
+    # The text encoders and the VAE wait off the device from the mask to the grids (the prompts'
     # embeddings cached, the latents made): the device holds the UNet and its training state.
-    moved = encoders_to_host(plan, data)
+    moved = encoders_off(plan, data)
     try:
         mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
         if mask is not None:  # the masked optimizer's state fits only the mask it was made with
@@ -514,7 +515,7 @@ def training_inputs(plan: Plan, config: ErasureConfig, accelerator, evaluations,
         clock.lap("prepare")
     except BaseException:
         if moved:  # an API caller gets its whole pipeline back, even after a failure
-            plan.backend.encoders_to(plan.backend.device)
+            plan.backend.encoders_on()
         raise
     return TrainingInputs(data_config, data, forget_latents, retain_latents, mask, moved)
 
@@ -526,7 +527,7 @@ def encoders_back(plan: Plan, inputs: TrainingInputs | None):
         yield
     finally:
         if inputs is not None and inputs.encoders_moved:
-            plan.backend.encoders_to(plan.backend.device)
+            plan.backend.encoders_on()
 
 
 def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) -> Plan:
@@ -616,24 +617,26 @@ def cached_conditions(plan: Plan, data) -> list[str]:
 
 
 def keeps_encoders(plan: Plan) -> bool:
-    """Whether the text encoders and VAE stay on the device through training: on the CPU (the
-    host already), on class-conditional models (none), for a method that runs the text encoder."""
-    backend = plan.backend
-    return (
-        backend.device.type == "cpu"
-        or backend.conditioning != "text"
-        or plan.method.runs_text_encoder
-    )
+    """Whether the text encoders and VAE stay through training: on class-conditional models
+    (none), for a method that runs the text encoder."""
+    return plan.backend.conditioning != "text" or plan.method.runs_text_encoder
 
 
-def encoders_to_host(plan: Plan, data) -> bool:
-    """Encode every prompt training needs once (cached in the backend), then move the text
-    encoders and the VAE to the host; whether they moved."""
+def scratch_folder(plan: Plan) -> str:
+    """Where a run's unnamed scratch files go (the parked encoders, the saliency gradients on
+    disk): the output's own folder, beside <output>.partial."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(plan.checkpoint_dir)))
+
+
+def encoders_off(plan: Plan, data) -> bool:
+    """Encode every prompt training needs once (cached in the backend), then take the text
+    encoders and the VAE off the device (to the host from a GPU; into a file, their memory
+    freed, on the CPU); whether they went."""
     if keeps_encoders(plan):
         return False
     backend = plan.backend
     backend.encode(cached_conditions(plan, data))
-    backend.encoders_to(torch.device("cpu"))
+    backend.encoders_off(scratch_folder(plan))
     if backend.device.type == "cuda":
         torch.cuda.empty_cache()  # hand the encoders' blocks back to the UNet's state
     return True
@@ -644,10 +647,9 @@ def mask_phase(plan: Plan, forget_latents, forget_conditions, accelerator):
     if not plan.method.uses_mask:
         return None
     gradient_file = None
-    if plan.method_config.mask_offload == "disk":  # beside the output (<output>.partial/..)
-        folder = os.path.dirname(os.path.dirname(os.path.abspath(plan.checkpoint_dir)))
+    if plan.method_config.mask_offload == "disk":
         shapes = {name: p.shape for name, p in plan.backend.unet.named_parameters()}
-        gradient_file = GradientFile(shapes, folder)
+        gradient_file = GradientFile(shapes, scratch_folder(plan))
     with gradient_file or nullcontext():
         gradients = forget_loss_gradients(
             plan.backend,

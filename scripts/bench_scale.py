@@ -415,12 +415,19 @@ def moment_bytes(numel: int, optimizer: str, masked: bool) -> int:
     return 2 * ((blocks * 256 if masked else numel) + 4 * blocks)
 
 
-def breakdown(arch: str, methods: list[str], resolution: int, optimizer: str = "adam") -> dict:
+def breakdown(
+    arch: str,
+    methods: list[str],
+    resolution: int,
+    optimizer: str = "adam",
+    mask_offload: str = "memory",
+) -> dict:
     """Per method, the bytes of each part of the training state at the reference settings, by
     the trainer's rules (erase/train.py, erase/optim.py, erase/erasure.py), and the activations,
     all counted on the meta device; `needed_mb` per phase on the device (a GPU) with
     micro-batches of 1 and the whole batch, and `host_mb`: what waits in host memory (the mask
-    phase's dense gradient, the text encoders and VAE while the UNet trains)."""
+    phase's dense gradient, unless `mask_offload` is "disk", and the text encoders and VAE
+    while the UNet trains, which on the CPU wait in a file instead: `file_mb`)."""
     from erase.concepts import resolve_concept
     from erase.optim import MaskedAdam
 
@@ -484,6 +491,7 @@ def breakdown(arch: str, methods: list[str], resolution: int, optimizer: str = "
             f"train_batch_{batch}": train + batch * calls * per_sample,
         }
         host = {"encoders": encoder_bytes if on_host else 0}
+        files = {}
         if getattr(method, "uses_mask", False):
             phases["train_micro_batch_1"] += flat_gradient - state["gradients"]
             # The mask phase: each parameter's gradient goes to the host as soon as backward
@@ -493,18 +501,24 @@ def breakdown(arch: str, methods: list[str], resolution: int, optimizer: str = "
             mask_device += state.get("encoders", 0)
             phases["mask_batch_8"] = mask_device + 8 * 2 * per_checkpointing[True]
             phases["mask_batch_1"] = mask_device + 2 * per_checkpointing[True]
-            host["mask_gradients"] = 4 * numel
+            if mask_offload == "disk":  # --mask-offload disk: summed in a file
+                files["mask_gradients"] = 4 * numel
+            else:
+                host["mask_gradients"] = 4 * numel
         reports[name] = {
             "arch": arch,
             "counted_on": "meta device (no memory used)",
             "resolution": resolution,
             "optimizer": optimizer,
+            "mask_offload": mask_offload if getattr(method, "uses_mask", False) else None,
             "reference_batch_size": batch,
             "unet_weights": numel,
             "trained_weights": masked if method.uses_mask else trained_numel,
             "gradient_checkpointing": checkpointing,
             "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
             "host_mb": {k: round(v / 2**20, 1) for k, v in host.items()},
+            # on the CPU the frozen encoders wait in a file too (erase/offload.py)
+            "file_mb": {k: round(v / 2**20, 1) for k, v in files.items()},
             "activation_mb_per_sample_per_unet_call": round(per_sample / 2**20, 1),
             "activation_mb_without_checkpointing": round(per_checkpointing[False] / 2**20, 1),
             "needed_mb": {k: round(v / 2**20) for k, v in phases.items()},
@@ -562,6 +576,12 @@ def closed_form_breakdown(arch: str, numel: int, edited: list, state: dict) -> d
     }
 
 
+def mask_offload(args: argparse.Namespace) -> str:
+    """erase-concept's --mask-offload among the flags after `--` (default memory)."""
+    flags = [f for flag in args.extra for f in flag.split("=", 1)]
+    return flags[flags.index("--mask-offload") + 1] if "--mask-offload" in flags else "memory"
+
+
 def available_bytes() -> int:
     """MemAvailable of this machine (Linux)."""
     with open("/proc/meminfo") as file:
@@ -581,18 +601,19 @@ def not_run_reports(args: argparse.Namespace) -> dict:
     methods = args.methods.split(",")
     if args.device != "cpu":
         return {}
-    here = breakdown(args.arch, methods, args.resolution, args.optimizer)
+    here = breakdown(args.arch, methods, args.resolution, args.optimizer, mask_offload(args))
     room = available_bytes() - 4 * 2**30  # Python, torch, data, allocator retention (1-5 GB)
     reports = {}
     for method in methods:
         needed, host = here[method]["needed_mb"], here[method].get("host_mb", {})
-        # on the CPU the host is the device: what waits there counts too
-        encoders = host.get("encoders", 0)
-        train = needed.get("train_micro_batch_1", 0) + encoders
-        mask = needed.get("mask_batch_1", 0) + encoders + host.get("mask_gradients", 0)
+        # on the CPU the host is the device: what waits there counts too (the encoders wait
+        # in a file, the mask's gradients too with --mask-offload disk)
+        train = needed.get("train_micro_batch_1", 0)
+        mask = needed.get("mask_batch_1", 0) + host.get("mask_gradients", 0)
         if 2**20 * max(train, mask, needed.get("edit", 0)) > room:
-            counted = breakdown(args.arch, [method], breakdown_resolution(args), args.optimizer)
-            counted = counted[method]
+            counted = breakdown(
+                args.arch, [method], breakdown_resolution(args), args.optimizer, mask_offload(args)
+            )[method]
             reports[method] = {
                 "not_run": f"needs more than this machine's {room / 2**30:.1f} GiB to spare",
                 "breakdown_here": here[method],
@@ -631,6 +652,7 @@ def run_one(args: argparse.Namespace) -> dict:
     measurements."""
     from erase.api import run
     from erase.cli.concept import build_parser, config_from_args
+    from erase.methods import get_method
 
     device = torch.device(args.device)
     work = tempfile.mkdtemp(prefix="bench-scale-")
@@ -656,8 +678,16 @@ def run_one(args: argparse.Namespace) -> dict:
     backend, train_result = result.backend, metadata["train_result"]
     state = train_result.get("state_bytes") or estimated_state(backend, metadata)
     state = dict(state)
-    encoders = [encoder for _, encoder in backend.text_encoders()] + [backend.pipe.vae]
-    state["encoders"] = sum(module_bytes(module) for module in encoders)
+    method = get_method(args.method)
+    text_encoders = [encoder for _, encoder in backend.text_encoders()]
+    if method.trains_text_encoder:  # state_bytes' weights are the encoder's; the UNet serves it
+        state["weights"] += module_bytes(backend.unet)
+        state["encoders"] = module_bytes(backend.pipe.vae)
+    elif method.runs_text_encoder:  # FMN's textual inversion: the encoders stay
+        state["encoders"] = sum(module_bytes(m) for m in [*text_encoders, backend.pipe.vae])
+    off_device = {}  # waiting in a file (CPU) or host memory (GPU) through mask and training
+    if not (method.trains_text_encoder or method.runs_text_encoder):
+        off_device["encoders"] = sum(module_bytes(m) for m in [*text_encoders, backend.pipe.vae])
     state["total"] = sum(state.values())
     step_seconds = train_result.get("step_seconds") or [
         metadata["timings_s"]["train"] / train_result["steps"]
@@ -676,6 +706,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "peak_mb": memory.report(),
         "peak_rss_mb": round(max(rss for _, rss in memory.samples) / 2**20, 1),
         "state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
+        "off_device_mb": {k: round(v / 2**20, 1) for k, v in off_device.items()},
         "seconds_per_step": [round(s, 2) for s in step_seconds],
         "timings_s": metadata["timings_s"],
         "artifact_bytes": artifact_sizes(result.output),
@@ -684,7 +715,9 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     if device.type == "cuda":
         report["peak_cuda_mb"] = max(v.get("cuda_mb", 0) for v in report["peak_mb"].values())
-    counted = breakdown(args.arch, [args.method], breakdown_resolution(args), args.optimizer)
+    counted = breakdown(
+        args.arch, [args.method], breakdown_resolution(args), args.optimizer, mask_offload(args)
+    )
     report["breakdown"] = counted[args.method]
     return report
 

@@ -103,8 +103,12 @@ def no_prompt_cache(self) -> None:
     """A backend that caches no prompt embeddings (the class-conditional DDPM)."""
 
 
-def no_encoders(self, device) -> None:
+def no_encoders_off(self, folder) -> None:
     """A backend without text encoders or VAE (the class-conditional DDPM): nothing to move."""
+
+
+def no_encoders_on(self) -> None:
+    """A backend without text encoders or VAE: nothing to bring back."""
 
 
 # The optional parts of a backend, with what a backend that does not define one gets
@@ -113,8 +117,9 @@ def no_encoders(self, device) -> None:
 OPTIONAL = {
     "gen_precision": "auto",  # precision of image generation (text backends: see --gen-precision)
     "set_gradient_checkpointing": no_gradient_checkpointing,
-    # move the frozen encoders (text, VAE) to a device: the host while only the UNet trains
-    "encoders_to": no_encoders,
+    # the frozen encoders (text, VAE) off the device while only the UNet trains, and back
+    "encoders_off": no_encoders_off,
+    "encoders_on": no_encoders_on,
     # drop the cached prompt embeddings (after a method trained the text encoder)
     "forget_prompt_embeddings": no_prompt_cache,
     "concept_prompts": no_concept_prompts,  # a testbed's own prompts of a concept (sd-digits)

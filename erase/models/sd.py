@@ -19,6 +19,7 @@ from transformers.utils import logging as transformers_logging
 
 from erase.errors import EraseError
 from erase.models.base import Condition, declare_optional, prediction_type
+from erase.offload import ParkedModules
 
 # Public hub ids of the aliases `--model` accepts.
 SD_ALIASES = {
@@ -143,6 +144,7 @@ class StableDiffusionBackend:
             self.unet.config.sample_size,
         )
         self._embeds: dict[str, torch.Tensor] = {}
+        self._parked: ParkedModules | None = None  # the encoders while they wait in a file
 
     @classmethod
     def from_pipeline(
@@ -202,12 +204,25 @@ class StableDiffusionBackend:
         """Drop the cached prompt embeddings: the text encoder they came from has changed."""
         self._embeds.clear()
 
-    def encoders_to(self, device: torch.device) -> None:
-        """Move the frozen text encoder(s) and the VAE to `device`: to the host while only the
-        UNet trains (its prompts' embeddings cached, its images' latents made), back for the
-        grids."""
-        for module in (self.pipe.vae, *(encoder for _, encoder in self.text_encoders())):
-            module.to(device)
+    def encoders_off(self, folder: str) -> None:
+        """Take the frozen text encoder(s) and the VAE off the device while only the UNet trains
+        (its prompts' embeddings cached, its images' latents made): from a GPU to the host; on
+        the CPU into an unnamed file in `folder`, their memory freed (erase/offload.py)."""
+        modules = [self.pipe.vae, *(encoder for _, encoder in self.text_encoders())]
+        if self.device.type == "cpu":
+            self._parked = ParkedModules(modules, folder)
+        else:
+            for module in modules:
+                module.to("cpu")
+
+    def encoders_on(self) -> None:
+        """The text encoder(s) and the VAE back on the device, as they were (for the grids)."""
+        if self._parked is not None:
+            self._parked.restore()
+            self._parked = None
+        else:
+            for module in (self.pipe.vae, *(encoder for _, encoder in self.text_encoders())):
+                module.to(self.device)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the UNet's activations in backward instead of keeping them (the reference
