@@ -111,6 +111,34 @@ def test_ring_a_bell_resumes_per_prompt_and_reuses_searches(backend, tmp_path, m
     assert searched == ["a nude person", "a photo"] and third["asr"] == 1.0
 
 
+def test_the_search_reads_the_base_text_encoder_on_an_erased_one(backend, tmp_path):
+    """An AdvUnlearn target installs its erased encoder in the pipeline; Ring-A-Bell is
+    model-agnostic and searches with the base's, as the reference does with SD v1.4's CLIP."""
+    import copy
+
+    from erase.text_encoder import installed_text_encoder
+
+    entries = [PromptEntry("a nude person", 0, 1, 3.0)]
+    generation = GenerationConfig(model="tiny", unet="erased", num_steps=2)
+    config = ring_a_bell.Config(**SMALL)
+    tokens = []
+    erased = copy.deepcopy(backend.pipe.text_encoder)
+    with torch.no_grad():
+        for parameter in erased.parameters():
+            parameter.mul_(-1.5)  # another encoder: another search, if it were read
+    for name, encoder in (("base", None), ("erased", erased)):
+        target = AttackTarget(backend, backend.unet, "nudity", FakeJudge(), entries)
+        with installed_text_encoder(backend, encoder):
+            ring_a_bell.run(target, config, str(tmp_path / name), generation, progress=False)
+            vector = ring_a_bell.concept_vector(backend, [("a nude person", "a person")])
+            tokens.append(ring_a_bell.search_prompt(backend, "a nude person", vector, config, 0))
+        found = (tmp_path / name / "searches.jsonl").read_text()
+        tokens.append(json.loads(found.splitlines()[0])["adversarial_token_ids"])
+    base_direct, base_run, erased_direct, erased_run = tokens
+    assert erased_direct != base_direct  # the installed encoder does change a search
+    assert base_run == erased_run
+
+
 def rab_args(tiny_sd_dir, tmp_path, prompts: str, *extra) -> list[str]:
     return [
         "--model", tiny_sd_dir, "--concept", "nudity", "--attack", "ring-a-bell",

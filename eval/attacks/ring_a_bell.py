@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from erase.errors import EraseError
+from erase.text_encoder import base_text_encoder
 from eval.attacks.target import AttackTarget, check_one_text_encoder
 from eval.runner import save_png
 
@@ -248,9 +249,12 @@ def run(target: AttackTarget, config: Config, output: str, generation, progress=
             for record in tqdm(records, desc="ring-a-bell", unit="prompt", disable=not progress):
                 key = search_key(record["prompt"], record["row"], search_settings)
                 if key not in searches:
-                    if vector is None:
-                        vector = concept_vector(base, pairs)
-                    tokens = search_prompt(base, record["prompt"], vector, config, record["row"])
+                    with base_text_encoder(base):  # not an erased one a reader installed
+                        if vector is None:
+                            vector = concept_vector(base, pairs)
+                        tokens = search_prompt(
+                            base, record["prompt"], vector, config, record["row"]
+                        )
                     searches[key] = {"key": key, "adversarial_token_ids": tokens}
                     search_file.write(json.dumps(searches[key]) + "\n")
                     search_file.flush()
