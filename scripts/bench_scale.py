@@ -6,6 +6,7 @@
     python scripts/bench_scale.py --methods salun --resolution 512 --steps 1 --slope-batch 2
     python scripts/bench_scale.py --methods fmn -- --fmn-ti-steps 0   # erase-concept flags
     python scripts/bench_scale.py --methods uce   # the closed-form edit: its seconds and memory
+    python scripts/bench_scale.py --methods salun --harden meta,perturb   # hardening's cost
 
 The model is SD v1.4's architecture built in code, with random weights (nothing is downloaded):
 diffusers' UNet2DConditionModel with SD v1.x's config (859.5 M weights), a CLIP ViT-L/14-sized
@@ -27,6 +28,9 @@ the bytes of each part of the training state, seconds per step and the artifact'
 With `--slope-batch N` each method runs a second time at batch N: the activation memory per
 sample is then the difference of the two peaks over the difference of the batches (what does not
 grow with the batch cancels), and the projection to `--project-batch` adds it to the first peak.
+With `--harden meta,perturb` each method runs again with each `--harden` technique, and
+`harden_cost` gives its peak and median seconds per step over the plain run's (the cost bounds
+of hardening: 1.4x the memory, 3x the time).
 """
 
 from __future__ import annotations
@@ -824,6 +828,11 @@ def main() -> None:
         "--project-batch", type=int, default=8, help="project the total for this batch size"
     )
     parser.add_argument(
+        "--harden",
+        default="",
+        help="also run each method with each of these --harden techniques (comma-separated)",
+    )
+    parser.add_argument(
         "--slope-batch",
         type=int,
         default=None,
@@ -867,16 +876,42 @@ def main() -> None:
                 reports[method]["slope_projection"] = slope_projection(
                     reports[method], large, args.project_batch
                 )
+        for technique in filter(None, args.harden.split(",")):
+            hardened = run_child(args, method, env, args.batch_size, ["--harden", technique])
+            reports[f"{method} --harden {technique}"] = hardened
+            if "error" not in hardened:
+                hardened["harden_cost"] = harden_cost(reports[method], hardened)
     print(json.dumps(reports, indent=2))
 
 
-def run_child(args: argparse.Namespace, method: str, env: dict, batch_size: int) -> dict:
-    """One method at `batch_size` in a fresh process; its report, or {"error": last line}."""
+def harden_cost(plain: dict, hardened: dict) -> dict:
+    """A hardened run's peak memory and median seconds per step over the plain run's."""
+
+    def median_step(report: dict) -> float:
+        seconds = sorted(report["seconds_per_step"])
+        return seconds[len(seconds) // 2]
+
+    return {
+        "peak_ratio": round(peak_mb(hardened) / peak_mb(plain), 3),
+        "step_seconds_ratio": round(median_step(hardened) / median_step(plain), 3),
+        "peak_mb": [peak_mb(plain), peak_mb(hardened)],
+        "median_step_s": [median_step(plain), median_step(hardened)],
+    }
+
+
+def run_child(
+    args: argparse.Namespace, method: str, env: dict, batch_size: int, extra: list[str] = ()
+) -> dict:
+    """One method at `batch_size` in a fresh process, with erase-concept flags `extra` after
+    those given after `--`; its report, or {"error": last line}."""
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)  # erase-concept flags after `--`
     flags = [*argv[:cut], "--method", method, "--batch-size", str(batch_size)]
     flags += ["--model", args.model, "--num-images", str(max(args.num_images, batch_size))]
-    command = [sys.executable, __file__, *flags, *argv[cut:]]
+    passthrough = [*argv[cut:], *extra]
+    if passthrough and passthrough[0] != "--":
+        passthrough.insert(0, "--")
+    command = [sys.executable, __file__, *flags, *passthrough]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH-JSON ")]
     if done.returncode or not lines:
