@@ -53,6 +53,7 @@ from erase.saliency import (
     saliency_mask,
     save_mask,
 )
+from erase.text_encoder import restored_vocabulary
 from erase.threads import backend_threads
 from erase.train import (
     TrainConfig,
@@ -411,64 +412,75 @@ def erase_into(
     clock.lap("load")
     closed_form = plan.method.edit is not None
     inputs = None  # a closed-form edit (UCE) needs no data, mask or training
-    if closed_form:
-        measure_before(evaluations, plan, clock)
-    else:
-        inputs = training_inputs(plan, config, accelerator, evaluations, clock)
-
-    with staged_output(output) as staging, encoders_back(plan, inputs):
+    # the tokens a method adds to learn its concept (FMN's textual inversion) go after training
+    vocabulary = ExitStack()
+    if plan.method.runs_text_encoder and not plan.method.trains_text_encoder:
+        vocabulary.enter_context(restored_vocabulary(plan.backend))
+    with vocabulary:
         if closed_form:
-            result, changed = edit_phase(plan, accelerator, staging)
-            clock.lap("edit")
+            measure_before(evaluations, plan, clock)
         else:
-            result, changed = train_phase(plan, accelerator, staging, inputs)
-            if inputs.encoders_moved:  # the grids encode prompts and decode images
-                plan.backend.encoders_on()
-                inputs.encoders_moved = False
-            clock.lap("train")
-        measured = {}
-        for evaluation in evaluations:
-            measured.update(evaluation.after(plan.backend, staging, accelerator.is_main_process))
-            clock.lap(f"{evaluation.name}_after")
-        mask = inputs.mask if inputs else None
-        metadata = {
-            "base_model": plan.backend.identity,
-            "base_weights": plan.settings["weights"],  # erase-eval checks --model against it
-            "model_arg": config.model,
-            "concept": plan.concept.to_dict(),
-            "method": plan.method.name,
-            "method_config": dataclasses.asdict(plan.method_config),
-            # closed-form: the weights are solved for in one step (edit_s seconds), not trained
-            "closed_form": closed_form,
-            "harden": config.harden,
-            "harden_config": plan.settings["harden_config"],
-            "train_config": None if closed_form else dataclasses.asdict(plan.train_config),
-            "data_config": dataclasses.asdict(inputs.data_config) if inputs else None,
-            "data_source": inputs.data.source if inputs else "none (closed-form edit)",
-            "seed": config.seed,
-            "settings": dataclasses.replace(config, output=output).to_dict(),  # to replay the run
-            "train_result": None if closed_form else dataclasses.asdict(result),
-            "edit_result": result if closed_form else None,
-            "edit_s": clock.timings["edit"] if closed_form else None,
-            "changed_weights": changed,
-            "total_weights": sum(
-                p.numel() for p in trained_model(plan.backend, plan.method).parameters()
-            ),
-            # the parts of the model the artifact's folders replace (unet/, text_encoder/)
-            "erased_components": ["text_encoder"] if plan.method.trains_text_encoder else ["unet"],
-            "mask_ratio": mask_ratio(mask) if mask is not None else None,
-            "timings_s": clock.timings,
-            # the erasure proper (data, mask, training) beside what training the base took
-            "erasure_s": round(sum(clock.timings.get(k, 0) for k in ERASURE_PHASES), 3),
-            "base_training_s": plan.backend.training_seconds,
-            "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
-            "device": str(accelerator.device),
-            "cpu_threads": torch.get_num_threads(),  # erase/threads.py: they order the sums
-            "versions": versions(),
-            **measured,
-        }
-        if accelerator.is_main_process:
-            write_phase(plan, accelerator, staging, mask, metadata, clock)
+            inputs = training_inputs(plan, config, accelerator, evaluations, clock)
+        with staged_output(output) as staging, encoders_back(plan, inputs):
+            if closed_form:
+                result, changed = edit_phase(plan, accelerator, staging)
+                clock.lap("edit")
+            else:
+                result, changed = train_phase(plan, accelerator, staging, inputs)
+                vocabulary.close()  # the grids and the artifact see the model's own vocabulary
+                if inputs.encoders_moved:  # the grids encode prompts and decode images
+                    plan.backend.encoders_on()
+                    inputs.encoders_moved = False
+                clock.lap("train")
+            measured = {}
+            for evaluation in evaluations:
+                measured.update(
+                    evaluation.after(plan.backend, staging, accelerator.is_main_process)
+                )
+                clock.lap(f"{evaluation.name}_after")
+            mask = inputs.mask if inputs else None
+            metadata = {
+                "base_model": plan.backend.identity,
+                "base_weights": plan.settings["weights"],  # erase-eval checks --model against it
+                "model_arg": config.model,
+                "concept": plan.concept.to_dict(),
+                "method": plan.method.name,
+                "method_config": dataclasses.asdict(plan.method_config),
+                # closed-form: the weights are solved for in one step (edit_s seconds), not trained
+                "closed_form": closed_form,
+                "harden": config.harden,
+                "harden_config": plan.settings["harden_config"],
+                "train_config": None if closed_form else dataclasses.asdict(plan.train_config),
+                "data_config": dataclasses.asdict(inputs.data_config) if inputs else None,
+                "data_source": inputs.data.source if inputs else "none (closed-form edit)",
+                "seed": config.seed,
+                "settings": dataclasses.replace(
+                    config, output=output
+                ).to_dict(),  # to replay the run
+                "train_result": None if closed_form else dataclasses.asdict(result),
+                "edit_result": result if closed_form else None,
+                "edit_s": clock.timings["edit"] if closed_form else None,
+                "changed_weights": changed,
+                "total_weights": sum(
+                    p.numel() for p in trained_model(plan.backend, plan.method).parameters()
+                ),
+                # the parts of the model the artifact's folders replace (unet/, text_encoder/)
+                "erased_components": ["text_encoder"]
+                if plan.method.trains_text_encoder
+                else ["unet"],
+                "mask_ratio": mask_ratio(mask) if mask is not None else None,
+                "timings_s": clock.timings,
+                # the erasure proper (data, mask, training) beside what training the base took
+                "erasure_s": round(sum(clock.timings.get(k, 0) for k in ERASURE_PHASES), 3),
+                "base_training_s": plan.backend.training_seconds,
+                "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+                "device": str(accelerator.device),
+                "cpu_threads": torch.get_num_threads(),  # erase/threads.py: they order the sums
+                "versions": versions(),
+                **measured,
+            }
+            if accelerator.is_main_process:
+                write_phase(plan, accelerator, staging, mask, metadata, clock)
     if on_phase:
         on_phase("write")
     return ErasureResult(output, metadata, plan.backend)

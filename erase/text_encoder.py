@@ -9,6 +9,7 @@ so that what the base model makes (an attack's target images) is still made with
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 
@@ -115,3 +116,27 @@ def base_text_encoder(backend):
     finally:
         pipe.text_encoder = erased
         backend.forget_prompt_embeddings()
+
+
+@contextmanager
+def restored_vocabulary(backend):
+    """While active, tokens may be added to the backend's tokenizer(s) and text encoder(s)
+    (FMN's and CCE's textual inversion); after, both are as they were (the added embedding rows
+    dropped), so that a shared pipeline (erase-bench's rows, an API caller's) does not keep them."""
+    sizes = [
+        encoder.get_input_embeddings().weight.shape[0] for _, encoder in backend.text_encoders()
+    ]
+    saved = {
+        name: copy.deepcopy(getattr(backend.pipe, name))
+        for name in ("tokenizer", "tokenizer_2")
+        if getattr(backend.pipe, name, None) is not None
+    }
+    try:
+        yield
+    finally:
+        for name, tokenizer in saved.items():
+            setattr(backend.pipe, name, tokenizer)
+        for (_, encoder), size in zip(backend.text_encoders(), sizes):
+            if encoder.get_input_embeddings().weight.shape[0] != size:
+                encoder.resize_token_embeddings(size)
+                encoder.get_input_embeddings().requires_grad_(False)  # a new layer: frozen

@@ -214,3 +214,35 @@ def test_several_concepts_get_their_own_tokens(tiny_sd_dir):
     steered, words = method.steered(prompts)
     assert steered == [f"a photo of a {nude_tokens} person", f"an image of a {church_tokens}"]
     assert words == nude_tokens.split() + church_tokens.split() and len(words) == 8
+
+
+def test_fmn_leaves_a_shared_pipeline_its_own_vocabulary(tiny_sd_dir, monkeypatch):
+    """FMN's textual inversion adds tokens to learn the concept; an in-place erasure (the API's,
+    each erase-bench row) gives the pipeline back without them, so a later method that trains or
+    saves the text encoder (AdvUnlearn) sees the model's own vocabulary."""
+    from diffusers import StableDiffusionPipeline
+
+    import erase as api
+    import erase.methods.fmn as fmn_module
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    rows, words = pipe.text_encoder.get_input_embeddings().weight.shape[0], len(pipe.tokenizer)
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    added = []
+    original = fmn_module.learn_concept_tokens
+
+    def learning(backend, *args, **kwargs):
+        snippet = original(backend, *args, **kwargs)
+        added.append(len(backend.pipe.tokenizer) - words)
+        return snippet
+
+    monkeypatch.setattr(fmn_module, "learn_concept_tokens", learning)
+    api.erase_concept(
+        pipe, "nudity", method="fmn", steps=1, fmn_ti_steps=2, num_forget=2, num_retain=2,
+        gen_steps=2, no_grid=True,
+    )  # fmt: skip
+    assert added == [4]  # the tokens were there for training
+    assert len(pipe.tokenizer) == words
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    assert embeddings.shape[0] == rows and pipe.text_encoder.config.vocab_size == rows
+    assert torch.equal(embeddings, before) and not embeddings.requires_grad

@@ -18,17 +18,16 @@ it (another attack, the next bench row) sees a larger vocabulary.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
 from erase.errors import EraseError
+from erase.text_encoder import restored_vocabulary
 from eval.attacks.target import AttackTarget
 from prompts import PromptEntry
 
@@ -74,26 +73,6 @@ def concept_images(target: AttackTarget, config: Config) -> torch.Tensor:
             "folder of its images."
         )
     return images[: config.num_images]
-
-
-@contextmanager
-def restored_vocabulary(backend):
-    """While active, tokens may be added to the backend's tokenizer(s) and text encoder(s);
-    after, both are as they were (the added embedding rows dropped)."""
-    sizes = [len(tokenizer) for tokenizer, _ in backend.text_encoders()]
-    saved = {
-        name: copy.deepcopy(getattr(backend.pipe, name))
-        for name in ("tokenizer", "tokenizer_2")
-        if getattr(backend.pipe, name, None) is not None
-    }
-    try:
-        yield
-    finally:
-        for name, tokenizer in saved.items():
-            setattr(backend.pipe, name, tokenizer)
-        for (_, encoder), size in zip(backend.text_encoders(), sizes):
-            encoder.resize_token_embeddings(size)
-            encoder.get_input_embeddings().requires_grad_(False)  # a new layer: frozen again
 
 
 def inversion_settings(target: AttackTarget, config: Config, generation) -> dict:
