@@ -9,8 +9,8 @@ so that what the base model makes (an attack's target images) is still made with
 
 from __future__ import annotations
 
-import copy
 import os
+import tempfile
 from contextlib import contextmanager
 
 from erase.errors import EraseError
@@ -122,21 +122,23 @@ def base_text_encoder(backend):
 def restored_vocabulary(backend):
     """While active, tokens may be added to the backend's tokenizer(s) and text encoder(s)
     (FMN's and CCE's textual inversion); after, both are as they were (the added embedding rows
-    dropped), so that a shared pipeline (erase-bench's rows, an API caller's) does not keep them."""
+    dropped), so that a shared pipeline (erase-bench's rows, an API caller's) does not keep them.
+    The tokenizers come back from a saved copy, not a deep copy: a deep copy of transformers'
+    CLIPTokenizer loses its decode wrapper (the decoded text keeps its '</w>' suffixes)."""
     sizes = [
         encoder.get_input_embeddings().weight.shape[0] for _, encoder in backend.text_encoders()
     ]
-    saved = {
-        name: copy.deepcopy(getattr(backend.pipe, name))
-        for name in ("tokenizer", "tokenizer_2")
-        if getattr(backend.pipe, name, None) is not None
-    }
-    try:
-        yield
-    finally:
-        for name, tokenizer in saved.items():
-            setattr(backend.pipe, name, tokenizer)
-        for (_, encoder), size in zip(backend.text_encoders(), sizes):
-            if encoder.get_input_embeddings().weight.shape[0] != size:
-                encoder.resize_token_embeddings(size)
-                encoder.get_input_embeddings().requires_grad_(False)  # a new layer: frozen
+    names = [n for n in ("tokenizer", "tokenizer_2") if getattr(backend.pipe, n, None) is not None]
+    with tempfile.TemporaryDirectory(prefix="erase-tokenizers-") as folder:
+        for name in names:
+            getattr(backend.pipe, name).save_pretrained(os.path.join(folder, name))
+        try:
+            yield
+        finally:
+            for name in names:
+                kind = type(getattr(backend.pipe, name))
+                setattr(backend.pipe, name, kind.from_pretrained(os.path.join(folder, name)))
+            for (_, encoder), size in zip(backend.text_encoders(), sizes):
+                if encoder.get_input_embeddings().weight.shape[0] != size:
+                    encoder.resize_token_embeddings(size)
+                    encoder.get_input_embeddings().requires_grad_(False)  # a new layer: frozen

@@ -228,6 +228,8 @@ def test_fmn_leaves_a_shared_pipeline_its_own_vocabulary(tiny_sd_dir, monkeypatc
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     rows, words = pipe.text_encoder.get_input_embeddings().weight.shape[0], len(pipe.tokenizer)
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    ids = pipe.tokenizer("a nude person").input_ids
+    text = pipe.tokenizer.decode(ids)
     added = []
     original = fmn_module.learn_concept_tokens
 
@@ -243,6 +245,7 @@ def test_fmn_leaves_a_shared_pipeline_its_own_vocabulary(tiny_sd_dir, monkeypatc
     )  # fmt: skip
     assert added == [4]  # the tokens were there for training
     assert len(pipe.tokenizer) == words
+    assert pipe.tokenizer.decode(ids) == text  # the same tokenizer, decoding as before
     embeddings = pipe.text_encoder.get_input_embeddings().weight
     assert embeddings.shape[0] == rows and pipe.text_encoder.config.vocab_size == rows
     assert torch.equal(embeddings, before) and not embeddings.requires_grad
