@@ -1,7 +1,7 @@
 """Does the concept stay gone? Every attack on the CPU testbeds, beside the Retrain yardstick.
 
     python scripts/bench_attacks.py --part sd-digits --output DIR       # concept three
-    python scripts/bench_attacks.py --part sd-digits --output DIR2 --methods advunlearn
+    python scripts/bench_attacks.py --part sd-digits --output DIR2 --methods uce,advunlearn
     python scripts/bench_attacks.py --part sd-digits --output DIR -- --attack-flags='--blocks 5'
 
 Part sd-digits, the robustness table, in two passes:
@@ -38,7 +38,7 @@ from bench_sd_digits import METHOD_SETTINGS, TESTBED_SETTINGS  # noqa: E402
 import erase  # noqa: E402
 
 ATTACKS = "unlearndiffatk,cce,ring-a-bell,relearn"
-METHODS = "salun,esd-u,esd-x,fmn,uce"
+METHODS = "salun,esd-u,esd-x,fmn,uce,advunlearn"
 # The attack budgets, cut from the references' to fit the 2-core machine (docs/attacks.md, "The
 # robustness table on sd-digits"): 10 prompts per row (the two held-out captions x 5 seeds);
 # UnlearnDiffAtk 10 blocks of 40 iterations (reference 50); CCE 200 steps of textual inversion
