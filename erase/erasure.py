@@ -412,75 +412,65 @@ def erase_into(
     clock.lap("load")
     closed_form = plan.method.edit is not None
     inputs = None  # a closed-form edit (UCE) needs no data, mask or training
-    # the tokens a method adds to learn its concept (FMN's textual inversion) go after training
-    vocabulary = ExitStack()
-    if plan.method.runs_text_encoder and not plan.method.trains_text_encoder:
-        vocabulary.enter_context(restored_vocabulary(plan.backend))
-    with vocabulary:
+    if closed_form:
+        measure_before(evaluations, plan, clock)
+    else:
+        inputs = training_inputs(plan, config, accelerator, evaluations, clock)
+
+    with staged_output(output) as staging, encoders_back(plan, inputs):
         if closed_form:
-            measure_before(evaluations, plan, clock)
+            result, changed = edit_phase(plan, accelerator, staging)
+            clock.lap("edit")
         else:
-            inputs = training_inputs(plan, config, accelerator, evaluations, clock)
-        with staged_output(output) as staging, encoders_back(plan, inputs):
-            if closed_form:
-                result, changed = edit_phase(plan, accelerator, staging)
-                clock.lap("edit")
-            else:
-                result, changed = train_phase(plan, accelerator, staging, inputs)
-                vocabulary.close()  # the grids and the artifact see the model's own vocabulary
-                if inputs.encoders_moved:  # the grids encode prompts and decode images
-                    plan.backend.encoders_on()
-                    inputs.encoders_moved = False
-                clock.lap("train")
-            measured = {}
-            for evaluation in evaluations:
-                measured.update(
-                    evaluation.after(plan.backend, staging, accelerator.is_main_process)
-                )
-                clock.lap(f"{evaluation.name}_after")
-            mask = inputs.mask if inputs else None
-            metadata = {
-                "base_model": plan.backend.identity,
-                "base_weights": plan.settings["weights"],  # erase-eval checks --model against it
-                "model_arg": config.model,
-                "concept": plan.concept.to_dict(),
-                "method": plan.method.name,
-                "method_config": dataclasses.asdict(plan.method_config),
-                # closed-form: the weights are solved for in one step (edit_s seconds), not trained
-                "closed_form": closed_form,
-                "harden": config.harden,
-                "harden_config": plan.settings["harden_config"],
-                "train_config": None if closed_form else dataclasses.asdict(plan.train_config),
-                "data_config": dataclasses.asdict(inputs.data_config) if inputs else None,
-                "data_source": inputs.data.source if inputs else "none (closed-form edit)",
-                "seed": config.seed,
-                "settings": dataclasses.replace(
-                    config, output=output
-                ).to_dict(),  # to replay the run
-                "train_result": None if closed_form else dataclasses.asdict(result),
-                "edit_result": result if closed_form else None,
-                "edit_s": clock.timings["edit"] if closed_form else None,
-                "changed_weights": changed,
-                "total_weights": sum(
-                    p.numel() for p in trained_model(plan.backend, plan.method).parameters()
-                ),
-                # the parts of the model the artifact's folders replace (unet/, text_encoder/)
-                "erased_components": ["text_encoder"]
-                if plan.method.trains_text_encoder
-                else ["unet"],
-                "mask_ratio": mask_ratio(mask) if mask is not None else None,
-                "timings_s": clock.timings,
-                # the erasure proper (data, mask, training) beside what training the base took
-                "erasure_s": round(sum(clock.timings.get(k, 0) for k in ERASURE_PHASES), 3),
-                "base_training_s": plan.backend.training_seconds,
-                "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
-                "device": str(accelerator.device),
-                "cpu_threads": torch.get_num_threads(),  # erase/threads.py: they order the sums
-                "versions": versions(),
-                **measured,
-            }
-            if accelerator.is_main_process:
-                write_phase(plan, accelerator, staging, mask, metadata, clock)
+            result, changed = train_phase(plan, accelerator, staging, inputs)
+            inputs.vocabulary.close()  # the grids and the artifact: the model's own vocabulary
+            if inputs.encoders_moved:  # the grids encode prompts and decode images
+                plan.backend.encoders_on()
+                inputs.encoders_moved = False
+            clock.lap("train")
+        measured = {}
+        for evaluation in evaluations:
+            measured.update(evaluation.after(plan.backend, staging, accelerator.is_main_process))
+            clock.lap(f"{evaluation.name}_after")
+        mask = inputs.mask if inputs else None
+        metadata = {
+            "base_model": plan.backend.identity,
+            "base_weights": plan.settings["weights"],  # erase-eval checks --model against it
+            "model_arg": config.model,
+            "concept": plan.concept.to_dict(),
+            "method": plan.method.name,
+            "method_config": dataclasses.asdict(plan.method_config),
+            # closed-form: the weights are solved for in one step (edit_s seconds), not trained
+            "closed_form": closed_form,
+            "harden": config.harden,
+            "harden_config": plan.settings["harden_config"],
+            "train_config": None if closed_form else dataclasses.asdict(plan.train_config),
+            "data_config": dataclasses.asdict(inputs.data_config) if inputs else None,
+            "data_source": inputs.data.source if inputs else "none (closed-form edit)",
+            "seed": config.seed,
+            "settings": dataclasses.replace(config, output=output).to_dict(),  # to replay the run
+            "train_result": None if closed_form else dataclasses.asdict(result),
+            "edit_result": result if closed_form else None,
+            "edit_s": clock.timings["edit"] if closed_form else None,
+            "changed_weights": changed,
+            "total_weights": sum(
+                p.numel() for p in trained_model(plan.backend, plan.method).parameters()
+            ),
+            # the parts of the model the artifact's folders replace (unet/, text_encoder/)
+            "erased_components": ["text_encoder"] if plan.method.trains_text_encoder else ["unet"],
+            "mask_ratio": mask_ratio(mask) if mask is not None else None,
+            "timings_s": clock.timings,
+            # the erasure proper (data, mask, training) beside what training the base took
+            "erasure_s": round(sum(clock.timings.get(k, 0) for k in ERASURE_PHASES), 3),
+            "base_training_s": plan.backend.training_seconds,
+            "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+            "device": str(accelerator.device),
+            "cpu_threads": torch.get_num_threads(),  # erase/threads.py: they order the sums
+            "versions": versions(),
+            **measured,
+        }
+        if accelerator.is_main_process:
+            write_phase(plan, accelerator, staging, mask, metadata, clock)
     if on_phase:
         on_phase("write")
     return ErasureResult(output, metadata, plan.backend)
@@ -496,6 +486,9 @@ class TrainingInputs:
     retain_latents: torch.Tensor  # (N_r, C, h, w)
     mask: object  # the saliency mask (SalUn), else None
     encoders_moved: bool = False  # text encoders and VAE off the device for mask and training
+    # restores the tokenizers and the text encoder's rows after a method that adds tokens to
+    # learn its concept (FMN's textual inversion), once training is done
+    vocabulary: ExitStack = field(default_factory=ExitStack)
 
 
 def measure_before(evaluations: Sequence[Evaluation], plan: Plan, clock: PhaseClock) -> None:
@@ -514,6 +507,9 @@ def training_inputs(plan: Plan, config: ErasureConfig, accelerator, evaluations,
     # The text encoders and the VAE wait off the device from the mask to the grids (the prompts'
     # embeddings cached, the latents made): the device holds the UNet and its training state.
     moved = encoders_off(plan, data)
+    vocabulary = ExitStack()
+    if plan.method.runs_text_encoder and not plan.method.trains_text_encoder:
+        vocabulary.enter_context(restored_vocabulary(plan.backend))
     try:
         mask = plan.mask or mask_phase(plan, forget_latents, data.forget_conditions, accelerator)
         if mask is not None:  # the masked optimizer's state fits only the mask it was made with
@@ -526,20 +522,26 @@ def training_inputs(plan: Plan, config: ErasureConfig, accelerator, evaluations,
         )
         clock.lap("prepare")
     except BaseException:
+        vocabulary.close()
         if moved:  # an API caller gets its whole pipeline back, even after a failure
             plan.backend.encoders_on()
         raise
-    return TrainingInputs(data_config, data, forget_latents, retain_latents, mask, moved)
+    return TrainingInputs(
+        data_config, data, forget_latents, retain_latents, mask, moved, vocabulary
+    )
 
 
 @contextmanager
 def encoders_back(plan: Plan, inputs: TrainingInputs | None):
-    """The encoders back on the device when the block ends, failed or not, if they were moved."""
+    """The encoders back on the device when the block ends, failed or not, if they were moved,
+    and the tokens a method added gone."""
     try:
         yield
     finally:
-        if inputs is not None and inputs.encoders_moved:
-            plan.backend.encoders_on()
+        if inputs is not None:
+            inputs.vocabulary.close()
+            if inputs.encoders_moved:
+                plan.backend.encoders_on()
 
 
 def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) -> Plan:
@@ -636,7 +638,7 @@ def keeps_encoders(plan: Plan) -> bool:
 
 def scratch_folder(plan: Plan) -> str:
     """Where a run's unnamed scratch files go (the parked encoders, the saliency gradients on
-    disk): the output's own folder, beside <output>.partial."""
+    disk): the folder the output is made in, beside <output>.partial."""
     return os.path.dirname(os.path.dirname(os.path.abspath(plan.checkpoint_dir)))
 
 
