@@ -683,15 +683,15 @@ def run_one(args: argparse.Namespace) -> dict:
     state = train_result.get("state_bytes") or estimated_state(backend, metadata)
     state = dict(state)
     method = get_method(args.method)
-    text_encoders = [encoder for _, encoder in backend.text_encoders()]
+    frozen = sum(module_bytes(module) for module in backend.frozen_modules())
+    off_device = {}  # waiting in a file (CPU) or host memory (GPU) through mask and training
     if method.trains_text_encoder:  # state_bytes' weights are the encoder's; the UNet serves it
         state["weights"] += module_bytes(backend.unet)
         state["encoders"] = module_bytes(backend.pipe.vae)
     elif method.runs_text_encoder:  # FMN's textual inversion: the encoders stay
-        state["encoders"] = sum(module_bytes(m) for m in [*text_encoders, backend.pipe.vae])
-    off_device = {}  # waiting in a file (CPU) or host memory (GPU) through mask and training
-    if not (method.trains_text_encoder or method.runs_text_encoder):
-        off_device["encoders"] = sum(module_bytes(m) for m in [*text_encoders, backend.pipe.vae])
+        state["encoders"] = frozen
+    else:
+        off_device["encoders"] = frozen
     state["total"] = sum(state.values())
     step_seconds = train_result.get("step_seconds") or [
         metadata["timings_s"]["train"] / train_result["steps"]

@@ -131,7 +131,7 @@ class StableDiffusionBackend:
         self.device = device or default_device()
         self.pipe.to(self.device)
         self.unet: UNet2DConditionModel = self.pipe.unet
-        for frozen in (self.pipe.vae, *(encoder for _, encoder in self.text_encoders())):
+        for frozen in self.frozen_modules():
             frozen.requires_grad_(False)
             frozen.eval()
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -204,15 +204,18 @@ class StableDiffusionBackend:
         """Drop the cached prompt embeddings: the text encoder they came from has changed."""
         self._embeds.clear()
 
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The VAE and the text encoder(s): what the UNet's training only reads."""
+        return [self.pipe.vae, *(encoder for _, encoder in self.text_encoders())]
+
     def encoders_off(self, folder: str) -> None:
         """Take the frozen text encoder(s) and the VAE off the device while only the UNet trains
         (its prompts' embeddings cached, its images' latents made): from a GPU to the host; on
         the CPU into an unnamed file in `folder`, their memory freed (erase/offload.py)."""
-        modules = [self.pipe.vae, *(encoder for _, encoder in self.text_encoders())]
         if self.device.type == "cpu":
-            self._parked = ParkedModules(modules, folder)
+            self._parked = ParkedModules(self.frozen_modules(), folder)
         else:
-            for module in modules:
+            for module in self.frozen_modules():
                 module.to("cpu")
 
     def encoders_on(self) -> None:
@@ -221,7 +224,7 @@ class StableDiffusionBackend:
             self._parked.restore()
             self._parked = None
         else:
-            for module in (self.pipe.vae, *(encoder for _, encoder in self.text_encoders())):
+            for module in self.frozen_modules():
                 module.to(self.device)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
