@@ -1,7 +1,8 @@
 """Frozen modules parked in a file: their weights written out, their memory freed, and read back
 bit for bit. On the CPU, where there is no host to move them to, this is how the text encoders
 and the VAE leave memory from the mask to the grids (the prompts' embeddings and the images'
-latents are made before; erase/erasure.py)."""
+latents are made before; erase/erasure.py). The whole-buffer reads and writes at an offset are
+shared with the saliency gradients' file (erase/saliency.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,23 @@ def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
         if id(tensor) not in seen:
             seen.add(id(tensor))
             yield tensor
+
+
+def write_at(file, data: memoryview, offset: int) -> None:
+    """All of `data` into `file` at `offset` (plain pwrite: page cache, no mmap)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(file.fileno(), data[done:], offset + done)
+
+
+def read_at(file, buffer: memoryview, offset: int, error: str) -> None:
+    """Fill `buffer` from `file` at `offset`; OSError(`error`) if the file ends first."""
+    done = 0
+    while done < len(buffer):
+        count = os.preadv(file.fileno(), [buffer[done:]], offset + done)
+        if count == 0:
+            raise OSError(error)
+        done += count
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -40,9 +58,7 @@ class ParkedModules:
             for tensor in module_tensors(module):
                 dense = tensor.detach().contiguous()  # written in logical order
                 data = tensor_bytes(dense)
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(self.file.fileno(), data[done:], offset + done)
+                write_at(self.file, data, offset)
                 self.tensors.append((tensor, tensor.shape, tensor.stride(), offset))
                 offset += len(data)
         self.size = offset  # bytes parked
@@ -53,13 +69,7 @@ class ParkedModules:
         """Every tensor back with the values, shape and strides it had; the file deleted."""
         for tensor, shape, stride, offset in self.tensors:
             dense = torch.empty(shape, dtype=tensor.dtype)
-            data = tensor_bytes(dense)
-            done = 0
-            while done < len(data):
-                count = os.preadv(self.file.fileno(), [data[done:]], offset + done)
-                if count == 0:
-                    raise OSError("the file of the parked encoders ends early")
-                done += count
+            read_at(self.file, tensor_bytes(dense), offset, "the parked encoders' file ends early")
             if dense.stride() != stride:
                 dense = torch.empty_strided(shape, stride, dtype=tensor.dtype).copy_(dense)
             tensor.data = dense

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from erase.errors import EraseError
 from erase.models.base import Backend, Condition, denoising_target
+from erase.offload import read_at, write_at
 
 MASK_FORMAT = "erase-saliency-mask/2"  # bit-packed uint8 tensors + their shapes
 BOOL_MASK_FORMAT = "erase-saliency-mask/1"  # one bool tensor per parameter (still loads)
@@ -146,12 +147,8 @@ class GradientFile:
     def read(self, name: str) -> np.ndarray:
         """One parameter's summed gradient, flat fp32."""
         values = np.empty(math.prod(self.shapes[name]), dtype=np.float32)
-        buffer, done = memoryview(values).cast("B"), 0
-        while done < len(buffer):
-            count = os.preadv(self.file.fileno(), [buffer[done:]], self.offsets[name] + done)
-            if count == 0:
-                raise OSError(f"the saliency gradient file ends inside '{name}'")
-            done += count
+        error = f"the saliency gradient file ends inside '{name}'"
+        read_at(self.file, memoryview(values).cast("B"), self.offsets[name], error)
         return values
 
     def add(self, name: str, grad: torch.Tensor) -> None:
@@ -162,9 +159,7 @@ class GradientFile:
             total = torch.from_numpy(self.read(name)).to(grad.dtype).view(grad.shape)
             grad = total.add_(grad)
         buffer = memoryview(grad.float().contiguous().reshape(-1).numpy()).cast("B")
-        done = 0
-        while done < len(buffer):
-            done += os.pwrite(self.file.fileno(), buffer[done:], self.offsets[name] + done)
+        write_at(self.file, buffer, self.offsets[name])
         self.written.add(name)
 
     def score_bits(self, name: str) -> np.ndarray:
