@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # row -> erase-concept flags (the methods' and techniques' defaults for the testbed)
 ROWS = {
     "salun": ["--method", "salun"],
-    "salun-meta": ["--method", "salun", "--harden", "meta"],
+    # meta at its defaults, with SalUn's --cond-drop 0: the setting chosen on digit 5
+    "salun-meta": ["--method", "salun", "--harden", "meta", "--cond-drop", "0"],
     "salun-perturb": ["--method", "salun", "--harden", "perturb"],
     "esd-u": ["--method", "esd-u"],
 }

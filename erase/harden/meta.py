@@ -39,15 +39,19 @@ class MetaConfig:
         metadata={"help": "meta: simulate the relearning every N erasure steps (reference: 1)"},
     )
     meta_steps: int = field(
-        default=1,
+        default=5,
         metadata={
             "help": "meta: K, the attacker's simulated fine-tuning steps on the forget data "
-            "before the forget gradient is taken"
+            "before the forget gradient is taken (chosen on ddpm-digits' digit 5; K = 1 only "
+            "reweights the forget term)"
         },
     )
     meta_lr_min: float = field(
-        default=1e-5,
-        metadata={"help": "meta: lowest learning rate of the simulated attacker (log-uniform)"},
+        default=1e-4,
+        metadata={
+            "help": "meta: lowest learning rate of the simulated attacker, drawn log-uniformly "
+            "up to --meta-lr-max (default: both 1e-4, the relearning attack's)"
+        },
     )
     meta_lr_max: float = field(
         default=1e-4,
