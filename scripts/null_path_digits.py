@@ -3,8 +3,9 @@ that classifier-free guidance subtracts), for the base model, Retrain and erased
 
     python scripts/null_path_digits.py --concept 5 ERASED_FOLDER [ERASED_FOLDER ...]
 
-An erasure by remapping (SalUn, cond_drop > 0) also trains the null class on the forget images;
-this shows whether the unconditional path still draws the digit and what else it now favours.
+An erasure by remapping changes weights the null class shares with the forgotten one (and with
+cond_drop > 0 trains the null class on the forget images itself); this shows whether the
+unconditional path still draws the digit and what else it now favours.
 Each model draws the same `--samples` start noises (seeds 0..N-1) at guidance 0 on the null
 class, judged by the testbed's digit classifier. Prints JSON: per model, the share classified
 as the concept's digit and the count of each digit.
@@ -32,7 +33,7 @@ def null_class_counts(backend, samples: int, num_steps: int) -> list[int]:
     images = backend.denoise(backend.unet, noise, labels, num_steps, 0.0, False, generators)
     images = ((images.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1)
     classifier = backend_classifier(backend, None)
-    return torch.bincount(classify(classifier, images), minlength=10).tolist()
+    return torch.bincount(classify(classifier, images), minlength=backend.num_classes).tolist()
 
 
 def main() -> None:
@@ -44,17 +45,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     from erase.models import load_backend
-    from erase.models.ddpm import from_erased_output
     from erase.testbeds.retrain import digit_index, load_retrain
 
     digit = digit_index(args.concept)
     models = {"base": load_backend(args.model), "retrain": load_retrain(args.model, args.concept)}
     for folder in args.erased:
         name = os.path.basename(os.path.normpath(folder))
-        models[name] = from_erased_output(folder, None, torch.device("cpu"))
+        models[name] = load_backend(folder)  # an erase-concept output of the testbed
     summary = {"model": args.model, "concept": args.concept, "samples": args.samples}
     for name, backend in models.items():
         counts = null_class_counts(backend, args.samples, args.steps)
