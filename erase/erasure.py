@@ -572,7 +572,9 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
     if config.harden:
         technique_class = get_technique(config.harden)
         technique = technique_config(technique_class, config.harden_config)
-        harden = technique_class(backend, method, technique, train_config)
+        # the folder the output is made in, as scratch_folder says (the plan is not made yet)
+        scratch = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
+        harden = technique_class(backend, method, technique, train_config, scratch=scratch)
     settings = run_settings(backend, concept, method_config, train_config, config, harden)
     check_resume(checkpoint_dir, settings, config.resume, ignore=("mask_digest",))
     return Plan(

@@ -399,6 +399,8 @@ def train(
                 save_checkpoint(accelerator, checkpoint_dir, done)
     finally:
         update.remove_hooks()
+        if harden:
+            harden.close()
     result.state_bytes = {"weights": tensor_bytes(unet.parameters()), **update.state_bytes()}
     frozen = method.frozen_unet
     if frozen is not None:  # ESD's copy of the trained weights (the rest is shared)

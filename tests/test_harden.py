@@ -40,10 +40,13 @@ def base_weights(tiny_sd_dir):
     }
 
 
-@pytest.mark.parametrize("technique", ["meta", "perturb"])
-def test_salun_hardened_moves_only_masked_weights(tiny_sd_dir, tiny_sd_args, tmp_path, technique):
+# meta's simulated attacker keeps its moments as the erasure's optimizer does: 8-bit here
+@pytest.mark.parametrize(
+    "flags", [["--harden", "meta", "--optimizer", "adam8bit"], ["--harden", "perturb"]]
+)
+def test_salun_hardened_moves_only_masked_weights(tiny_sd_dir, tiny_sd_args, tmp_path, flags):
     base = base_weights(tiny_sd_dir)
-    erased = erase_to(tiny_sd_args, tmp_path / "run", "--harden", technique)
+    erased = erase_to(tiny_sd_args, tmp_path / "run", *flags)
     mask = load_mask(str(tmp_path / "run" / "mask.safetensors"), load_backend(tiny_sd_dir).unet)
     changed_inside = 0
     for name, value in erased.items():
@@ -110,8 +113,10 @@ def test_meta_gradient_is_the_hand_replayed_one_and_the_weights_come_back(tiny_s
 
     unet.requires_grad_(True)
     entries = movable_entries(unet, mask)
-    gradients, _ = meta.meta_gradient(1, unet, entries, forget, retain)
+    meta.simulate(1, unet, entries, forget, retain)
+    gradients = [meta.gradient(index) for index in range(len(entries))]
     assert all(torch.equal(p.detach(), before[name]) for name, p in named.items())
+    meta.close()
 
     # The same simulation by hand, on a copy: SGD on the masked entries, then the forget gradient.
     replay = copy.deepcopy(unet)
@@ -132,6 +137,46 @@ def test_meta_gradient_is_the_hand_replayed_one_and_the_weights_come_back(tiny_s
     for (name, _), gradient, wanted in zip(replay.named_parameters(), gradients, expected):
         torch.testing.assert_close(gradient, wanted[every_other[name]], rtol=1e-5, atol=1e-7)
     assert any(gradient.abs().sum() > 0 for gradient in gradients)
+
+
+def test_a_meta_steps_backward_adds_the_scaled_forget_gradient_as_its_surrogate_would(tiny_sd_dir):
+    # The meta gradient joins backward through hooks, one parameter at a time; what reaches the
+    # weights must be the gradient of loss + weight * sum(w * g), at a micro-batch's share too.
+    backend = load_backend(tiny_sd_dir)
+    concept = resolve_concept("nudity", conditioning="text")
+    method = SalUn(backend, concept, dataclasses.replace(SalUnConfig(), alpha=0.1))
+    unet = backend.unet
+    unet.requires_grad_(True)
+    mask = pack_bool_mask(
+        {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+         for n, p in unet.named_parameters()}
+    )  # fmt: skip
+    entries = movable_entries(unet, mask)
+    generator = torch.Generator().manual_seed(3)
+    forget = (torch.randn(4, *backend.latent_shape, generator=generator), list(concept.forget) * 4)
+    retain = (torch.randn(4, *backend.latent_shape, generator=generator), list(concept.retain) * 4)
+    config = MetaConfig(meta_steps=2, meta_weight=3.0, meta_lr_min=1e-2, meta_lr_max=1e-2)
+    meta = Meta(backend, method, config, TrainConfig(batch_size=2, steps=4, seed=5))
+    step_loss = meta.step_loss(0, unet, entries, forget, retain)
+    forget_batch, retain_batch = batch_at(*forget, 2, 0, 5), batch_at(*retain, 2, 0, 6)
+    total, terms = step_loss(unet, forget_batch, retain_batch, torch.Generator().manual_seed(9))
+    (total * 0.5).backward()
+    hooked = [entry.param.grad.clone() for entry in entries]
+    unet.zero_grad(set_to_none=True)
+    meta.remove_hooks()
+
+    total, _ = method.loss(unet, forget_batch, retain_batch, torch.Generator().manual_seed(9))
+    surrogate = sum(
+        (entry.values(entry.param) * meta.gradient(index)).sum()
+        for index, entry in enumerate(entries)
+    )
+    ((total + 3.0 * surrogate) * 0.5).backward()
+    for entry, got in zip(entries, hooked):
+        torch.testing.assert_close(got, entry.param.grad, rtol=1e-5, atol=1e-7)
+    assert "forget_after_relearn" in terms
+    assert sum(meta.gradient(i).abs().sum() for i in meta.with_gradient) > 0
+    meta.close()
+    assert meta.spill is None and not meta.hooks
 
 
 class NoForgetObjective:

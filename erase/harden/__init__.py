@@ -4,8 +4,9 @@ for `perturb`, the weights at one step boundary); it trains the method's own tra
 within SalUn's mask only the masked entries, so everything outside stays bit-identical.
 
 Adding a technique is one new module with a class decorated by `@register("name")` (a `Config`
-dataclass whose field names become erase-concept flags, `check`, and `step_loss`) and one import
-line at the bottom of this file. Every default and its source: docs/methods.md#harden.
+dataclass whose field names become erase-concept flags, `check`, `step_loss`, and `close`, which
+the trainer calls once training ends or fails) and one import line at the bottom of this file.
+Every default and its source: docs/methods.md#harden.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Entry:
 
     param: torch.nn.Parameter
     bits: torch.Tensor | None  # packed saliency-mask bits of this parameter
+    count: int  # how many entries may move
 
     def selection(self) -> torch.Tensor | None:
         """The bool mask in the parameter's shape, or None for the whole parameter."""
@@ -113,9 +115,9 @@ def movable_entries(unet: torch.nn.Module, mask: PackedMask | None) -> list[Entr
         if not param.requires_grad:
             continue
         if mask is None:
-            entries.append(Entry(param, None))
+            entries.append(Entry(param, None, param.numel()))
         elif mask.count(name) > 0:
-            entries.append(Entry(param, mask.bits[name].to(param.device)))
+            entries.append(Entry(param, mask.bits[name].to(param.device), mask.count(name)))
     return entries
 
 

@@ -59,7 +59,8 @@ class Perturb:
                 f"--perturb-retain-weight must be 0 or more, got {config.perturb_retain_weight}."
             )
 
-    def __init__(self, backend, method, config: PerturbConfig, train_config):
+    def __init__(self, backend, method, config: PerturbConfig, train_config, scratch=None):
+        # `scratch` (where a technique may keep files) is unused: perturb keeps no copy
         self.backend, self.method, self.config = backend, method, config
         self.erase_steps = train_config.steps
         self.extra_steps = (
@@ -87,6 +88,9 @@ class Perturb:
             return total, {"forget": forget_term.item(), "retain": retain_term.item()}
 
         return loss
+
+    def close(self) -> None:
+        """Nothing to free: perturb keeps no state of its own."""
 
     @torch.no_grad()
     def mix_noise(self, entries: list[Entry]) -> None:
