@@ -17,8 +17,8 @@ from erase.api import erasure_config
 from erase.cli.concept import erase_concept_main
 from erase.concepts import resolve_concept
 from erase.data import batch_at
-from erase.harden import movable_entries, stream_seed
-from erase.harden.meta import Meta, MetaConfig
+from erase.harden import Entry, movable_entries, stream_seed
+from erase.harden.meta import GRADIENT, SAVED, Meta, MetaConfig, Spill
 from erase.methods import METHODS, declare_optional, denoising_loss
 from erase.methods.salun import SalUn, SalUnConfig
 from erase.models import load_backend
@@ -177,6 +177,25 @@ def test_a_meta_steps_backward_adds_the_scaled_forget_gradient_as_its_surrogate_
     assert sum(meta.gradient(i).abs().sum() for i in meta.with_gradient) > 0
     meta.close()
     assert meta.spill is None and not meta.hooks
+
+
+@pytest.mark.parametrize("to_file", [True, False], ids=["file", "host-memory"])
+def test_the_spill_gives_back_every_tensor_bit_for_bit(tmp_path, to_file):
+    # odd sizes and mixed dtypes: no entry's place may depend on its neighbours' alignment
+    tensors = [torch.randn(3, 5), torch.randn(7).to(torch.bfloat16), torch.randn(2, 3, 3)]
+    entries = [Entry(torch.nn.Parameter(t), None, t.numel()) for t in tensors]
+    spill = Spill(entries, str(tmp_path), to_file=to_file)
+    for index, tensor in enumerate(tensors):
+        spill.put(SAVED, index, tensor)
+        spill.put(GRADIENT, index, -tensor)
+    for index, tensor in enumerate(tensors):
+        for slot, wanted in ((SAVED, tensor), (GRADIENT, -tensor)):
+            got = spill.take(slot, index)
+            assert got.dtype == wanted.dtype and torch.equal(
+                got.view(torch.uint8), wanted.view(torch.uint8)
+            )
+    spill.close()
+    assert not os.listdir(tmp_path)
 
 
 class NoForgetObjective:

@@ -89,7 +89,8 @@ class Spill:
     host is the device, in an unnamed file in `folder` (deleted when closed or when the process
     ends), read back bit for bit."""
 
-    def __init__(self, entries: list[Entry], folder: str | None):
+    def __init__(self, entries: list[Entry], folder: str | None, to_file: bool | None = None):
+        """`to_file`: whether to keep them in the file (default: when the device is the CPU)."""
         self.places = []  # [slot][entry] -> (byte offset, shape, dtype)
         offset = 0
         for _ in (SAVED, GRADIENT):
@@ -99,27 +100,28 @@ class Spill:
                 offset += entry.param.numel() * entry.param.element_size()
             self.places.append(places)
         self.device = entries[0].param.device if entries else torch.device("cpu")
-        on_host = self.device.type == "cpu"
-        self.file = tempfile.TemporaryFile(dir=folder) if on_host else None
-        self.host = None if on_host else torch.empty(offset, dtype=torch.uint8)
+        if to_file is None:
+            to_file = self.device.type == "cpu"
+        self.file = tempfile.TemporaryFile(dir=folder) if to_file else None
+        self.host: dict[tuple[int, int], torch.Tensor] | None = None if to_file else {}
 
     def put(self, slot: int, index: int, values: torch.Tensor) -> None:
         """Keep `values` (a tensor of the parameter's shape) of entry `index` in `slot`."""
-        offset, _, dtype = self.places[slot][index]
-        values = values.detach().to(dtype).reshape(-1)
+        offset, shape, dtype = self.places[slot][index]
+        values = values.detach().to(dtype)
         if self.file is not None:
             write_at(self.file, tensor_bytes(values.contiguous()), offset)
-        else:
-            size = values.numel() * values.element_size()
-            self.host[offset : offset + size].view(dtype).copy_(values)
+            return
+        if (slot, index) not in self.host:  # one host tensor per entry and slot, made once
+            self.host[slot, index] = torch.empty(shape, dtype=dtype)
+        self.host[slot, index].copy_(values)
 
     def take(self, slot: int, index: int) -> torch.Tensor:
         """What `put` kept of entry `index` in `slot`, on the device, bit for bit."""
         offset, shape, dtype = self.places[slot][index]
-        values = torch.empty(shape, dtype=dtype)
         if self.file is None:
-            size = values.numel() * values.element_size()
-            return self.host[offset : offset + size].view(dtype).view(shape).to(self.device)
+            return self.host[slot, index].to(self.device)
+        values = torch.empty(shape, dtype=dtype)
         read_at(self.file, tensor_bytes(values), offset, "the hardening's scratch file was cut")
         return values.to(self.device)
 
