@@ -572,8 +572,7 @@ def load_phase(output: str, config: ErasureConfig, accelerator, backend=None) ->
     if config.harden:
         technique_class = get_technique(config.harden)
         technique = technique_config(technique_class, config.harden_config)
-        # the folder the output is made in, as scratch_folder says (the plan is not made yet)
-        scratch = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
+        scratch = scratch_folder(checkpoint_dir)
         harden = technique_class(backend, method, technique, train_config, scratch=scratch)
     settings = run_settings(backend, concept, method_config, train_config, config, harden)
     check_resume(checkpoint_dir, settings, config.resume, ignore=("mask_digest",))
@@ -638,10 +637,11 @@ def keeps_encoders(plan: Plan) -> bool:
     return plan.backend.conditioning != "text" or plan.method.runs_text_encoder
 
 
-def scratch_folder(plan: Plan) -> str:
+def scratch_folder(checkpoint_dir: str) -> str:
     """Where a run's unnamed scratch files go (the parked encoders, the saliency gradients on
-    disk): the folder the output is made in, beside <output>.partial."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(plan.checkpoint_dir)))
+    disk, --harden meta's spill): the folder the output is made in, beside <output>.partial, whose
+    `checkpoint` folder is `checkpoint_dir`."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
 
 
 def encoders_off(plan: Plan, data) -> bool:
@@ -652,7 +652,7 @@ def encoders_off(plan: Plan, data) -> bool:
         return False
     backend = plan.backend
     backend.encode(cached_conditions(plan, data))
-    backend.encoders_off(scratch_folder(plan))
+    backend.encoders_off(scratch_folder(plan.checkpoint_dir))
     if backend.device.type == "cuda":
         torch.cuda.empty_cache()  # hand the encoders' blocks back to the UNet's state
     return True
@@ -665,7 +665,7 @@ def mask_phase(plan: Plan, forget_latents, forget_conditions, accelerator):
     gradient_file = None
     if plan.method_config.mask_offload == "disk":
         shapes = {name: p.shape for name, p in plan.backend.unet.named_parameters()}
-        gradient_file = GradientFile(shapes, scratch_folder(plan))
+        gradient_file = GradientFile(shapes, scratch_folder(plan.checkpoint_dir))
     with gradient_file or nullcontext():
         gradients = forget_loss_gradients(
             plan.backend,

@@ -164,7 +164,7 @@ class InnerOptimizer:
         param = entry.param.data
         if self.kind == "sgd":
             masked = gradient if selected is None else torch.where(selected, gradient, 0)
-            param.add_(masked.float().to(param.dtype), alpha=-self.lr)
+            param.add_(masked.to(param.dtype), alpha=-self.lr)
             return
         grad = (gradient if selected is None else gradient[selected]).float().reshape(-1)
         beta1, beta2 = self.betas
@@ -294,14 +294,13 @@ class Meta:
             self.spill = Spill(entries, self.scratch)
         for index, entry in enumerate(entries):
             self.spill.put(SAVED, index, entry.param.detach())
+        # the entries the forget objective reached: their gradient kept, their weights restored
         self.entries, self.with_gradient = entries, set()
-        restored: set[int] = set()
 
         def keep_and_restore(index: int, gradient: torch.Tensor) -> None:
             self.spill.put(GRADIENT, index, gradient)
-            self.with_gradient.add(index)
             entries[index].param.data.copy_(self.spill.take(SAVED, index))
-            restored.add(index)
+            self.with_gradient.add(index)
 
         def inner_step(index: int, gradient: torch.Tensor) -> None:
             inner.step_entry(index, entries[index], gradient)
@@ -323,7 +322,7 @@ class Meta:
                 gradients_in_backward(objective, entries, keep_and_restore)
             finally:
                 for index, entry in enumerate(entries):
-                    if index not in restored:
+                    if index not in self.with_gradient:
                         entry.param.data.copy_(self.spill.take(SAVED, index))
         return objective.item()
 
