@@ -6,14 +6,15 @@
     python scripts/bench_relearn.py --concept 5 --output /tmp/tune5 --attacks forget/full/1e-4 \
         --rows "salun-meta,meta-k5=--method salun --harden meta --meta-steps 5"   # a row of your own
 
-Part erase: each row's erasure by erase-concept in its own process (so its peak memory is its
-own), with erase-concept's class-removal evaluation: plain forget accuracy, the other digits'
-accuracy and FID on them (the base model's figures are the evaluation's `before`); Retrain's
-quality measured the same way. Part attack: erase-attack's relearning attack on each row and on
-Retrain, every attack setting (data forget|retain x full fine-tuning|LoRA rank 4 x lr 1e-5|1e-4),
-judged at 0, 10, 25, 50, 100, 250 and 500 steps; steps to recover and the curve's area per setting,
-and relearn.png (one panel per setting, one line per model, Retrain's dashed). Resumable: an
-erasure folder or an attack's results.json already written is reused. Prints JSON.
+Only on ddpm-digits (sd-digits: erase-bench --attacks relearn --retrain). Part erase: each row's
+erasure by erase-concept in its own process (so its peak memory is its own), with erase-concept's
+class-removal evaluation: plain forget accuracy, the other digits' accuracy and FID on them (the
+base model's figures are the evaluation's `before`); Retrain's quality measured the same way. Part
+attack: erase-attack's relearning attack on each row and on Retrain, every attack setting (data
+forget|retain x full fine-tuning|LoRA rank 4 x lr 1e-5|1e-4), judged at 0, 10, 25, 50, 100, 250 and
+500 steps; steps to recover and the curve's area per setting, and relearn.png (one panel per
+setting, one line per model, Retrain's dashed). Resumable: an erasure folder or an attack's
+results.json already written is reused. Prints JSON.
 """
 
 from __future__ import annotations
@@ -161,7 +162,11 @@ def attack_retrain(model: str, concept: str, output: str, attacks: list[str], st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="ddpm-digits")
+    parser.add_argument(
+        "--model",
+        default="ddpm-digits",
+        help="ddpm-digits, the one testbed with a class-removal evaluation and a Retrain",
+    )
     parser.add_argument("--concept", default="3")
     parser.add_argument("--output", required=True, help="folder (resumable)")
     parser.add_argument("--part", choices=["all", "erase", "attack"], default="all")
@@ -183,6 +188,12 @@ def main() -> None:
         help="the rows to attack now, retrain among them (default: retrain and every row)",
     )
     args = parser.parse_args()
+    if args.model != "ddpm-digits":
+        parser.error(
+            f"--model {args.model}: this script scores erasures by erase-concept's class-removal "
+            "evaluation, which only ddpm-digits has; on sd-digits use erase-bench --attacks "
+            "relearn --retrain (docs/attacks.md)."
+        )
     rows = []
     for spec in (r for r in args.rows.split(",") if r):  # a name, or name=erase-concept flags
         name, _, flags = spec.partition("=")
