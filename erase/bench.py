@@ -59,6 +59,8 @@ class BenchConfig:
     attacks: list[str] = field(default_factory=list)  # erase-attack's attacks on every row
     attack_settings: dict[str, Any] = field(default_factory=dict)  # their flags, by name
     retrain: bool = False  # a row for the testbed retrained without the concept
+    # a row for sd-digits' UNet retrained without it, beside the base's text encoder and VAE
+    retrain_unet: bool = False
 
     def __post_init__(self):
         if isinstance(self.erasure, dict):
@@ -178,16 +180,22 @@ def attack_columns(backend, label: str, settings, folder: str, shared: dict, bas
     return columns
 
 
-def retrain_row(backend, concept: Concept, config, settings, folder, shared, samples) -> dict:
-    """The row of the testbed retrained without the concept, scored and attacked like the others."""
+def retrain_row(
+    backend, concept: Concept, config, settings, folder, shared, samples, unet_only=False
+) -> dict:
+    """The row of the testbed retrained without the concept, scored and attacked like the others;
+    `unet_only`: sd-digits' UNet alone retrained (the row `retrain-unet`)."""
     from erase.testbeds.retrain import load_retrain
 
-    retrained = load_retrain(config.erasure.model, concept.name, device=backend.device)
+    label = "retrain-unet" if unet_only else "retrain"
+    retrained = load_retrain(
+        config.erasure.model, concept.name, device=backend.device, unet_only=unet_only
+    )
     clock = time.perf_counter()
-    metrics, samples["retrain"] = ModelScorer(retrained, concept, scoring_settings(config))()
-    row = {"method": "retrain", **metrics, "eval_s": round(time.perf_counter() - clock, 2)}
+    metrics, samples[label] = ModelScorer(retrained, concept, scoring_settings(config))()
+    row = {"method": label, **metrics, "eval_s": round(time.perf_counter() - clock, 2)}
     if settings is not None:
-        row.update(attack_columns(retrained, "retrain", settings, folder, shared, base=backend))
+        row.update(attack_columns(retrained, label, settings, folder, shared, base=backend))
     return row
 
 
@@ -223,6 +231,13 @@ def run_bench(config: BenchConfig, backend=None) -> dict:
     for method in methods:  # every method's settings, before the base is even loaded
         api.check_erasure(config.erasure.concept, method, **method_settings(config, method))
     check_bench_clip(config.bench_clip)
+    if config.retrain or config.retrain_unet:  # a model without a Retrain: before any work
+        from erase.testbeds.retrain import check_retrain
+
+        if config.retrain:
+            check_retrain(config.erasure.model, config.erasure.concept)
+        if config.retrain_unet:
+            check_retrain(config.erasure.model, config.erasure.concept, unet_only=True)
     with output_lock(config.output):
         check_output(config.output, config.overwrite, tool="erase-bench")
         return bench_into(config, backend)
@@ -309,6 +324,10 @@ def bench_loaded(config: BenchConfig, backend, clock: float) -> dict:
             rows[-1].update(attack_columns(backend, "base", attacks, attack_dir, shared))
         if config.retrain:
             rows.append(retrain_row(backend, concept, config, attacks, attack_dir, shared, samples))
+        if config.retrain_unet:
+            rows.append(
+                retrain_row(backend, concept, config, attacks, attack_dir, shared, samples, True)
+            )
         for method in methods:
             rows.append(bench_one(backend, method, config, staging, scorer, samples))
             if attacks is not None and "error" not in rows[-1]:
@@ -465,14 +484,14 @@ def draw_relearn_panel(axes, rows: list[dict]) -> None:
         if not row.get("relearn_curve"):
             continue
         points = [point.split(":") for point in row["relearn_curve"].split()]
-        retrain = row["method"] == "retrain"
+        retrain = row["method"].startswith("retrain")
         axes.plot(
             [int(step) for step, _ in points],
             [float(rate) for _, rate in points],
             "--" if retrain else "-",
             marker="o",
             markersize=3,
-            color="black" if retrain else None,
+            color={"retrain": "black", "retrain-unet": "grey"}.get(row["method"]),
             label=row["method"],
         )
     axes.set_xlabel("fine-tuning steps on the relearning data")

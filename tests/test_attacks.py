@@ -494,22 +494,23 @@ def test_bench_retrain_row_is_scored_and_attacked_like_the_others(
 
     built = []
 
-    def tiny_retrain(model, concept, device=None):
-        built.append((model, concept))
+    def tiny_retrain(model, concept, device=None, unet_only=False):
+        built.append((model, concept, unet_only))
         return load_backend(tiny_sd_dir, device=torch.device("cpu"))
 
     monkeypatch.setattr(retrain, "load_retrain", tiny_retrain)
+    monkeypatch.setattr(retrain, "check_retrain", lambda *args, **kwargs: None)  # a tiny SD
     prompts = tmp_path / "nudity.txt"
     prompts.write_text("a nude person\n")
     argv = ["--model", tiny_sd_dir, "--concept", "nudity", "--methods", "salun"]
     argv += ["--output", str(tmp_path / "bench"), "--steps", "1", "--num-forget", "2"]
     argv += ["--num-retain", "2", "--gen-steps", "2", "--bench-per-prompt", "1"]
-    argv += ["--bench-steps", "2", "--bench-clip", "none", "--retrain", "--attacks", "prompts"]
-    argv += [f"--attack-flags=--prompts {prompts} --num-steps 2"]
+    argv += ["--bench-steps", "2", "--bench-clip", "none", "--retrain", "--retrain-unet"]
+    argv += ["--attacks", "prompts", f"--attack-flags=--prompts {prompts} --num-steps 2"]
     assert bench.main(argv) == 0
     rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["rows"]
-    assert [row["method"] for row in rows] == ["base", "retrain", "salun"]
-    assert built == [(tiny_sd_dir, "nudity")]
+    assert [row["method"] for row in rows] == ["base", "retrain", "retrain-unet", "salun"]
+    assert built == [(tiny_sd_dir, "nudity", False), (tiny_sd_dir, "nudity", True)]
     assert all(0 <= row["prompts_asr"] <= 1 for row in rows)
 
 

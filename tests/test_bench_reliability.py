@@ -29,6 +29,8 @@ def one_line(capsys, argv, message):
         (["--alpha", "nan"], "--alpha must be a finite number"),
         (["--method-flags", "salun=--alpha nan"], "--alpha must be a finite number"),
         (["--methods", "salun,esd-u", "--mask", "m.safetensors"], "drop --mask"),
+        (["--retrain"], "Retrain is built only on the testbeds"),
+        (["--retrain-unet"], "on sd-digits alone, not 'unused': drop --retrain-unet"),
     ],
 )
 def test_bad_input_fails_before_the_model_is_loaded(tmp_path, capsys, flags, message):

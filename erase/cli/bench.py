@@ -34,6 +34,7 @@ BENCH_FLAGS = (
     "attacks",
     "attack_flags",
     "retrain",
+    "retrain_unet",
 )
 
 
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--retrain",
         action="store_true",
         help="add a row for the testbed retrained without the concept (trained once, cached)",
+    )
+    robustness.add_argument(
+        "--retrain-unet",
+        action="store_true",
+        help="sd-digits: add a row for its UNet alone retrained without the concept, beside the "
+        "base's text encoder and VAE: the yardstick of an erasure that edits only the UNet "
+        "(trained once, cached)",
     )
     add_erase_arguments(parser, with_output=False)
     for action in parser._actions:  # the bench sets these itself for every method: not shown

@@ -30,17 +30,33 @@ def digit_index(concept: str) -> int:
     raise EraseError(f"Retrain forgets a digit 0-9 or zero-nine, not '{concept}'.")
 
 
-def load_retrain(model: str, concept: str, device: torch.device | None = None):
-    """The backend of `model` retrained without `concept`'s digit: trained once, then cached."""
+def load_retrain(
+    model: str, concept: str, device: torch.device | None = None, unet_only: bool = False
+):
+    """The backend of `model` retrained without `concept`'s digit: trained once, then cached.
+
+    `unet_only` (sd-digits): only a fresh UNet is trained without the digit, beside the base
+    model's text encoder and VAE, frozen; the yardstick of an erasure that edits the UNet alone
+    (the full Retrain's text encoder never learned the digit's word either)."""
+    check_retrain(model, concept, unet_only)
     digit = digit_index(concept)
     if model == "ddpm-digits":
         return ddpm_digits_retrain(digit, device)
-    if model == "sd-digits":
-        return sd_digits_retrain(digit, device)
-    raise EraseError(
-        f"Retrain is built only on the testbeds ({', '.join(RETRAIN_MODELS)}), not '{model}': "
-        "drop --retrain."
-    )
+    return sd_digits_retrain(digit, device, unet_only)
+
+
+def check_retrain(model: str, concept: str, unet_only: bool = False) -> None:
+    """Refuse, in one EraseError, a model without a Retrain or a concept that is not a digit."""
+    if unet_only and model != "sd-digits":
+        raise EraseError(
+            f"A UNet-only Retrain is built on sd-digits alone, not '{model}': drop --retrain-unet."
+        )
+    if model not in RETRAIN_MODELS:
+        raise EraseError(
+            f"Retrain is built only on the testbeds ({', '.join(RETRAIN_MODELS)}), not '{model}': "
+            "drop --retrain."
+        )
+    digit_index(concept)
 
 
 def ddpm_digits_retrain(digit: int, device: torch.device | None = None):
@@ -81,20 +97,29 @@ def ddpm_digits_retrain(digit: int, device: torch.device | None = None):
     return backend
 
 
-def sd_digits_retrain(digit: int, device: torch.device | None = None):
-    """sd-digits' recipe (VAE, text encoder and UNet) on the training digits other than `digit`."""
+def sd_digits_retrain(digit: int, device: torch.device | None = None, unet_only: bool = False):
+    """sd-digits' recipe (VAE, text encoder and UNet) on the training digits other than `digit`;
+    `unet_only`: the UNet's part of it, beside the base model's frozen text encoder and VAE."""
     from erase.home import erase_home
     from erase.testbeds.sd_digits import (
         CACHE_VERSION,
         SDDigitsBackend,
         SDDigitsConfig,
+        load_sd_digits,
+        sd_digits_folder,
         train_sd_digits,
     )
 
-    folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}-retrain-without-{digit}")
+    kind = "unet-retrain" if unet_only else "retrain"
+    folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}-{kind}-without-{digit}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         os.makedirs(erase_home(), exist_ok=True)
-        train_sd_digits(folder, SDDigitsConfig(exclude=(digit,)))
+        base = None
+        if unet_only:
+            load_sd_digits(device=torch.device("cpu"))  # trained first if need be
+            base = sd_digits_folder()
+        train_sd_digits(folder, SDDigitsConfig(exclude=(digit,), text_encoder_from=base))
     backend = SDDigitsBackend(folder, device=device)
-    backend.identity = f"sd-digits retrained without {DIGIT_NAMES[digit]}"
+    what = "its UNet retrained" if unet_only else "retrained"
+    backend.identity = f"sd-digits {what} without {DIGIT_NAMES[digit]}"
     return backend

@@ -69,6 +69,9 @@ class SDDigitsConfig:
     caption_loss_weight: float = 0.1
     ema_decay: float = 0.999  # the saved weights are the exponential moving average
     exclude: tuple[int, ...] = ()  # digits left out of training (the Retrain yardstick)
+    # A trained sd-digits folder whose tokenizer, text encoder and VAE are kept, frozen: only a
+    # fresh UNet trains (the UNet-only Retrain, whose text encoder did see the left-out digit).
+    text_encoder_from: str | None = None
     seed: int = 0
 
 
@@ -183,7 +186,10 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     digit_head = torch.nn.Linear(text_encoder.config.hidden_size, 10)  # (pooled caption) -> digit
-    parameters = [*unet.parameters(), *text_encoder.parameters(), *digit_head.parameters()]
+    trains_text = any(param.requires_grad for param in text_encoder.parameters())
+    parameters = [*unet.parameters()]
+    if trains_text:  # the caption read-out only shapes the text encoder
+        parameters += [*text_encoder.parameters(), *digit_head.parameters()]
     averaged = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder)]
     averaged[1].requires_grad_(False)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
@@ -212,7 +218,7 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
         prediction = unet(noisy, timesteps, encoder_hidden_states=encoded[0]).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         kept = ~dropped
-        if config.caption_loss_weight and kept.any():
+        if trains_text and config.caption_loss_weight and kept.any():
             logits = digit_head(encoded[1][kept])  # (B_kept, 10)
             loss = loss + config.caption_loss_weight * torch.nn.functional.cross_entropy(
                 logits, labels[chosen][kept]
@@ -244,7 +250,12 @@ def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
     images = images.expand(-1, 3, -1, -1).contiguous()  # Stable Diffusion's VAE takes RGB
     with cpu_threads(1):  # erase/threads.py: 14x slower on two threads beside other jobs
         tokenizer, text_encoder, unet, vae, scheduler = build_components(config)
-        train_vae(vae, images, config)
+        if config.text_encoder_from is None:
+            train_vae(vae, images, config)
+        else:  # the given model's text side and VAE, frozen; the fresh UNet alone trains
+            kept = StableDiffusionBackend(config.text_encoder_from, torch.device("cpu")).pipe
+            tokenizer, text_encoder, vae = kept.tokenizer, kept.text_encoder, kept.vae
+            scheduler = kept.scheduler  # (StableDiffusionBackend froze the encoder and VAE)
         train_unet(tokenizer, text_encoder, unet, vae, images, labels, config)
     with quiet_loading():  # diffusers' notice on the scheduler's steps_offset: the testbed's own
         pipe = as_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
@@ -285,13 +296,20 @@ def held_out_accuracy(
     return accuracy
 
 
+def sd_digits_folder() -> str:
+    """Where the sd-digits model is cached ($ERASE_HOME/sd-digits-v<CACHE_VERSION>)."""
+    from erase.home import erase_home
+
+    return os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
+
+
 def load_sd_digits(
     data_dir: str | None = None, device: torch.device | None = None
 ) -> SDDigitsBackend:
     """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
     from erase.home import erase_home
 
-    folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
+    folder = sd_digits_folder()
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         os.makedirs(erase_home(), exist_ok=True)
         tqdm.write(
