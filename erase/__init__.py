@@ -9,9 +9,12 @@ import logging
 from erase.errors import EraseError
 
 # bitsandbytes (--optimizer adam8bit), which diffusers and transformers import when it is
-# installed, warns at import about optional CPU kernels erase does not use: a CLI's failure must
-# stay its one stderr line.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# installed, warns at import about optional CPU kernels erase does not use, and on a CPU with
+# AVX-512 BF16 asks the `kernels` package for one from the Hub, which warns offline: a CLI's
+# failure must stay its one stderr line.
+IMPORT_NOISE = ("bitsandbytes", "kernels")
+for _name in IMPORT_NOISE:
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -40,9 +40,12 @@ MIN_8BIT_SIZE = 4096
 
 def eight_bit_functional():
     """bitsandbytes' functional module, checked to run here; one EraseError if it cannot."""
-    optional_kernels = logging.getLogger("bitsandbytes")  # its import warns about CPU kernels
-    level = optional_kernels.level
-    optional_kernels.setLevel(logging.ERROR)
+    from erase import IMPORT_NOISE  # its import warns about CPU kernels
+
+    noisy = [logging.getLogger(name) for name in IMPORT_NOISE]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as functional
 
@@ -54,7 +57,8 @@ def eight_bit_functional():
             "pip install 'erase[adam8bit]', or use --optimizer adam."
         ) from None
     finally:
-        optional_kernels.setLevel(level)
+        for logger, level in zip(noisy, levels):
+            logger.setLevel(level)
     return functional
 
 

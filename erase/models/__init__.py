@@ -45,19 +45,23 @@ def quiet_loading():
     levels = [module.get_verbosity() for module in loggers]
     # bitsandbytes (--optimizer adam8bit), which diffusers imports when it is installed, warns
     # through the standard logging module about optional CPU kernels as it is imported
-    optional_kernels = logging.getLogger("bitsandbytes")
-    kernels_level = optional_kernels.level
+    from erase import IMPORT_NOISE
+
+    noisy = [logging.getLogger(name) for name in IMPORT_NOISE]
+    noisy_levels = [logger.level for logger in noisy]
     try:
         for module in loggers:
             module.set_verbosity_error()
-        optional_kernels.setLevel(logging.ERROR)
+        for logger in noisy:
+            logger.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         for module, level in zip(loggers, levels):
             module.set_verbosity(level)
-        optional_kernels.setLevel(kernels_level)
+        for logger, level in zip(noisy, noisy_levels):
+            logger.setLevel(level)
 
 
 def is_ddpm_folder(path: str) -> bool:
