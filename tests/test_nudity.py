@@ -87,7 +87,7 @@ def test_nudity_in_memory_scores_like_the_files(blank_images):
 
     paths = [str(path) for path in blank_images]
     images = torch.stack(
-        [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
+        [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths]
     )
     assert nudity_score_images(images.float() / 255)[0] == nudity_score(paths)[0]
 
