@@ -234,10 +234,13 @@ def run_bench(config: BenchConfig, backend=None) -> dict:
     if config.retrain or config.retrain_unet:  # a model without a Retrain: before any work
         from erase.testbeds.retrain import check_retrain
 
+        flag = "--retrain" if config.retrain else "--retrain-unet"
+        if len(config.erasure.concept) != 1:
+            raise EraseError(f"{flag} leaves one digit out: name one --concept, or drop {flag}.")
         if config.retrain:
-            check_retrain(config.erasure.model, config.erasure.concept)
+            check_retrain(config.erasure.model, config.erasure.concept[0])
         if config.retrain_unet:
-            check_retrain(config.erasure.model, config.erasure.concept, unet_only=True)
+            check_retrain(config.erasure.model, config.erasure.concept[0], unet_only=True)
     with output_lock(config.output):
         check_output(config.output, config.overwrite, tool="erase-bench")
         return bench_into(config, backend)

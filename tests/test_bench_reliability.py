@@ -40,6 +40,15 @@ def test_bad_input_fails_before_the_model_is_loaded(tmp_path, capsys, flags, mes
     assert os.listdir(tmp_path) == []
 
 
+def test_retrain_of_a_concept_that_is_no_digit_fails_before_the_testbed_is_trained(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("ERASE_HOME", str(tmp_path / "home"))  # an empty cache: nothing trained
+    argv = ["--model", "sd-digits", "--concept", "church", "--output", str(tmp_path / "b")]
+    one_line(capsys, [*argv, "--retrain-unet"], "Retrain forgets a digit 0-9 or zero-nine")
+    assert os.listdir(tmp_path) == []
+
+
 def test_every_method_failing_is_exit_2_and_writes_nothing(
     tiny_sd_dir, tmp_path, capsys, monkeypatch
 ):
