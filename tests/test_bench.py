@@ -81,6 +81,19 @@ def test_method_flags_apply_to_their_method_only(tiny_sd_dir, tmp_path):
     assert (salun["train_config"]["steps"], esd["train_config"]["steps"]) == (2, 1)
 
 
+def test_method_flags_take_several_entries_after_one_flag_or_one_per_flag():
+    from erase.cli.bench import build_parser, method_settings
+
+    shared = ["--model", "m", "--concept", "c", "--output", "o", "--methods", "salun,esd-u,fmn"]
+    one_flag = shared + ["--method-flags", "salun=--steps 3", "esd-u=--lr 0.001"]
+    args = build_parser().parse_args(one_flag + ["--method-flags", "fmn=--steps 4"])
+    assert method_settings(args) == {
+        "salun": {"steps": 3},
+        "esd-u": {"lr": 0.001},
+        "fmn": {"steps": 4},
+    }
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -54,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overwrite", action="store_true", help="replace an existing bench folder")
     bench.add_argument(
         "--method-flags",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="METHOD=FLAGS",
         help="erase-concept flags for one method only, e.g. 'esd-x=--lr 1e-4 --steps 200' "
-        "(repeatable; they override the shared flags)",
+        "(one or more per flag, and repeatable; they override the shared flags)",
     )
     bench.add_argument(
         "--bench-per-prompt", type=positive(int), help="evaluation images per prompt (fixed seeds)"
