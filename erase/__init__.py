@@ -4,6 +4,7 @@ import erase
 result = erase.erase_concept("sd-v1-4", "nudity", output="outputs/no-nudity")
 """
 
+import contextlib
 import logging
 
 from erase.errors import EraseError
@@ -15,6 +16,22 @@ from erase.errors import EraseError
 IMPORT_NOISE = ("bitsandbytes", "kernels")
 for _name in IMPORT_NOISE:
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def quiet_import_noise():
+    """IMPORT_NOISE's loggers at ERROR inside, put back as they were after (a caller may have
+    changed them since import)."""
+    loggers = [logging.getLogger(name) for name in IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,6 @@ library's functions; the dense optimizers (ESD, FMN) use its Adam8bit/AdamW8bit 
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -40,25 +39,19 @@ MIN_8BIT_SIZE = 4096
 
 def eight_bit_functional():
     """bitsandbytes' functional module, checked to run here; one EraseError if it cannot."""
-    from erase import IMPORT_NOISE  # its import warns about CPU kernels
+    from erase import quiet_import_noise  # its import warns about CPU kernels
 
-    noisy = [logging.getLogger(name) for name in IMPORT_NOISE]
-    levels = [logger.level for logger in noisy]
-    for logger in noisy:
-        logger.setLevel(logging.ERROR)
     try:
-        import bitsandbytes.functional as functional
+        with quiet_import_noise():
+            import bitsandbytes.functional as functional
 
-        functional.quantize_blockwise(torch.ones(BLOCK), blocksize=BLOCK)
+            functional.quantize_blockwise(torch.ones(BLOCK), blocksize=BLOCK)
     except (ImportError, RuntimeError, OSError) as error:
         raise EraseError(
             "--optimizer adam8bit needs bitsandbytes, which cannot run here "
             f"({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
             "pip install 'erase[adam8bit]', or use --optimizer adam."
         ) from None
-    finally:
-        for logger, level in zip(noisy, levels):
-            logger.setLevel(level)
     return functional
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -45,24 +44,17 @@ def quiet_loading():
     levels = [module.get_verbosity() for module in loggers]
     # bitsandbytes (--optimizer adam8bit), which diffusers imports when it is installed, warns
     # through the standard logging module about optional CPU kernels as it is imported
-    from erase import IMPORT_NOISE
+    from erase import quiet_import_noise
 
-    noisy = [logging.getLogger(name) for name in IMPORT_NOISE]
-    noisy_levels = [logger.level for logger in noisy]
     try:
         for module in loggers:
             module.set_verbosity_error()
-        for logger in noisy:
-            logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+        with quiet_import_noise(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         for module, level in zip(loggers, levels):
             module.set_verbosity(level)
-        for logger, level in zip(noisy, noisy_levels):
-            logger.setLevel(level)
-
 
 def is_ddpm_folder(path: str) -> bool:
     """True for a folder holding a class-conditional UNet2DModel (a saved DDPM)."""

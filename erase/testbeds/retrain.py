@@ -38,15 +38,15 @@ def load_retrain(
     `unet_only` (sd-digits): only a fresh UNet is trained without the digit, beside the base
     model's text encoder and VAE, frozen; the yardstick of an erasure that edits the UNet alone
     (the full Retrain's text encoder never learned the digit's word either)."""
-    check_retrain(model, concept, unet_only)
-    digit = digit_index(concept)
+    digit = check_retrain(model, concept, unet_only)
     if model == "ddpm-digits":
         return ddpm_digits_retrain(digit, device)
     return sd_digits_retrain(digit, device, unet_only)
 
 
-def check_retrain(model: str, concept: str, unet_only: bool = False) -> None:
-    """Refuse, in one EraseError, a model without a Retrain or a concept that is not a digit."""
+def check_retrain(model: str, concept: str, unet_only: bool = False) -> int:
+    """The concept's digit; one EraseError for a model without a Retrain or a concept that is
+    not a digit."""
     if unet_only and model != "sd-digits":
         raise EraseError(
             f"A UNet-only Retrain is built on sd-digits alone, not '{model}': drop --retrain-unet."
@@ -56,7 +56,7 @@ def check_retrain(model: str, concept: str, unet_only: bool = False) -> None:
             f"Retrain is built only on the testbeds ({', '.join(RETRAIN_MODELS)}), not '{model}': "
             "drop --retrain."
         )
-    digit_index(concept)
+    return digit_index(concept)
 
 
 def ddpm_digits_retrain(digit: int, device: torch.device | None = None):
@@ -105,19 +105,15 @@ def sd_digits_retrain(digit: int, device: torch.device | None = None, unet_only:
         CACHE_VERSION,
         SDDigitsBackend,
         SDDigitsConfig,
-        load_sd_digits,
-        sd_digits_folder,
         train_sd_digits,
+        trained_sd_digits_folder,
     )
 
     kind = "unet-retrain" if unet_only else "retrain"
     folder = os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}-{kind}-without-{digit}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         os.makedirs(erase_home(), exist_ok=True)
-        base = None
-        if unet_only:
-            load_sd_digits(device=torch.device("cpu"))  # trained first if need be
-            base = sd_digits_folder()
+        base = trained_sd_digits_folder() if unet_only else None
         train_sd_digits(folder, SDDigitsConfig(exclude=(digit,), text_encoder_from=base))
     backend = SDDigitsBackend(folder, device=device)
     what = "its UNet retrained" if unet_only else "retrained"

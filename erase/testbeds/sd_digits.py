@@ -190,8 +190,8 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
     parameters = [*unet.parameters()]
     if trains_text:  # the caption read-out only shapes the text encoder
         parameters += [*text_encoder.parameters(), *digit_head.parameters()]
-    averaged = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder)]
-    averaged[1].requires_grad_(False)
+    trained = [unet, text_encoder] if trains_text else [unet]  # a frozen encoder needs no average
+    averaged = [copy.deepcopy(model).requires_grad_(False) for model in trained]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.unet_steps)
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -230,12 +230,12 @@ def train_unet(tokenizer, text_encoder, unet, vae, images, labels, config: SDDig
         schedule.step()
         decay = min(config.ema_decay, (1 + step) / (10 + step))  # short warm-up of the average
         with torch.no_grad():
-            for average, model in zip(averaged, (unet, text_encoder)):
+            for average, model in zip(averaged, trained):
                 for kept_param, param in zip(average.parameters(), model.parameters()):
                     kept_param.lerp_(param, 1 - decay)
         progress.set_postfix(loss=f"{loss.item():.4f}")
-    unet.load_state_dict(averaged[0].state_dict())
-    text_encoder.load_state_dict(averaged[1].state_dict())
+    for model, average in zip(trained, averaged):
+        model.load_state_dict(average.state_dict())
 
 
 def train_sd_digits(folder: str, config: SDDigitsConfig | None = None) -> str:
@@ -303,10 +303,8 @@ def sd_digits_folder() -> str:
     return os.path.join(erase_home(), f"sd-digits-v{CACHE_VERSION}")
 
 
-def load_sd_digits(
-    data_dir: str | None = None, device: torch.device | None = None
-) -> SDDigitsBackend:
-    """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
+def trained_sd_digits_folder() -> str:
+    """sd_digits_folder(), with the model trained into it first if it is not there yet."""
     from erase.home import erase_home
 
     folder = sd_digits_folder()
@@ -319,4 +317,11 @@ def load_sd_digits(
             file=sys.stderr,
         )
         train_sd_digits(folder)
-    return SDDigitsBackend(folder, device=device)
+    return folder
+
+
+def load_sd_digits(
+    data_dir: str | None = None, device: torch.device | None = None
+) -> SDDigitsBackend:
+    """The sd-digits backend, trained on first use and cached under $ERASE_HOME."""
+    return SDDigitsBackend(trained_sd_digits_folder(), device=device)
