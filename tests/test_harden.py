@@ -42,7 +42,8 @@ def base_weights(tiny_sd_dir):
 
 # meta's simulated attacker keeps its moments as the erasure's optimizer does: 8-bit here
 @pytest.mark.parametrize(
-    "flags", [["--harden", "meta", "--optimizer", "adam8bit"], ["--harden", "perturb"]]
+    "flags",
+    [["--harden", "meta", "--optimizer", "adam8bit"], ["--harden", "perturb"], ["--harden", "ieu"]],
 )
 def test_salun_hardened_moves_only_masked_weights(tiny_sd_dir, tiny_sd_args, tmp_path, flags):
     base = base_weights(tiny_sd_dir)
@@ -55,7 +56,7 @@ def test_salun_hardened_moves_only_masked_weights(tiny_sd_dir, tiny_sd_args, tmp
     assert changed_inside > 0
 
 
-@pytest.mark.parametrize("technique", ["meta", "perturb"])
+@pytest.mark.parametrize("technique", ["meta", "perturb", "ieu"])
 @pytest.mark.parametrize(
     "method_flags",
     [
@@ -179,6 +180,45 @@ def test_a_meta_steps_backward_adds_the_scaled_forget_gradient_as_its_surrogate_
     assert meta.spill is None and not meta.hooks
 
 
+def test_ieu_at_zero_equals_the_unhardened_run_and_moves_further_from_the_base_when_on(
+    tiny_sd_dir, tiny_sd_args, tmp_path
+):
+    base = base_weights(tiny_sd_dir)
+    plain = erase_to(tiny_sd_args, tmp_path / "plain")
+    off = erase_to(
+        tiny_sd_args, tmp_path / "off", "--harden", "ieu", "--ieu-decay", "0", "--ieu-noise", "0"
+    )
+    on = erase_to(tiny_sd_args, tmp_path / "on", "--harden", "ieu", "--ieu-decay", "0.05")
+    assert all(torch.equal(off[name], plain[name]) for name in plain)
+
+    def distance(weights):
+        return sum(
+            float((weights[name].float() - base[name].float()).square().sum()) for name in base
+        )
+
+    assert distance(on) > 2 * distance(plain)
+
+
+def test_ieu_shakes_the_masked_entries_as_its_formula_replayed_by_hand():
+    from types import SimpleNamespace
+
+    from erase.harden.ieu import IEU, IEUConfig
+
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(6, 5))
+    before = param.detach().clone()
+    selected = torch.rand(6, 5) < 0.5
+    entry = Entry(param, pack_bool_mask({"w": selected}).bits["w"], int(selected.sum()))
+    ieu = IEU(None, None, IEUConfig(ieu_decay=0.1, ieu_noise=0.2), SimpleNamespace(steps=5, seed=7))
+    ieu.shake(1, [entry])
+    noise = torch.randn(6, 5, generator=torch.Generator().manual_seed(stream_seed(7, 1, 3)))
+    share = 0.2 * (1 - 1 / 4)  # falls linearly to 0 at the last of 5 steps
+    expected = before * 0.9 + share * before.std() * noise
+    assert torch.equal(param.detach()[~selected], before[~selected])
+    torch.testing.assert_close(param.detach()[selected], expected[selected])
+    assert ieu.noise_share(4) == 0.0
+
+
 @pytest.mark.parametrize("to_file", [True, False], ids=["file", "host-memory"])
 def test_the_spill_gives_back_every_tensor_bit_for_bit(tmp_path, to_file):
     # odd sizes and mixed dtypes: no entry's place may depend on its neighbours' alignment
@@ -228,6 +268,8 @@ def one_line(capsys, argv) -> str:
         (["--harden", "meta", "--meta-lr-min=-1e-4"], "--meta-lr-min and --meta-lr-max"),
         (["--harden", "perturb", "--perturb-steps", "-2"], "--perturb-steps must be 0 or more"),
         (["--harden", "perturb", "--meta-steps", "2"], "not a setting of --harden perturb"),
+        (["--harden", "ieu", "--ieu-decay", "1"], "--ieu-decay must be in [0, 1)"),
+        (["--harden", "ieu", "--ieu-noise=-0.1"], "--ieu-noise must be 0 or more"),
         (["--meta-steps", "2"], "add --harden TECHNIQUE"),
         (["--harden", "meta", "--method", "plain"], "does not declare (forget_loss)"),
     ],
@@ -257,7 +299,7 @@ def test_settings_land_in_metadata_json_and_the_model_card(tiny_sd_args, tmp_pat
     assert "| hardening | meta `{" in card and '"meta_steps": 2' in card
 
 
-@pytest.mark.parametrize("technique", ["meta", "perturb"])
+@pytest.mark.parametrize("technique", ["meta", "perturb", "ieu"])
 def test_a_resumed_hardened_run_equals_an_uninterrupted_one(
     tiny_sd_args, tmp_path, monkeypatch, technique
 ):

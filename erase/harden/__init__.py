@@ -1,6 +1,6 @@
 """Hardening techniques by name: what `--harden TECHNIQUE` adds to an erasure so that a brief
 fine-tune does not bring the concept back. A technique changes only the loss of some steps (and,
-for `perturb`, the weights at one step boundary); it trains the method's own trainable set, and
+for `perturb`, the weights at one step boundary; for `ieu`, at every step's start); it trains the method's own trainable set, and
 within SalUn's mask only the masked entries, so everything outside stays bit-identical.
 
 Adding a technique is one new module with a class decorated by `@register("name")` (a `Config`
@@ -128,4 +128,4 @@ def stream_seed(seed: int, step: int, stream: int) -> int:
 
 
 # Registry lines: importing a module registers its technique.
-from erase.harden import meta, perturb  # noqa: E402,F401
+from erase.harden import ieu, meta, perturb  # noqa: E402,F401
