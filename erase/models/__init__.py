@@ -56,6 +56,7 @@ def quiet_loading():
         for module, level in zip(loggers, levels):
             module.set_verbosity(level)
 
+
 def is_ddpm_folder(path: str) -> bool:
     """True for a folder holding a class-conditional UNet2DModel (a saved DDPM)."""
     return os.path.isfile(os.path.join(path, "unet", "config.json")) and not os.path.isfile(
