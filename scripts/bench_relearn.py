@@ -218,7 +218,7 @@ def main() -> None:
         for tuning in combined["relearn_tuning"]
         for lr in combined["relearn_lr"]
     ]
-    if {parse_attack(a) for a in every} != {parse_attack(a) for a in attacks}:
+    if len(every) > len({parse_attack(a) for a in attacks}):  # the named ones are among them
         print(
             f"bench_relearn: --attacks runs every combination: {','.join(every)}", file=sys.stderr
         )

@@ -1,7 +1,8 @@
 """Hardening techniques by name: what `--harden TECHNIQUE` adds to an erasure so that a brief
 fine-tune does not bring the concept back. A technique changes only the loss of some steps (and,
-for `perturb`, the weights at one step boundary; for `ieu`, at every step's start); it trains the method's own trainable set, and
-within SalUn's mask only the masked entries, so everything outside stays bit-identical.
+for `perturb`, the weights at one step boundary; for `ieu`, at every step's start); it trains
+the method's own trainable set, and within SalUn's mask only the masked entries, so everything
+outside stays bit-identical.
 
 Adding a technique is one new module with a class decorated by `@register("name")` (a `Config`
 dataclass whose field names become erase-concept flags, `check`, `step_loss`, and `close`, which
@@ -119,6 +120,11 @@ def movable_entries(unet: torch.nn.Module, mask: PackedMask | None) -> list[Entr
         elif mask.count(name) > 0:
             entries.append(Entry(param, mask.bits[name].to(param.device), mask.count(name)))
     return entries
+
+
+def tensor_std(whole: torch.Tensor) -> torch.Tensor:
+    """A parameter's own noise scale: its standard deviation, or for a single entry its size."""
+    return whole.std() if whole.numel() > 1 else whole.abs().reshape(())
 
 
 def stream_seed(seed: int, step: int, stream: int) -> int:

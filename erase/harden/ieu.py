@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from erase.errors import EraseError
-from erase.harden import Entry, register, stream_seed
+from erase.harden import Entry, register, stream_seed, tensor_std
 
 
 @dataclass
@@ -104,7 +104,7 @@ class IEU:
                     generators[param.device] = torch.Generator(device=param.device).manual_seed(
                         stream_seed(self.seed, step, 3)
                     )
-                std = whole.std() if whole.numel() > 1 else whole.abs().reshape(())
+                std = tensor_std(whole)
                 noise = torch.randn(
                     whole.shape, generator=generators[param.device], device=param.device
                 )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from erase.errors import EraseError
-from erase.harden import Entry, register, stream_seed
+from erase.harden import Entry, register, stream_seed, tensor_std
 from erase.methods import denoising_loss
 
 
@@ -100,7 +100,7 @@ class Perturb:
         for entry in entries:
             whole = entry.param.detach().float()
             mean = whole.mean()
-            std = whole.std() if whole.numel() > 1 else whole.abs().reshape(())
+            std = tensor_std(whole)
             values = entry.values(whole)
             noise = torch.randn(values.shape, generator=generator).to(values.device)
             entry.assign((1 - share) * values + share * (mean + std * noise))
